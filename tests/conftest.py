@@ -22,3 +22,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _deterministic_torch() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread() -> None:
+    # Tiny models run far faster on one thread than two on a shared 2-core machine.
+    torch.set_num_threads(1)

@@ -1,0 +1,1 @@
+"""Evaluation harness and command line of manifold-defense: ``python -m eval <command>``."""

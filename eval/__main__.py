@@ -1,0 +1,5 @@
+"""``python -m eval <command> ...``: see ``python -m eval --help``."""
+
+from eval.cli import main
+
+raise SystemExit(main())

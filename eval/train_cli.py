@@ -1,0 +1,174 @@
+"""``python -m eval train <model> --out DIR``: train a zoo model and write its safetensors + JSON record into DIR.
+
+Models: ``classifier``, ``gan`` (generator + encoder trained jointly with a critic), ``encoder`` (fine-tunes the
+encoder for the generator found in DIR), ``vae``, or ``zoo`` (all four in that order). Checkpoints go to
+``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from manifold_defense import zoo
+from manifold_defense.data import load_mnist
+from manifold_defense.devices import resolve_device
+from manifold_defense.models import Critic
+from manifold_defense.training import (
+    ClassifierTrainConfig,
+    EncoderTrainConfig,
+    GANTrainConfig,
+    VAETrainConfig,
+    train_classifier,
+    train_encoder,
+    train_gan,
+    train_vae,
+)
+
+log = logging.getLogger(__name__)
+MODELS = ("classifier", "gan", "encoder", "vae", "zoo")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a zoo model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", choices=MODELS)
+    p.add_argument("--out", required=True, type=Path, help="output directory (weights, records, checkpoints)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: offline bundle)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the model's training config, e.g. --set adv_weight=5 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _info(
+    command: str, config: Any, seconds: float, device: torch.device, history: list[dict[str, float]]
+) -> dict[str, Any]:
+    return {
+        "training": {
+            "command": command,
+            "config": asdict(config),
+            "seed": config.seed,
+            "data": "MNIST train split (first 50k of the 60k training images), images in [0, 1]",
+            "device": str(device)
+            if device.type == "cpu"
+            else f"{device} ({torch.cuda.get_device_name(device)})",
+            "seconds": round(seconds, 1),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "final_metrics": history[-1] if history else {},
+        }
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    command = (
+        "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if sys.argv[1:]
+        else "python -m eval"
+    )
+    train = load_mnist("train", args.data_dir).dataset()
+    progress = not args.no_progress
+    models = ("classifier", "gan", "encoder", "vae") if args.model == "zoo" else (args.model,)
+    sets = _parse_sets(args.set)
+    if sets and len(models) > 1:
+        raise ValueError("--set applies to one model's config: train the models one at a time to use it")
+    for name in models:
+        ckpt = out / "checkpoints" / name
+        start = time.perf_counter()
+        config: Any
+        if name == "classifier":
+            config = _override(ClassifierTrainConfig(seed=args.seed), args.steps, sets)
+            model = zoo.build("mnist-classifier")
+            hist = train_classifier(
+                model, train, config, device=device, checkpoint_dir=ckpt, progress=progress
+            )
+            zoo.save(
+                model,
+                "mnist-classifier",
+                out,
+                _info(command, config, time.perf_counter() - start, device, hist),
+            )
+        elif name == "gan":
+            config = _override(GANTrainConfig(seed=args.seed), args.steps, sets)
+            gen, enc = zoo.build("mnist-gan"), zoo.build("mnist-encoder")
+            hist = train_gan(
+                gen, Critic(), enc, train, config, device=device, checkpoint_dir=ckpt, progress=progress
+            )
+            info = _info(command, config, time.perf_counter() - start, device, hist)
+            zoo.save(gen, "mnist-gan", out, info)
+            zoo.save(enc, "mnist-encoder", out, {"joint_training": info["training"]})
+        elif name == "encoder":
+            config = _override(EncoderTrainConfig(seed=args.seed), args.steps, sets)
+            gen = zoo.load("mnist-gan", device, weights_dir=out)
+            enc = zoo.load("mnist-encoder", device, weights_dir=out)
+            hist = train_encoder(
+                enc, gen, train, config, device=device, checkpoint_dir=ckpt, progress=progress
+            )
+            zoo.save(
+                enc, "mnist-encoder", out, _info(command, config, time.perf_counter() - start, device, hist)
+            )
+        else:
+            config = _override(VAETrainConfig(seed=args.seed), args.steps, sets)
+            vae = zoo.build("mnist-vae")
+            hist = train_vae(vae, train, config, device=device, checkpoint_dir=ckpt, progress=progress)  # type: ignore[arg-type]
+            zoo.save(vae, "mnist-vae", out, _info(command, config, time.perf_counter() - start, device, hist))
+        log.info("%s: trained in %.1f s on %s; written to %s", name, time.perf_counter() - start, device, out)
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _override(config: Any, steps: int | None, sets: dict[str, str] | None = None) -> Any:
+    """``config`` with ``steps`` and the ``--set`` fields replaced (values parsed with the field's current type)."""
+    changes: dict[str, Any] = {} if steps is None else {"steps": steps}
+    valid = {f.name: f for f in fields(config)}
+    for key, value in (sets or {}).items():
+        if key not in valid:
+            raise ValueError(
+                f"unknown field {key!r} of {type(config).__name__}: expected one of {sorted(valid)}"
+            )
+        current = getattr(config, key)
+        try:
+            changes[key] = type(current)(value)
+        except ValueError as err:
+            raise ValueError(f"--set {key}={value!r}: expected a {type(current).__name__}") from err
+    return replace(config, **changes)

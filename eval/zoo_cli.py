@@ -1,0 +1,224 @@
+"""``python -m eval measure-zoo`` and ``python -m eval zoo``: measure the zoo's figures; print them.
+
+``measure-zoo`` computes, on the MNIST test split, every figure the zoo's JSON records carry and writes them
+into the records (``--write``) together with the exact command, ``n`` and the device:
+
+- classifier: clean accuracy on the 10k test images;
+- each generator (``mnist-gan``, ``mnist-vae``): projection with the Defense-GAN schedule (SGD momentum 0.7, lr 10,
+  L = 200, R = 10, lr x0.1 at 0.8 L, z ~ N(0, 1/k)) on ``--n`` test images: per-pixel MSE (mean, median, 90th
+  percentile) and the classifier's accuracy on the projections; the Fréchet distance between the classifier's
+  penultimate features of 10k samples and of the 10k test images, next to the train-vs-test floor; the class
+  histogram of the samples; a sample grid PNG next to the weights;
+- the VAE also with CSGM's schedule (Adam lr 0.01, 1000 steps, 10 restarts, z-prior 0.1 as in ``InversionConfig.csgm``);
+- encoder: per-pixel MSE of G(E(x)), and the inversion steps an encoder warm start needs to reach the median MSE of
+  the Defense-GAN schedule from random starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import save_image
+
+from manifold_defense import zoo
+from manifold_defense.data import load_mnist
+from manifold_defense.devices import resolve_device
+from manifold_defense.inversion import InversionConfig, invert
+from manifold_defense.metrics import accuracy, features, frechet_distance, predict
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "measure-zoo",
+        help="measure the zoo's figures (optionally writing them into the records)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--weights-dir", type=Path, default=None, help="default: the package's zoo")
+    p.add_argument(
+        "--n", type=int, default=1000, help="test images for the projection figures (default 1000)"
+    )
+    p.add_argument("--samples", type=int, default=10_000, help="generator samples for the Fréchet distance")
+    p.add_argument("--batch", type=int, default=500, help="images per inversion batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--write", action="store_true", help="write the figures into the JSON records and sample grids"
+    )
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=measure)
+    s = sub.add_parser("zoo", help="print the zoo's recorded figures")
+    s.add_argument("--weights-dir", type=Path, default=None)
+    s.set_defaults(func=show)
+
+
+def _project(
+    generator: nn.Module,
+    images: torch.Tensor,
+    config: InversionConfig,
+    batch: int,
+    device: torch.device,
+    encoder: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, losses = [], []
+    for i in range(0, len(images), batch):
+        inv = invert(generator, images[i : i + batch].to(device), config=config, encoder=encoder)
+        outs.append(inv.x_hat.detach().cpu())
+        losses.append(inv.loss.detach().cpu())
+    return torch.cat(outs), torch.cat(losses)
+
+
+def _latent_dim(generator: nn.Module) -> int:
+    k = getattr(generator, "latent_dim", None)
+    if not isinstance(k, int):
+        raise TypeError(f"expected a generator with an int latent_dim, got {k!r}")
+    return k
+
+
+def _mse_stats(mse: torch.Tensor) -> dict[str, float]:
+    return {
+        "mean": round(float(mse.mean()), 6),
+        "median": round(float(mse.median()), 6),
+        "p90": round(float(mse.quantile(0.9)), 6),
+    }
+
+
+def measure(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.n <= 0 or args.samples < 2 or args.batch <= 0:
+        raise ValueError(
+            f"expected --n > 0, --samples >= 2, --batch > 0; got {args.n}, {args.samples}, {args.batch}"
+        )
+    dev = resolve_device(args.device)
+    wd = args.weights_dir
+    folder = Path(wd) if wd is not None else zoo.WEIGHTS_DIR
+    command = "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    device_name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+    test = load_mnist("test", args.data_dir)
+    x, y = test.images[: args.n], test.labels[: args.n]
+    clf = zoo.load("mnist-classifier", dev, weights_dir=wd)
+    common = {
+        "command": command,
+        "device": device_name,
+        "torch": torch.__version__,
+        "data": "MNIST test split",
+    }
+    results: dict[str, Any] = {}
+    results["mnist-classifier"] = {
+        **common,
+        "n": len(test),
+        "clean_accuracy": accuracy(clf, test.images, test.labels),
+    }
+    feats_test = features(clf, test.images)
+    feats_train = features(clf, load_mnist("train", args.data_dir, limit=10_000).images)
+    floor = frechet_distance(feats_train, feats_test)
+    dgan = InversionConfig.defense_gan()
+    reference_median = None
+    for name in ("mnist-gan", "mnist-vae"):
+        gen = zoo.load(name, dev, weights_dir=wd)
+        start = time.perf_counter()
+        x_hat, mse = _project(gen, x, dgan, args.batch, dev)
+        seconds = time.perf_counter() - start
+        fig: dict[str, Any] = {
+            **common,
+            "n": args.n,
+            "defense_gan_projection": {
+                "schedule": "InversionConfig.defense_gan() (L=200, R=10)",
+                "mse": _mse_stats(mse),
+                "accuracy_on_projections": accuracy(clf, x_hat, y),
+                "seconds_per_image": round(seconds / args.n, 4),
+            },
+        }
+        if name == "mnist-gan":
+            reference_median = float(mse.median())
+        if name == "mnist-vae":
+            x_c, mse_c = _project(gen, x, InversionConfig.csgm(z_prior_weight=0.0), args.batch, dev)
+            fig["csgm_projection"] = {
+                "schedule": "InversionConfig.csgm(z_prior_weight=0) (Adam 0.01, 1000 steps, R=10; CSGM's z-prior 0.1 is scaled for unnormalized Gaussian measurements, far too strong for A = I)",
+                "mse": _mse_stats(mse_c),
+                "accuracy_on_projections": accuracy(clf, x_c, y),
+            }
+        gen_seed = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            samples = torch.cat(
+                [
+                    gen(torch.randn(1000, _latent_dim(gen), generator=gen_seed).to(dev)).cpu()
+                    for _ in range(args.samples // 1000 or 1)
+                ]
+            )
+        fig["samples"] = {
+            "n": len(samples),
+            "frechet_distance": round(frechet_distance(features(clf, samples), feats_test), 3),
+            "frechet_floor_train_vs_test": round(floor, 3),
+            "class_histogram": torch.bincount(predict(clf, samples), minlength=10).tolist(),
+            "grid": f"{name}-samples.png",
+        }
+        if args.write:
+            save_image(samples[:100], folder / f"{name}-samples.png", nrow=10, padding=1)
+        results[name] = fig
+        log.info("%s: %s", name, json.dumps(fig))
+    gen = zoo.load("mnist-gan", dev, weights_dir=wd)
+    enc = zoo.load("mnist-encoder", dev, weights_dir=wd)
+    with torch.no_grad():
+        x_enc = torch.cat(
+            [gen(enc(x[i : i + args.batch].to(dev))).cpu() for i in range(0, len(x), args.batch)]
+        )
+    enc_fig: dict[str, Any] = {
+        **common,
+        "n": args.n,
+        "mse_G_of_E": _mse_stats((x_enc - x).pow(2).flatten(1).mean(1)),
+        "accuracy_on_G_of_E": accuracy(clf, x_enc, y),
+    }
+    steps_needed = None
+    for steps in (0, 5, 10, 20, 50, 100, 200):
+        cfg = InversionConfig(optimizer="adam", lr=0.01, steps=steps, restarts=1, init="encoder")
+        _, mse_w = _project(gen, x, cfg, args.batch, dev, encoder=enc)
+        enc_fig.setdefault("warm_start_median_mse_by_steps", {})[str(steps)] = round(float(mse_w.median()), 6)
+        if (
+            steps_needed is None
+            and reference_median is not None
+            and float(mse_w.median()) <= reference_median
+        ):
+            steps_needed = steps
+    enc_fig["warm_start"] = {
+        "schedule": "Adam lr 0.01, 1 restart, from E(x)",
+        "reference": "Defense-GAN schedule from random starts: 2000 generator evaluations per image",
+        "reference_median_mse": reference_median,
+        "steps_to_reach_reference": steps_needed,
+        "generator_evaluations_saved_per_image": None if steps_needed is None else 2000 - (steps_needed + 1),
+    }
+    results["mnist-encoder"] = enc_fig
+    log.info("mnist-encoder: %s", json.dumps(enc_fig))
+    if args.write:
+        for name, fig in results.items():
+            zoo.update_record(name, {"figures": fig}, folder)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    """Print each zoo model's recorded figures."""
+    for name in zoo.available():
+        try:
+            rec = zoo.record(name, args.weights_dir)
+        except FileNotFoundError as err:
+            print(f"{name}: {err}")
+            continue
+        train = rec.get("training") or rec.get("joint_training") or {}
+        print(
+            f"== {name}: {rec['architecture']}  trained in {train.get('seconds')} s on {train.get('device')}"
+        )
+        print(json.dumps(rec.get("figures", {}), indent=1))
+    return 0

@@ -1,0 +1,623 @@
+"""The latent-optimization core: ``invert(generator, y, operator, config) -> Inversion``.
+
+Purpose: the one z-optimization loop of the project. It solves, for every sample ``i`` and restart ``r``,
+
+    min_{z, v}  loss_A(A(G(z) + v), y_i) + z_prior_weight * ||z||^2 + deviation_weight * ||v||_1
+
+(``v`` only with ``config.deviation``; its l1 term is handled by a proximal soft-threshold step after each
+optimizer step, ISTA-style, so ``v`` is exactly sparse), and keeps the restart with the lowest final
+measurement loss. It serves the projection defense (Defense-GAN, Samangouei et al. 2018: ``A = I``),
+compressed sensing with a generative prior (CSGM, Bora et al. 2017), sparse deviations (Dhar, Grover & Ermon
+2018), non-linear / 1-bit measurements and the inner loop of robust manifold training.
+
+Contract:
+- the objective is summed over samples and restarts, every operation is per row, and sample ``i``'s restart
+  noise comes from its own seed, so a sample's result does not depend on the batch it is computed in;
+- the generator (and operator, encoder) run in eval mode with frozen parameters; modes and ``requires_grad``
+  flags are restored afterwards; the caller's tensors are never modified;
+- ``differentiable=True`` unrolls every optimizer step in the autograd graph (functional SGD/Adam with
+  ``create_graph=True``), so ``x_hat`` is differentiable w.r.t. ``y`` (the white-box "unrolled" gradient of
+  the defense); otherwise each step's graph is freed after its gradient (fast path) and the outputs are
+  detached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import InversionConfig
+from .dct import dct_matrix, idct2
+from .operators import Identity, MeasurementOperator, Measurements
+
+__all__ = ["Inversion", "invert"]
+
+logger = logging.getLogger(__name__)
+
+#: Slack allowed on the generator's [0, 1] output range before it is rejected.
+RANGE_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """Result of :func:`invert` for a batch of ``B`` samples with ``R`` restarts.
+
+    Attributes:
+        z: best latents ``(B, k)``.
+        x_hat: reconstructions ``(B, C, H, W)``: ``G(z)``, plus the deviation ``v`` when ``config.deviation``
+            is set (then it may leave [0, 1] slightly; clamp if needed).
+        loss: final measurement loss of the returned restart ``(B,)`` (no prior or l1 terms).
+        restart_losses: final measurement loss of every restart ``(B, R)``; ``inf`` for restarts dropped by
+            pruning, so ``loss == restart_losses.min(1).values``.
+        best_restart: index of the returned restart ``(B,)`` (int64).
+        steps_run: optimizer steps performed by the loop (``< config.steps`` when early stopping froze every
+            sample).
+        generator_evals: per-sample generator forward passes spent, counting every restart ``(B,)`` (int64);
+            at most ``R * (steps + 1)``.
+        deviation: the pixel-space deviation ``v`` ``(B, C, H, W)`` of the returned restart, or ``None``.
+    """
+
+    z: torch.Tensor
+    x_hat: torch.Tensor
+    loss: torch.Tensor
+    restart_losses: torch.Tensor
+    best_restart: torch.Tensor
+    steps_run: int
+    generator_evals: torch.Tensor
+    deviation: torch.Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------- small helpers
+
+
+def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], y: Any) -> Any:
+    """Apply ``fn`` to every tensor of a (possibly nested tuple) measurement."""
+    if isinstance(y, (tuple, list)):
+        return tuple(_tree_map(fn, item) for item in y)
+    return fn(y)
+
+
+def _leaves(y: Any) -> list[torch.Tensor]:
+    if isinstance(y, (tuple, list)):
+        return [leaf for item in y for leaf in _leaves(item)]
+    return [y]
+
+
+def _take_rows(y: Measurements, rows: torch.Tensor) -> Measurements:
+    """Index the batch dimension of every tensor of ``y``."""
+    return _tree_map(lambda t: t[rows], y)
+
+
+@contextlib.contextmanager
+def _frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode and ``requires_grad=False`` on every parameter for the duration; both restored after."""
+    present = [m for m in modules if m is not None]
+    modes = [(sub, sub.training) for m in present for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m in present for p in m.parameters()]
+    try:
+        for m in present:
+            m.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _project_ball(z: torch.Tensor, radius: float | None) -> torch.Tensor:
+    """Project each row of ``z`` onto ``{||z||_2 <= radius}`` (no-op for ``None``)."""
+    if radius is None:
+        return z
+    norm = z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    return z * (radius / norm).clamp(max=1.0)
+
+
+def _optimizer_update(
+    params: list[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state: list[list[torch.Tensor]],
+    lr: float,
+    step: int,
+    config: InversionConfig,
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor | float]]:
+    """One functional SGD-momentum or Adam step (no in-place ops, so it can be unrolled by autograd).
+
+    ``state[i]`` is ``[buf]`` (SGD) or ``[m, v]`` (Adam); ``step`` counts updates from 1 (Adam bias
+    correction). Returns the new parameters, the new state and each parameter's effective step size (``lr``
+    for SGD, ``lr / denom`` per coordinate for Adam), which scales the proximal l1 step of the deviation.
+    """
+    new_params: list[torch.Tensor] = []
+    new_state: list[list[torch.Tensor]] = []
+    step_sizes: list[torch.Tensor | float] = []
+    for p, g, s in zip(params, grads, state, strict=True):
+        if config.optimizer == "sgd":
+            buf = config.momentum * s[0] + g if config.momentum else g
+            new_params.append(p - lr * buf)
+            new_state.append([buf])
+            step_sizes.append(lr)
+        else:
+            beta1, beta2 = config.betas
+            m = beta1 * s[0] + (1 - beta1) * g
+            v = beta2 * s[1] + (1 - beta2) * g * g
+            m_hat = m / (1 - beta1**step)
+            v_hat = v / (1 - beta2**step)
+            # ``tiny`` keeps the double-backward of sqrt finite where a coordinate's gradient is exactly 0.
+            denom = (v_hat + torch.finfo(v_hat.dtype).tiny).sqrt() + config.adam_eps
+            new_params.append(p - lr * m_hat / denom)
+            new_state.append([m, v])
+            step_sizes.append(lr / denom)
+    return new_params, new_state, step_sizes
+
+
+def _soft_threshold(c: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """Proximal map of ``threshold * ||c||_1``: ``sign(c) * max(|c| - threshold, 0)``."""
+    return c.sign() * (c.abs() - threshold).clamp_min(0.0)
+
+
+def _initial_state(params: list[torch.Tensor], config: InversionConfig) -> list[list[torch.Tensor]]:
+    count = 1 if config.optimizer == "sgd" else 2
+    return [[torch.zeros_like(p, requires_grad=False) for _ in range(count)] for p in params]
+
+
+class _EarlyStop:
+    """Per-sample early stopping: freeze a sample once its best restart loss stalls for ``patience`` steps."""
+
+    def __init__(self, batch: int, config: InversionConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.tol = config.early_stop_tol
+        self.patience = config.early_stop_patience
+        self.best = torch.full((batch,), math.inf, device=device, dtype=dtype)
+        self.stall = torch.zeros(batch, dtype=torch.long, device=device)
+        self.alive = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def newly_frozen_rows(self, loss: torch.Tensor, row_samples: torch.Tensor) -> torch.Tensor:
+        """Bool mask over the active rows whose sample has converged at this step."""
+        if self.tol is None:
+            return torch.zeros_like(row_samples, dtype=torch.bool)
+        current = torch.full_like(self.best, math.inf).scatter_reduce(0, row_samples, loss, "amin")
+        improved = current < self.best - self.tol
+        self.best = torch.where(improved, current, self.best)
+        self.stall = torch.where(improved, torch.zeros_like(self.stall), self.stall + 1)
+        newly = self.alive & (self.stall >= self.patience)
+        self.alive = self.alive & ~newly
+        return newly[row_samples]
+
+
+def _exiting_rows(
+    step: int,
+    loss: torch.Tensor,
+    row_samples: torch.Tensor,
+    early: _EarlyStop,
+    config: InversionConfig,
+    restarts: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(frozen, pruned)`` bool masks over the active rows at ``step``, or ``None`` when no row can leave
+    now.
+
+    Frozen rows are finished (their latent and loss are kept); pruned rows are dropped and cannot be returned.
+    """
+    if step >= config.steps:
+        return torch.ones_like(row_samples, dtype=torch.bool), torch.zeros_like(row_samples, dtype=torch.bool)
+    prune_now = config.prune_after is not None and step == config.prune_after
+    if config.early_stop_tol is None and not prune_now:
+        return None
+    frozen = early.newly_frozen_rows(loss, row_samples)
+    pruned = (
+        _pruned_rows(loss, restarts, config.prune_keep) & ~frozen if prune_now else torch.zeros_like(frozen)
+    )
+    return frozen, pruned
+
+
+def _pruned_rows(loss: torch.Tensor, restarts: int, keep: int) -> torch.Tensor:
+    """Bool mask over active rows outside each sample's ``keep`` best (rows are grouped by sample, ``R``
+    each)."""
+    per_sample = torch.nan_to_num(loss, nan=math.inf).reshape(-1, restarts)
+    order = per_sample.argsort(dim=1, stable=True)
+    rank = order.argsort(dim=1, stable=True)
+    return (rank >= keep).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _check_generator(generator: Any) -> int:
+    if not isinstance(generator, nn.Module):
+        raise TypeError(f"expected the generator as a torch.nn.Module, got {type(generator).__name__}")
+    k = getattr(generator, "latent_dim", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise TypeError(f"expected generator.latent_dim as a positive int, got {k!r}")
+    return k
+
+
+def _check_device(module: nn.Module | None, device: torch.device, name: str) -> None:
+    if module is None:
+        return
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device != device:
+            raise ValueError(
+                f"expected the {name} on y's device {device}, got a parameter/buffer on {tensor.device}; "
+                f"move it with .to({str(device)!r})"
+            )
+        return
+
+
+def _working_dtype(generator: nn.Module, y: Any) -> torch.dtype:
+    for p in generator.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    for leaf in _leaves(y):
+        if leaf.is_floating_point():
+            return leaf.dtype
+    return torch.get_default_dtype()
+
+
+def _resolve_seeds(seeds: Sequence[int] | torch.Tensor | None, batch: int, default: int) -> list[int]:
+    if seeds is None:
+        return [default] * batch
+    if isinstance(seeds, torch.Tensor):
+        if seeds.ndim != 1 or seeds.is_floating_point() or seeds.is_complex():
+            raise ValueError(
+                f"expected seeds as a 1-D integer tensor, got {seeds.dtype} {tuple(seeds.shape)}"
+            )
+        values = [int(s) for s in seeds.tolist()]
+    else:
+        values = list(seeds)
+    if len(values) != batch:
+        raise ValueError(f"expected {batch} seeds (one per sample), got {len(values)}")
+    for s in values:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
+            raise ValueError(f"expected every seed as an int in [0, 2**63), got {s!r}")
+    return values
+
+
+def _check_generated(x: Any, rows: int, operator: MeasurementOperator) -> None:
+    """First-forward checks of the generator's output: a (rows, C, H, W) tensor with values in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != rows:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected the generator to return images ({rows}, C, H, W), got {got}")
+    if operator.input_shape is not None and tuple(x.shape[1:]) != operator.input_shape:
+        raise ValueError(
+            f"expected generator images of shape {operator.input_shape} (the operator's input_shape), "
+            f"got {tuple(x.shape[1:])}"
+        )
+    low, high = float(x.detach().min()), float(x.detach().max())
+    if not (low >= -RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE):
+        raise ValueError(
+            "expected generator outputs in [0, 1] (e.g. a sigmoid output layer), "
+            f"got values in [{low:.4g}, {high:.4g}]"
+        )
+
+
+def _initial_latents(
+    y: Measurements,
+    operator: MeasurementOperator,
+    config: InversionConfig,
+    encoder: nn.Module | None,
+    z_init: torch.Tensor | None,
+    seeds: list[int],
+    shape: tuple[int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    differentiable: bool,
+) -> torch.Tensor:
+    """Starting latents ``(B, R, k)``: per-sample seeded restart noise, around ``z_init``/``encoder(y)`` if
+    given."""
+    batch, restarts, k = shape
+    if z_init is None and config.init == "encoder":
+        if encoder is None:
+            raise ValueError(
+                "expected an encoder with config.init='encoder', got encoder=None (or pass z_init)"
+            )
+        if not isinstance(operator, Identity):
+            raise ValueError(
+                f"expected the Identity operator for init='encoder' (the encoder reads images), got "
+                f"{type(operator).__name__}; pass z_init instead"
+            )
+        with torch.set_grad_enabled(differentiable):
+            z_init = encoder(y)
+        if not isinstance(z_init, torch.Tensor) or tuple(z_init.shape) != (batch, k):
+            got = tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init).__name__
+            raise ValueError(f"expected the encoder to return latents ({batch}, {k}), got {got}")
+    if z_init is not None:
+        if not isinstance(z_init, torch.Tensor):
+            raise TypeError(f"expected z_init as a torch.Tensor, got {type(z_init).__name__}")
+        if tuple(z_init.shape) not in ((batch, k), (batch, restarts, k)) or not z_init.is_floating_point():
+            raise ValueError(
+                f"expected a floating z_init of shape ({batch}, {k}) or ({batch}, {restarts}, {k}) "
+                f"(latent_dim={k}), got {z_init.dtype} {tuple(z_init.shape)}"
+            )
+        if not bool(torch.isfinite(z_init).all()):
+            raise ValueError("expected a finite z_init, got NaN or inf entries")
+        z_init = z_init.to(device=device, dtype=dtype)
+        if not differentiable:
+            z_init = z_init.detach()
+        if z_init.ndim == 3:
+            return z_init
+    std = config.init_std if config.init_std is not None else 1.0 / math.sqrt(k)
+    noise = torch.stack(
+        [torch.randn(restarts, k, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]
+    ).to(device)
+    if z_init is None:
+        return std * noise
+    noise = torch.cat([torch.zeros_like(noise[:, :1]), noise[:, 1:]], dim=1)
+    return z_init.unsqueeze(1) + std * noise
+
+
+# ------------------------------------------------------------------------------------------ the core
+
+
+def invert(
+    generator: nn.Module,
+    y: Measurements,
+    operator: MeasurementOperator | None = None,
+    config: InversionConfig | None = None,
+    *,
+    encoder: nn.Module | None = None,
+    z_init: torch.Tensor | None = None,
+    seeds: Sequence[int] | torch.Tensor | None = None,
+    differentiable: bool = False,
+) -> Inversion:
+    """Find ``z`` (and a deviation ``v``) with ``A(G(z) + v) ~ y`` by gradient descent with restarts.
+
+    Paper: Bora et al. 2017 (CSGM); Samangouei et al. 2018 (Defense-GAN projection, ``A = I``); Dhar et al.
+    2018 (sparse deviations). Purpose: projection defense, compressed sensing, inverse problems, robust
+    training.
+
+    Args:
+        generator: ``nn.Module`` with int ``latent_dim``; ``(N, k) -> (N, C, H, W)`` in [0, 1].
+        y: measurements ``(B, ...)`` as produced by ``operator`` (a tuple for :class:`Mixture`); for the
+            default Identity operator, images ``(B, C, H, W)``. Floating entries are cast to the generator's
+            dtype.
+        operator: the measurement operator; default ``Identity(y.shape[1:])``.
+        config: :class:`InversionConfig` (default ``InversionConfig()``: Adam lr 0.01, 1000 steps, 1 restart).
+        encoder: ``nn.Module`` images ``(B, C, H, W) -> (B, k)`` for ``config.init == "encoder"``.
+        z_init: starting latents ``(B, k)`` (restart 0 there, others at ``z_init + init_std * noise``) or
+            ``(B, R, k)`` (one per restart); takes precedence over ``config.init``.
+        seeds: one int per sample for its restart noise (default ``config.seed`` for every sample); noise is
+            drawn on CPU and moved to the device, so results do not depend on batch composition or device RNG
+            state.
+        differentiable: unroll all steps in the autograd graph so outputs are differentiable w.r.t. ``y`` (and
+            ``z_init``); memory grows with ``steps * R * B``.
+
+    Returns:
+        :class:`Inversion` with ``z (B, k)``, ``x_hat (B, C, H, W)``, ``loss (B,)``,
+        ``restart_losses (B, R)``, ``best_restart``, ``steps_run``, ``generator_evals (B,)``, ``deviation``.
+
+    Example:
+        >>> result = invert(generator, images, config=InversionConfig.defense_gan())  # doctest: +SKIP
+        >>> result.x_hat.shape  # doctest: +SKIP
+        torch.Size([B, 1, 28, 28])
+    """
+    k = _check_generator(generator)
+    config = InversionConfig() if config is None else config
+    if not isinstance(config, InversionConfig):
+        raise TypeError(f"expected config as an InversionConfig, got {type(config).__name__}")
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"expected differentiable as a bool, got {type(differentiable).__name__}")
+    if operator is None:
+        if not isinstance(y, torch.Tensor) or y.ndim != 4:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"expected images y (B, C, H, W) for the default Identity operator, got {got}")
+        operator = Identity((y.shape[1], y.shape[2], y.shape[3]))
+    if not isinstance(operator, MeasurementOperator):
+        raise TypeError(
+            "expected operator as a MeasurementOperator (wrap a callable in Nonlinear), "
+            f"got {type(operator).__name__}"
+        )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "invert needs autograd; expected a call outside torch.inference_mode(), got one inside"
+        )
+    leaves = _leaves(y)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise TypeError("expected y as a torch.Tensor or a tuple of tensors")
+    batch = leaves[0].shape[0] if leaves[0].ndim else 0
+    if batch < 1:
+        raise ValueError(f"expected a non-empty batch of measurements, got shape {tuple(leaves[0].shape)}")
+    operator.check_measurements(y, batch)
+    device = leaves[0].device
+    if any(t.device != device for t in leaves):
+        raise ValueError(
+            f"expected every measurement tensor on one device, got {sorted({str(t.device) for t in leaves})}"
+        )
+    _check_device(generator, device, "generator")
+    _check_device(operator, device, "operator")
+    _check_device(encoder, device, "encoder")
+    dtype = _working_dtype(generator, y)
+    y = _tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, y)
+    if not differentiable:
+        y = _tree_map(torch.Tensor.detach, y)
+    seed_list = _resolve_seeds(seeds, batch, config.seed)
+
+    with _frozen(generator, operator, encoder), torch.enable_grad():
+        z0 = _initial_latents(
+            y,
+            operator,
+            config,
+            encoder,
+            z_init,
+            seed_list,
+            (batch, config.restarts, k),
+            device,
+            dtype,
+            differentiable,
+        )
+        return _optimize(generator, operator, y, z0, config, differentiable)
+
+
+@dataclass
+class _Outputs:
+    """Per-row results, filled as rows finish (out-of-place writes, so unrolled graphs survive)."""
+
+    z: torch.Tensor  # (N, k)
+    loss: torch.Tensor  # (N,), inf until a row finishes; stays inf for pruned rows
+    evals: torch.Tensor  # (B,) generator forward passes per sample
+    x: torch.Tensor | None = None  # (N, C, H, W), allocated at the first forward
+    v: torch.Tensor | None = None  # (N, C, H, W) pixel-space deviation, with config.deviation
+
+    def record(
+        self,
+        step: int,
+        ids: torch.Tensor,
+        samples: torch.Tensor,
+        frozen: torch.Tensor,
+        leaving: torch.Tensor,
+        values: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor],
+        differentiable: bool,
+    ) -> None:
+        """Store the frozen rows' ``(z, x, v, loss)``; add ``step + 1`` evaluations per leaving row."""
+        self.evals = self.evals.index_add(0, samples[leaving], torch.full_like(ids[leaving], step + 1))
+        done = ids[frozen]
+        z, x, v, loss = (t if t is None or differentiable else t.detach() for t in values)
+        assert (
+            z is not None and x is not None and loss is not None and self.x is not None
+        )  # internal invariant
+        self.z = self.z.index_copy(0, done, z[frozen])
+        self.x = self.x.index_copy(0, done, x[frozen])
+        self.loss = self.loss.index_copy(0, done, loss[frozen])
+        if v is not None and self.v is not None:
+            self.v = self.v.index_copy(0, done, v[frozen])
+
+
+def _start_deviation(
+    x_gen: torch.Tensor, config: InversionConfig, requires_grad: bool
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Zero deviation coefficients shaped like the images, and the DCT bases for ``deviation="dct"``."""
+    if config.deviation is None:
+        return None, None
+    dev = torch.zeros_like(x_gen).requires_grad_(requires_grad)
+    if config.deviation == "pixel":
+        return dev, None
+    h, w = x_gen.shape[-2:]
+    bases = (
+        dct_matrix(h, dtype=x_gen.dtype, device=x_gen.device),
+        dct_matrix(w, dtype=x_gen.dtype, device=x_gen.device),
+    )
+    return dev, bases
+
+
+def _objective(
+    operator: MeasurementOperator,
+    x_gen: torch.Tensor,
+    z: torch.Tensor,
+    dev: torch.Tensor | None,
+    bases: tuple[torch.Tensor, torch.Tensor] | None,
+    y_rows: Measurements,
+    config: InversionConfig,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, x, measurement loss (N,), smooth objective (N,))`` for the active rows.
+
+    The l1 term of the deviation is not in the objective: it is applied by a proximal (soft-threshold) step.
+    """
+    v = None if dev is None else (dev if bases is None else idct2(dev, bases))
+    x = x_gen if v is None else x_gen + v
+    meas = operator.loss(operator(x), y_rows)
+    if not isinstance(meas, torch.Tensor) or tuple(meas.shape) != (z.shape[0],):
+        got = tuple(meas.shape) if isinstance(meas, torch.Tensor) else type(meas).__name__
+        raise ValueError(f"expected the operator's loss to return shape ({z.shape[0]},), got {got}")
+    objective = meas
+    if config.z_prior_weight:
+        objective = objective + config.z_prior_weight * z.pow(2).sum(dim=1)
+    return v, x, meas, objective
+
+
+def _optimize(
+    generator: nn.Module,
+    operator: MeasurementOperator,
+    y: Measurements,
+    z0: torch.Tensor,
+    config: InversionConfig,
+    differentiable: bool,
+) -> Inversion:
+    """The one loop. Rows are (sample, restart) pairs grouped by sample; a row leaves the computation when it
+    finishes (last step, its sample converged) or is pruned."""
+    batch, restarts, k = z0.shape
+    n_rows = batch * restarts
+    device, dtype = z0.device, z0.dtype
+    ids = torch.arange(n_rows, device=device)  # global row id = sample * R + restart
+    y_rows: Measurements = _tree_map(lambda t: t.repeat_interleave(restarts, dim=0), y)
+    z = _project_ball(z0.reshape(n_rows, k), config.z_radius)
+    dev: torch.Tensor | None = None  # deviation coefficients (config.deviation), made at the first forward
+    bases: tuple[torch.Tensor, torch.Tensor] | None = None
+    opt_state: list[list[torch.Tensor]] = []
+    early = _EarlyStop(batch, config, device, dtype)
+    out = _Outputs(
+        z=torch.zeros(n_rows, k, device=device, dtype=dtype),
+        loss=torch.full((n_rows,), math.inf, device=device, dtype=dtype),
+        evals=torch.zeros(batch, dtype=torch.long, device=device),
+    )
+
+    step = 0
+    while True:
+        final = step >= config.steps
+        need_graph = differentiable or not final
+        with torch.set_grad_enabled(need_graph):
+            if not differentiable:  # fast path: fresh leaves, the previous step's graph is dropped
+                z = z.detach().requires_grad_(need_graph)
+                dev = None if dev is None else dev.detach().requires_grad_(need_graph)
+            elif not z.requires_grad:
+                z = z.requires_grad_(True)
+            x_gen = generator(z)
+            if step == 0:
+                _check_generated(x_gen, n_rows, operator)
+                dev, bases = _start_deviation(x_gen, config, need_graph)
+                out.x = torch.zeros_like(x_gen, requires_grad=False)
+                out.v = None if dev is None else torch.zeros_like(x_gen, requires_grad=False)
+                opt_state = _initial_state([z] if dev is None else [z, dev], config)
+            v, x, meas, objective = _objective(operator, x_gen, z, dev, bases, y_rows, config)
+            if step == 0:  # a Nonlinear operator learns its output shape on its first call
+                operator.check_measurements(y, batch)
+
+        stay: torch.Tensor | None = None
+        row_samples = torch.div(ids, restarts, rounding_mode="floor")
+        exits = _exiting_rows(step, meas.detach(), row_samples, early, config, restarts)
+        if exits is not None:
+            frozen, pruned = exits
+            leaving = frozen | pruned
+            if bool(leaving.any()):
+                out.record(step, ids, row_samples, frozen, leaving, (z, x, v, meas), differentiable)
+                if bool(leaving.all()):
+                    break
+                stay = ~leaving
+
+        params = [z] if dev is None else [z, dev]
+        grads = list(torch.autograd.grad(objective.sum(), params, create_graph=differentiable))
+        if stay is not None:
+            keep = stay
+            ids = ids[keep]
+            params, grads = [p[keep] for p in params], [g[keep] for g in grads]
+            opt_state = [[s[keep] for s in group] for group in opt_state]
+            y_rows = _take_rows(y_rows, keep)
+        with torch.set_grad_enabled(differentiable):
+            params, opt_state, step_sizes = _optimizer_update(
+                params, grads, opt_state, config.lr_at(step), step + 1, config
+            )
+            z = _project_ball(params[0], config.z_radius)
+            if dev is not None:
+                dev = _soft_threshold(params[1], step_sizes[1] * config.deviation_weight)
+        step += 1
+
+    losses = torch.nan_to_num(out.loss.detach(), nan=math.inf).reshape(batch, restarts)
+    best = losses.argmin(dim=1)
+    rows = torch.arange(batch, device=device) * restarts + best
+    logger.debug("invert: %d samples x %d restarts, %d steps run", batch, restarts, step)
+    assert out.x is not None  # internal invariant: set at the first forward
+    return Inversion(
+        z=out.z[rows],
+        x_hat=out.x[rows],
+        loss=out.loss[rows],
+        restart_losses=out.loss.reshape(batch, restarts),
+        best_restart=best,
+        steps_run=step,
+        generator_evals=out.evals,
+        deviation=None if out.v is None else out.v[rows],
+    )

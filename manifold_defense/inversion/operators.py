@@ -1,0 +1,644 @@
+"""Measurement operators ``A``: images ``(B, C, H, W)`` in, measurements ``(B, ...)`` out.
+
+Purpose: the inversion core (:func:`manifold_defense.inversion.invert`) recovers ``x ~ G(z)`` from ``y = A(x)
++ noise``; the operator fixes what ``A`` is and how a reconstruction is scored against ``y``.
+
+- :class:`Identity`: projection / denoising (Defense-GAN, Samangouei et al. 2018).
+- :class:`Mask`: inpainting (random pixels or a missing block).
+- :class:`BlurDownsample`: super-resolution (blur, then subsample by 2 or 4).
+- :class:`GaussianMatrix`: compressed sensing (CSGM, Bora et al. 2017: N(0, 1) entries; compsensing_dip: N(0,
+    1/m)).
+- :class:`Nonlinear`: any differentiable callable (e.g. a classifier's logits) with an MSE, cross-entropy or
+    custom loss.
+- :class:`SignMeasurements`: 1-bit compressed sensing, ``y = sign(A x)``, scored by a logistic surrogate.
+- :class:`Mixture`: a weighted sum of the losses of several operators (the talk's "mixture of losses"); y is a
+    tuple.
+
+Every operator has ``forward(x)`` (the differentiable prediction ``A(x)`` the loss compares with ``y``),
+``observe(ax)`` (turns a prediction into a measurement, e.g. ``sign`` for 1-bit; identity for most),
+``loss(ax, y) -> (B,)`` (per-sample loss, default: mean squared error over the measurement entries),
+``check_input(x)`` / ``check_measurements(y)`` (shape validation with "expected X, got Y" errors),
+``input_shape`` and ``num_measurements``. Linear operators (:class:`LinearOperator`) add ``adjoint(y)`` and
+``matrix()`` (the dense ``(m, n)`` matrix acting on ``x.flatten(1)``).
+
+:func:`measure` draws seeded measurements ``y = observe(A(x) + noise_std * noise)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: A batch of measurements: a tensor ``(B, ...)``, or for :class:`Mixture` a tuple with one entry per
+# component.
+Measurements: TypeAlias = "torch.Tensor | tuple[Measurements, ...]"
+
+Shape3 = tuple[int, int, int]
+
+__all__ = [
+    "BlurDownsample",
+    "GaussianMatrix",
+    "Identity",
+    "LinearOperator",
+    "Mask",
+    "MeasurementOperator",
+    "Measurements",
+    "Mixture",
+    "Nonlinear",
+    "SignMeasurements",
+    "measure",
+]
+
+
+def _check_shape3(input_shape: Any, name: str = "input_shape") -> Shape3:
+    if (
+        not isinstance(input_shape, (tuple, list))
+        or len(input_shape) != 3
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape)
+    ):
+        raise ValueError(f"expected {name} as a tuple of 3 positive ints (C, H, W), got {input_shape!r}")
+    return (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected {name} as a positive int, got {value!r}")
+    return value
+
+
+def _mse(ax: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (ax - y).pow(2).flatten(1).mean(dim=1)
+
+
+class MeasurementOperator(nn.Module):
+    """Base class: a differentiable map from images ``(B, C, H, W)`` to measurements.
+
+    Subclasses implement :meth:`forward` and set ``input_shape`` (``(C, H, W)``, or ``None`` when any image
+    shape is accepted) and ``measurement_shape`` (per-sample shape of ``y``, or ``None`` while unknown).
+    """
+
+    linear: bool = False
+
+    def __init__(self, input_shape: Shape3 | None, measurement_shape: tuple[int, ...] | None) -> None:
+        super().__init__()
+        self.input_shape: Shape3 | None = None if input_shape is None else _check_shape3(input_shape)
+        self.measurement_shape: tuple[int, ...] | None = measurement_shape
+
+    @property
+    def num_measurements(self) -> int:
+        """Number of scalar measurements per sample, ``m``."""
+        if self.measurement_shape is None:
+            raise ValueError(
+                f"{type(self).__name__}: the measurement shape is not known yet; pass measurement_shape "
+                "or call the operator once"
+            )
+        return math.prod(self.measurement_shape)
+
+    @property
+    def _shape(self) -> Shape3:
+        if self.input_shape is None:
+            raise ValueError(f"{type(self).__name__}: expected a known input_shape, got None")
+        return self.input_shape
+
+    def forward(self, x: torch.Tensor) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def observe(self, ax: Any) -> Any:
+        """Turn a noisy prediction ``A(x) + noise`` into a measurement ``y`` (identity here)."""
+        return ax
+
+    def loss(self, ax: Any, y: Any) -> torch.Tensor:
+        """Per-sample loss ``(B,)`` between the prediction ``ax = A(x)`` and measurements ``y``: mean squared
+        error."""
+        return _mse(ax, y)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is a floating tensor ``(B, *input_shape)``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"expected floating images (B, C, H, W), got dtype {x.dtype} shape {tuple(x.shape)}"
+            )
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{type(self).__name__}: expected images of shape (B, *{self.input_shape}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def check_measurements(self, y: Any, batch_size: int | None = None) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``y`` is a finite floating tensor ``(B,
+        *measurement_shape)``."""
+        _check_tensor_measurements(self, y, batch_size, self.measurement_shape)
+
+
+def _check_tensor_measurements(
+    op: MeasurementOperator, y: Any, batch_size: int | None, shape: tuple[int, ...] | None
+) -> None:
+    name = type(op).__name__
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name}: expected measurements y as a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise ValueError(f"{name}: expected floating measurements y, got dtype {y.dtype}")
+    if y.ndim < 1:
+        raise ValueError(f"{name}: expected measurements y with a batch dimension, got a scalar")
+    if batch_size is not None and y.shape[0] != batch_size:
+        raise ValueError(f"{name}: expected measurements with batch size {batch_size}, got {tuple(y.shape)}")
+    if shape is not None and tuple(y.shape[1:]) != shape:
+        raise ValueError(f"{name}: expected measurements y of shape (B, *{shape}), got {tuple(y.shape)}")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{name}: expected finite measurements y, got NaN or inf entries")
+
+
+class LinearOperator(MeasurementOperator):
+    """A linear operator ``y = A x`` with an :meth:`adjoint` and a dense :meth:`matrix` (acting on
+    ``x.flatten(1)``)."""
+
+    linear = True
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``A^T y``: measurements ``(B, *measurement_shape)`` to images ``(B, C, H, W)``."""
+        raise NotImplementedError
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense matrix ``(m, n)`` with ``A(x).flatten(1) == x.flatten(1) @ matrix().T``, built column by
+        column.
+
+        Costs ``n = C*H*W`` forward calls batched into one; fine for MNIST-sized images. On the operator's
+        device.
+        """
+        n = math.prod(self._shape)
+        device = _module_device(self)
+        basis = torch.eye(n, dtype=dtype, device=device).reshape(n, *self._shape)
+        with torch.no_grad():
+            return self(basis).reshape(n, -1).T.contiguous()
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.buffers(), *module.parameters()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class Identity(LinearOperator):
+    """``A = I``: projection onto the generator's range (Defense-GAN) or denoising. ``y`` has the image's
+    shape.
+
+    Args:
+        input_shape: image shape ``(C, H, W)``; MNIST ``(1, 28, 28)``.
+    """
+
+    def __init__(self, input_shape: Shape3) -> None:
+        shape = _check_shape3(input_shape)
+        super().__init__(shape, shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class Mask(LinearOperator):
+    """Inpainting: keep the entries where ``mask`` is true; ``y = x.flatten(1)[:, kept]`` of shape ``(B, m)``.
+
+    The mask is shared by the whole batch. Build it with :meth:`random` (a random subset of pixels, seeded) or
+    :meth:`block` (a missing rectangle), or pass a boolean ``mask`` of shape ``(H, W)`` (applied to every
+    channel) or ``(C, H, W)``. The adjoint puts the kept entries back and zeros elsewhere (the observed
+    image).
+    """
+
+    mask: torch.Tensor
+    indices: torch.Tensor
+
+    def __init__(self, mask: torch.Tensor, input_shape: Shape3) -> None:
+        shape = _check_shape3(input_shape)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"expected a boolean mask tensor, got {got}")
+        if tuple(mask.shape) == shape[1:]:
+            mask = mask.unsqueeze(0).expand(shape)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"expected a mask of shape {shape[1:]} or {shape}, got {tuple(mask.shape)}")
+        indices = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
+        if indices.numel() == 0:
+            raise ValueError("expected a mask that keeps at least one entry, got an all-false mask")
+        super().__init__(shape, (int(indices.numel()),))
+        self.register_buffer("mask", mask.clone().contiguous())
+        self.register_buffer("indices", indices)
+
+    @classmethod
+    def random(
+        cls,
+        input_shape: Shape3,
+        *,
+        keep_fraction: float | None = None,
+        num_kept: int | None = None,
+        seed: int = 0,
+    ) -> Mask:
+        """Keep a uniformly random subset of pixels (all channels of a kept pixel are kept).
+
+        Args:
+            input_shape: ``(C, H, W)``.
+            keep_fraction: fraction of the ``H*W`` pixels kept, in ``(0, 1]`` (exclusive with ``num_kept``).
+            num_kept: number of pixels kept, ``1 <= num_kept <= H*W``.
+            seed: seed of the CPU ``torch.Generator`` that draws the pixels.
+        """
+        c, h, w = _check_shape3(input_shape)
+        pixels = h * w
+        if (keep_fraction is None) == (num_kept is None):
+            raise ValueError(
+                f"expected exactly one of keep_fraction and num_kept, got {keep_fraction!r} and {num_kept!r}"
+            )
+        if keep_fraction is not None:
+            if not (isinstance(keep_fraction, (int, float)) and 0.0 < keep_fraction <= 1.0):
+                raise ValueError(f"expected keep_fraction in (0, 1], got {keep_fraction!r}")
+            count = max(1, round(keep_fraction * pixels))
+        else:
+            count = _check_positive_int(num_kept, "num_kept")
+            if count > pixels:
+                raise ValueError(f"expected num_kept <= H*W = {pixels} pixels, got {count}")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(pixels, generator=generator)[:count]
+        mask = torch.zeros(pixels, dtype=torch.bool)
+        mask[chosen] = True
+        return cls(mask.reshape(h, w), (c, h, w))
+
+    @classmethod
+    def block(
+        cls,
+        input_shape: Shape3,
+        size: int | tuple[int, int],
+        position: tuple[int, int] | None = None,
+    ) -> Mask:
+        """Remove a ``size`` block (rows, cols) whose top-left corner is ``position`` (default: centred)."""
+        c, h, w = _check_shape3(input_shape)
+        bh, bw = (size, size) if isinstance(size, int) else size
+        _check_positive_int(bh, "block height")
+        _check_positive_int(bw, "block width")
+        if bh > h or bw > w or (bh == h and bw == w):
+            raise ValueError(f"expected a block smaller than the image {(h, w)}, got size {(bh, bw)}")
+        top, left = ((h - bh) // 2, (w - bw) // 2) if position is None else position
+        if not (0 <= top <= h - bh and 0 <= left <= w - bw):
+            raise ValueError(
+                f"expected a block position with 0 <= top <= {h - bh} and 0 <= left <= {w - bw}, "
+                f"got {(top, left)}"
+            )
+        mask = torch.ones(h, w, dtype=torch.bool)
+        mask[top : top + bh, left : left + bw] = False
+        return cls(mask, (c, h, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).index_select(1, self.indices)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        flat = y.new_zeros(y.shape[0], math.prod(self._shape))
+        return flat.index_copy(1, self.indices, y).reshape(y.shape[0], *self._shape)
+
+
+class BlurDownsample(LinearOperator):
+    """Super-resolution: per-channel blur then subsampling by ``factor``; ``y`` is ``(B, C, H/f, W/f)``.
+
+    ``kind="average"``: average pooling over ``f x f`` blocks (box blur + stride). ``kind="gaussian"``: a
+    Gaussian kernel of size ``2f+1`` with std ``sigma`` (default ``f/2``), zero padding ``f``, stride ``f``.
+
+    Args:
+        input_shape: ``(C, H, W)`` with ``H`` and ``W`` divisible by ``factor``.
+        factor: downsampling factor (2 or 4 in the usual benchmarks; any positive int works).
+        kind: ``"average"`` or ``"gaussian"``.
+        sigma: Gaussian std in pixels (``kind="gaussian"`` only).
+    """
+
+    kernel: torch.Tensor
+
+    def __init__(
+        self,
+        input_shape: Shape3,
+        factor: int = 2,
+        kind: Literal["average", "gaussian"] = "average",
+        sigma: float | None = None,
+    ) -> None:
+        c, h, w = _check_shape3(input_shape)
+        factor = _check_positive_int(factor, "factor")
+        if h % factor or w % factor:
+            raise ValueError(f"expected H and W divisible by factor {factor}, got {(h, w)}")
+        if kind == "average":
+            kernel = torch.full((factor, factor), 1.0 / factor**2, dtype=torch.float64)
+            padding = 0
+        elif kind == "gaussian":
+            sigma = factor / 2.0 if sigma is None else sigma
+            if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
+                raise ValueError(f"expected a positive sigma, got {sigma!r}")
+            offsets = torch.arange(-factor, factor + 1, dtype=torch.float64)
+            g = torch.exp(-(offsets**2) / (2.0 * sigma**2))
+            g = g / g.sum()
+            kernel = torch.outer(g, g)
+            padding = factor
+        else:
+            raise ValueError(f"expected kind 'average' or 'gaussian', got {kind!r}")
+        super().__init__((c, h, w), (c, h // factor, w // factor))
+        self.factor = factor
+        self.kind = kind
+        self.padding = padding
+        self.register_buffer("kernel", kernel.to(torch.float32).expand(c, 1, *kernel.shape).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.kernel.to(dtype=x.dtype)
+        return F.conv2d(x, weight, stride=self.factor, padding=self.padding, groups=x.shape[1])
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        weight = self.kernel.to(dtype=y.dtype)
+        k = weight.shape[-1]
+        h = self._shape[1]
+        output_padding = h - ((y.shape[-2] - 1) * self.factor - 2 * self.padding + k)
+        return F.conv_transpose2d(
+            y,
+            weight,
+            stride=self.factor,
+            padding=self.padding,
+            output_padding=output_padding,
+            groups=y.shape[1],
+        )
+
+
+class GaussianMatrix(LinearOperator):
+    """Compressed sensing with an i.i.d. Gaussian matrix ``A (m, n)``, ``n = C*H*W``; ``y = A x.flatten(1)``,
+    ``(B, m)``.
+
+    Args:
+        num_measurements: ``m >= 1`` (``m > n`` is allowed).
+        input_shape: ``(C, H, W)``.
+        scaling: ``"csgm"``: N(0, 1) entries, unscaled (AshishBora/csgm); ``"normalized"``: N(0, 1/m) entries
+            (davevanveen/compsensing_dip, ``randn / sqrt(m)``).
+        seed: seed of the CPU ``torch.Generator`` that draws ``A`` (float64, stored as float32 unless
+            ``dtype``).
+        dtype: dtype of the stored matrix.
+
+    ``A`` is the buffer ``A`` (a tensor; cast to the input's dtype in ``forward``); :meth:`numpy` returns a
+    float64 copy for scikit-learn baselines (Lasso).
+    """
+
+    A: torch.Tensor
+
+    def __init__(
+        self,
+        num_measurements: int,
+        input_shape: Shape3,
+        *,
+        scaling: Literal["csgm", "normalized"] = "csgm",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = _check_shape3(input_shape)
+        m = _check_positive_int(num_measurements, "num_measurements")
+        if scaling not in ("csgm", "normalized"):
+            raise ValueError(f"expected scaling 'csgm' or 'normalized', got {scaling!r}")
+        n = math.prod(shape)
+        generator = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(m, n, generator=generator, dtype=torch.float64)
+        if scaling == "normalized":
+            matrix = matrix / math.sqrt(m)
+        super().__init__(shape, (m,))
+        self.scaling = scaling
+        self.register_buffer("A", matrix.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.A.to(dtype=x.dtype).T
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return (y @ self.A.to(dtype=y.dtype)).reshape(y.shape[0], *self._shape)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return self.A.to(dtype=dtype).clone()
+
+    def numpy(self) -> np.ndarray:
+        """The matrix as a float64 numpy array ``(m, n)`` (a copy)."""
+        return self.A.detach().to("cpu", torch.float64).numpy().copy()
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Nonlinear(MeasurementOperator):
+    """Any differentiable callable ``fn`` as the measurement map, e.g. a classifier's logits (non-linear CS).
+
+    Args:
+        fn: callable ``(B, C, H, W) -> (B, ...)``; registered as a sub-module when it is an ``nn.Module``.
+        loss: ``"mse"`` (mean squared error over the outputs), ``"cross_entropy"`` (``fn`` gives logits ``(B,
+            K)``; ``y`` is integer labels ``(B,)`` or class probabilities ``(B, K)``), or a callable
+            ``(ax, y) -> (B,)``.
+        input_shape: accepted image shape ``(C, H, W)`` or ``None`` (any).
+        measurement_shape: per-sample output shape of ``fn``; inferred on the first call when ``None``.
+
+    ``observe`` returns the outputs themselves, or the arg-max labels for ``loss="cross_entropy"``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        loss: Literal["mse", "cross_entropy"] | LossFn = "mse",
+        *,
+        input_shape: Shape3 | None = None,
+        measurement_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"expected a callable fn, got {type(fn).__name__}")
+        if not (loss in ("mse", "cross_entropy") or (callable(loss) and not isinstance(loss, str))):
+            raise ValueError(f"expected loss 'mse', 'cross_entropy' or a callable, got {loss!r}")
+        super().__init__(input_shape, None if measurement_shape is None else tuple(measurement_shape))
+        self.fn = fn
+        self.loss_kind = loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x)
+        if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != x.shape[0]:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"Nonlinear: expected fn to return a tensor (B={x.shape[0]}, ...), got {got}")
+        if self.measurement_shape is None:
+            self.measurement_shape = tuple(out.shape[1:])
+        return out
+
+    def observe(self, ax: Any) -> Any:
+        if self.loss_kind == "cross_entropy":
+            return ax.argmax(dim=1)
+        return ax
+
+    def loss(self, ax: Any, y: Any) -> torch.Tensor:
+        if self.loss_kind == "mse":
+            return _mse(ax, y)
+        if self.loss_kind == "cross_entropy":
+            return F.cross_entropy(ax, y, reduction="none")
+        return self.loss_kind(ax, y)
+
+    def check_measurements(self, y: Any, batch_size: int | None = None) -> None:
+        if self.loss_kind != "cross_entropy" or (isinstance(y, torch.Tensor) and y.is_floating_point()):
+            _check_tensor_measurements(self, y, batch_size, self.measurement_shape)
+            return
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"Nonlinear: expected labels y as a torch.Tensor, got {type(y).__name__}")
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or y.ndim != 1:
+            raise ValueError(
+                f"Nonlinear: expected integer labels y of shape (B,), got {y.dtype} {tuple(y.shape)}"
+            )
+        if batch_size is not None and y.shape[0] != batch_size:
+            raise ValueError(f"Nonlinear: expected labels with batch size {batch_size}, got {tuple(y.shape)}")
+        if (
+            self.measurement_shape is not None
+            and y.numel()
+            and (int(y.min()) < 0 or int(y.max()) >= self.num_measurements)
+        ):
+            raise ValueError(
+                f"Nonlinear: expected labels in [0, {self.num_measurements}), "
+                f"got range [{int(y.min())}, {int(y.max())}]"
+            )
+
+
+class SignMeasurements(MeasurementOperator):
+    """1-bit compressed sensing: ``y = sign(base(x)) in {-1, +1}`` (sign(0) = +1).
+
+    ``forward`` returns the real-valued ``base(x)``; the loss is the logistic surrogate
+    ``mean(softplus(-y * base(x) / temperature))`` over the measurement entries (smooth, zero-one consistent).
+    The scale of ``x`` is not identifiable from signs; the generator's range fixes it.
+
+    Args:
+        base: the underlying (typically :class:`GaussianMatrix`) operator.
+        temperature: positive scale of the margin in the surrogate loss.
+    """
+
+    def __init__(self, base: MeasurementOperator, temperature: float = 1.0) -> None:
+        if not isinstance(base, MeasurementOperator) or isinstance(base, Mixture):
+            raise TypeError(f"expected a single MeasurementOperator as base, got {type(base).__name__}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"expected a positive temperature, got {temperature!r}")
+        super().__init__(base.input_shape, base.measurement_shape)
+        self.base = base
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def observe(self, ax: Any) -> Any:
+        return torch.where(ax >= 0, torch.ones_like(ax), -torch.ones_like(ax))
+
+    def loss(self, ax: Any, y: Any) -> torch.Tensor:
+        return F.softplus(-y * ax / self.temperature).flatten(1).mean(dim=1)
+
+    def check_measurements(self, y: Any, batch_size: int | None = None) -> None:
+        _check_tensor_measurements(self, y, batch_size, self.measurement_shape)
+        if not bool((y.abs() == 1).all()):
+            raise ValueError("SignMeasurements: expected measurements y in {-1, +1}, got other values")
+
+
+class Mixture(MeasurementOperator):
+    """A weighted sum of operators' losses: ``loss = sum_i w_i * loss_i(A_i x, y_i)``; ``y`` is a tuple
+    ``(y_1, ...)``.
+
+    Args:
+        components: a non-empty sequence of ``(operator, weight)`` with finite weights ``>= 0`` (not all
+            zero); all operators must accept the same image shape.
+    """
+
+    def __init__(self, components: Sequence[tuple[MeasurementOperator, float]]) -> None:
+        if not isinstance(components, Sequence) or len(components) == 0:
+            raise ValueError(f"expected a non-empty sequence of (operator, weight) pairs, got {components!r}")
+        ops: list[MeasurementOperator] = []
+        weights: list[float] = []
+        for item in components:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ValueError(f"expected (operator, weight) pairs, got {item!r}")
+            op, weight = item
+            if not isinstance(op, MeasurementOperator):
+                raise TypeError(f"expected a MeasurementOperator in Mixture, got {type(op).__name__}")
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not (weight >= 0)
+                or not math.isfinite(weight)
+            ):
+                raise ValueError(f"expected a finite weight >= 0, got {weight!r}")
+            ops.append(op)
+            weights.append(float(weight))
+        if sum(weights) == 0:
+            raise ValueError("expected at least one positive weight in Mixture, got all zeros")
+        shapes = {op.input_shape for op in ops if op.input_shape is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"expected Mixture components with one input shape, got {sorted(shapes)}")
+        super().__init__(shapes.pop() if shapes else None, None)
+        self.operators = nn.ModuleList(ops)
+        self.weights = tuple(weights)
+
+    @property
+    def components(self) -> list[MeasurementOperator]:
+        """The component operators, in order."""
+        return [op for op in self.operators if isinstance(op, MeasurementOperator)]
+
+    @property
+    def num_measurements(self) -> int:
+        return sum(op.num_measurements for op in self.components)
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+        return tuple(op(x) for op in self.components)
+
+    def observe(self, ax: Any) -> Any:
+        return tuple(op.observe(a) for op, a in zip(self.components, ax, strict=True))
+
+    def loss(self, ax: Any, y: Any) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for op, weight, a, target in zip(self.components, self.weights, ax, y, strict=True):
+            term = weight * op.loss(a, target)
+            total = term if total is None else total + term
+        return total  # type: ignore[return-value]
+
+    def check_measurements(self, y: Any, batch_size: int | None = None) -> None:
+        if not isinstance(y, (tuple, list)) or len(y) != len(self.operators):
+            got = (
+                f"{type(y).__name__} of length {len(y)}" if isinstance(y, (tuple, list)) else type(y).__name__
+            )
+            raise TypeError(
+                f"Mixture: expected y as a tuple of {len(self.operators)} measurements, got {got}"
+            )
+        for op, target in zip(self.components, y, strict=True):
+            op.check_measurements(target, batch_size)
+
+
+def measure(
+    operator: MeasurementOperator,
+    x: torch.Tensor,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Measurements:
+    """Measurements ``y = observe(A(x) + noise_std * N(0, I))``; ``x`` is not modified.
+
+    Args:
+        operator: the measurement operator ``A``.
+        x: images ``(B, C, H, W)`` on the operator's device.
+        noise_std: standard deviation of additive Gaussian noise on every entry of ``A(x)`` (CSGM: 0.1).
+        generator: ``torch.Generator`` for the noise (drawn on its device, then moved to ``x``'s); ``None``
+            uses a fresh CPU generator seeded with 0, so ``measure`` never touches the global RNG.
+
+    Returns:
+        a tensor ``(B, ...)``, or a tuple for :class:`Mixture`.
+    """
+    if not isinstance(operator, MeasurementOperator):
+        raise TypeError(f"expected a MeasurementOperator, got {type(operator).__name__}")
+    operator.check_input(x)
+    if not (isinstance(noise_std, (int, float)) and noise_std >= 0 and math.isfinite(noise_std)):
+        raise ValueError(f"expected a finite noise_std >= 0, got {noise_std!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+
+    def add_noise(ax: Any) -> Any:
+        if isinstance(ax, tuple):
+            return tuple(add_noise(a) for a in ax)
+        if noise_std == 0:
+            return ax
+        noise = torch.randn(ax.shape, generator=generator, device=generator.device, dtype=ax.dtype)
+        return ax + noise_std * noise.to(ax.device)
+
+    return operator.observe(add_noise(operator(x)))

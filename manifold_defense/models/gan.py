@@ -1,0 +1,87 @@
+"""DCGAN-style generator and WGAN-GP critic for 28x28 MNIST, and the encoder that inverts the generator.
+
+The generator is the decoder of the zoo's ``mnist-gan``: latents ``z ~ N(0, I_k)`` to images in [0, 1] (sigmoid
+output). It is trained by :func:`manifold_defense.training.train_gan` with the WGAN-GP objective of Defense-GAN
+(Gulrajani et al. 2017, gradient penalty 10) plus an encoder-reconstruction term, so that its range covers the test
+digits (what the projection defense needs) while its samples stay digits (what a prior needs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Generator(nn.Module):
+    """``(B, latent_dim)`` latents to ``(B, 1, 28, 28)`` images in [0, 1].
+
+    Architecture (DCGAN for MNIST, as in Defense-GAN's generator): Linear(k, 4w*7*7) - BN - ReLU -
+    ConvT(4w, 2w, 4, s2) - BN - ReLU - ConvT(2w, 1, 4, s2) - sigmoid, with ``w = width`` (about 7 M multiply-adds
+    per image at w = 32). Batch norm uses running statistics whenever the generator is in eval mode, as it is during
+    inversion, so each sample is independent of its batch.
+    """
+
+    def __init__(self, latent_dim: int = 64, width: int = 32) -> None:
+        super().__init__()
+        if latent_dim <= 0 or width <= 0:
+            raise ValueError(f"latent_dim and width must be positive, got {latent_dim} and {width}")
+        self.latent_dim = latent_dim
+        self._width = width
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, 4 * width * 49), nn.BatchNorm1d(4 * width * 49), nn.ReLU()
+        )
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, 1, 4, stride=2, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], 4 * self._width, 7, 7)
+        return self.net(h)
+
+
+class Critic(nn.Module):
+    """WGAN-GP critic: ``(B, 1, 28, 28)`` images to ``(B,)`` scores (no batch norm, as the gradient penalty requires)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(4 * width * 16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+class Encoder(nn.Module):
+    """Images ``(B, 1, 28, 28)`` in [0, 1] to latents ``(B, latent_dim)`` of a generator (warm start for inversion)."""
+
+    def __init__(self, latent_dim: int = 64, width: int = 32) -> None:
+        super().__init__()
+        if latent_dim <= 0 or width <= 0:
+            raise ValueError(f"latent_dim and width must be positive, got {latent_dim} and {width}")
+        self.latent_dim = latent_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(2 * width * 49, 256),
+            nn.LeakyReLU(0.2),
+            nn.Linear(256, latent_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,194 @@
+"""The one training loop every model's trainer runs: seeded batches, atomic checkpoints, exact resume.
+
+Batch ``s`` is a deterministic function of ``(seed, s)``: the epoch's permutation comes from a ``torch.Generator``
+seeded by ``(seed, epoch)``, and the global torch RNG (dropout, latent noise) runs inside
+``torch.random.fork_rng`` seeded by ``seed``, its state saved with every checkpoint. A run killed at any point and
+started again with the same arguments resumes from its last checkpoint and ends in the same state as an
+uninterrupted run. The caller's global RNG state is left as it was.
+
+Checkpoints hold tensors, numbers and strings only and are read back with ``torch.load(weights_only=True)``, which
+executes no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from manifold_defense.devices import resolve_device
+
+StepFn = Callable[[int, tuple[torch.Tensor, ...]], Mapping[str, float]]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Schedule of a training run.
+
+    Attributes:
+        steps: number of optimizer steps (batches) in the whole run.
+        batch_size: examples per batch (the last partial batch of each epoch is dropped).
+        seed: seeds the batch order and the RNG of the step function.
+        checkpoint_every: steps between checkpoints (and at the end) when a checkpoint directory is given.
+        log_every: steps between entries of the returned history.
+    """
+
+    steps: int
+    batch_size: int
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LoopConfig.{name} must be a positive int, got {value!r}")
+
+
+def dataset_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, ...]:
+    """The tensors of a ``TensorDataset`` (or anything indexable returning tuples), stacked once."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(dataset.tensors)
+    n = len(dataset)  # type: ignore[arg-type]
+    items = [dataset[i] for i in range(n)]
+    if not items:
+        raise ValueError("expected a non-empty dataset, got 0 examples")
+    first = items[0] if isinstance(items[0], tuple | list) else (items[0],)
+    columns = [
+        [item[k] if isinstance(item, tuple | list) else item for item in items] for k in range(len(first))
+    ]
+    return tuple(torch.stack([torch.as_tensor(v) for v in col]) for col in columns)
+
+
+def check_images(images: torch.Tensor, what: str = "training images") -> None:
+    """Raise unless ``images`` is a float ``(N, C, H, W)`` tensor with values in [0, 1]."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4:
+        got = (
+            f"{images.dtype} {tuple(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"{what}: expected a float tensor (N, C, H, W), got {got}")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0 or images.isnan().any():
+        raise ValueError(f"{what}: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"dataset of {n} examples is smaller than one batch of {batch_size}")
+    epoch, offset = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    return perm[offset * batch_size : (offset + 1) * batch_size]
+
+
+def run_loop(
+    step_fn: StepFn,
+    tensors: tuple[torch.Tensor, ...],
+    config: LoopConfig,
+    state: Mapping[str, Any],
+    *,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """Run ``step_fn(step, batch)`` for ``config.steps`` steps with checkpointing; return the logged history.
+
+    Args:
+        step_fn: does one optimizer step on ``batch`` (tensors already on ``device``) and returns scalar metrics.
+        tensors: the training data, e.g. ``(images, labels)``, all with the same first dimension, kept on CPU.
+        config: steps, batch size, seed, checkpoint and log intervals.
+        state: everything whose state must survive a restart (models, optimizers, schedulers: anything with
+            ``state_dict``/``load_state_dict``), by name.
+        device: where batches are moved.
+        checkpoint_dir: folder for ``checkpoint.pt`` and ``history.json``; ``None`` disables checkpointing.
+        progress: show a tqdm progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        History: one ``{"step": s, **metrics}`` entry every ``config.log_every`` steps (means over the interval).
+    """
+    dev = resolve_device(device)
+    n = int(tensors[0].shape[0])
+    if any(int(t.shape[0]) != n for t in tensors):
+        raise ValueError(
+            f"expected tensors with the same first dimension, got {[tuple(t.shape) for t in tensors]}"
+        )
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    history: list[dict[str, float]] = []
+    start = 0
+    rng_devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(config.seed)
+        if ckpt_path is not None and ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if ckpt.get("config") != _config_record(config):
+                raise ValueError(
+                    f"checkpoint {ckpt_path} was written by another run (config {ckpt.get('config')}), "
+                    f"expected {_config_record(config)}: use a fresh checkpoint directory"
+                )
+            for name, obj in state.items():
+                obj.load_state_dict(ckpt["state"][name])
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
+            start = int(ckpt["step"])
+            history = list(ckpt["history"])
+            sums, count = dict(ckpt["running_sums"]), int(ckpt["running_count"])
+        else:
+            sums, count = {}, 0
+        bar = tqdm(
+            range(start, config.steps), desc=desc, disable=not progress, initial=start, total=config.steps
+        )
+        for step in bar:
+            idx = _batch_indices(n, step, config.batch_size, config.seed)
+            batch = tuple(t[idx].to(dev, non_blocking=True) for t in tensors)
+            metrics = step_fn(step, batch)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                entry = {"step": float(done), **{k: v / count for k, v in sums.items()}}
+                history.append(entry)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
+                sums, count = {}, 0
+            if ckpt_path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                _atomic_torch_save(
+                    {
+                        "step": done,
+                        "config": _config_record(config),
+                        "state": {name: obj.state_dict() for name, obj in state.items()},
+                        "rng_cpu": torch.get_rng_state(),
+                        "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                        "history": history,
+                        "running_sums": sums,
+                        "running_count": count,
+                    },
+                    ckpt_path,
+                )
+                (ckpt_path.parent / "history.json").write_text(json.dumps(history, indent=1))
+    return history
+
+
+def _config_record(config: LoopConfig) -> dict[str, int]:
+    return {"steps": config.steps, "batch_size": config.batch_size, "seed": config.seed}

