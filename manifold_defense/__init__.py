@@ -5,6 +5,7 @@ Submodules are imported lazily so that ``import manifold_defense`` does no heavy
 - :mod:`manifold_defense.data`: offline MNIST.
 - :mod:`manifold_defense.models`, :mod:`manifold_defense.zoo`: architectures and shipped trained models.
 - :mod:`manifold_defense.inversion`: the one latent-optimization core (projection, compressed sensing).
+- :mod:`manifold_defense.defense`: :class:`LatentProjector` and :class:`ProjectedClassifier` (Defense-GAN).
 - :mod:`manifold_defense.baselines`: Lasso and Deep Image Prior for compressed sensing.
 - :mod:`manifold_defense.training`: trainers with checkpoint/resume.
 """
@@ -16,8 +17,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("baselines", "data", "devices", "inversion", "metrics", "models", "training", "zoo")
+_SUBMODULES = ("baselines", "data", "defense", "devices", "inversion", "metrics", "models", "training", "zoo")
 _EXPORTS = {
+    "LatentProjector": "manifold_defense.defense",
+    "ProjectedClassifier": "manifold_defense.defense",
     "invert": "manifold_defense.inversion",
     "InversionConfig": "manifold_defense.inversion",
     "Inversion": "manifold_defense.inversion",
