@@ -114,7 +114,8 @@ class LatentProjector(nn.Module):
         self.seed = seed
         self.randomize = bool(randomize)
         self._stream = torch.Generator().manual_seed(seed)
-        self._bpda = BPDA(_Projection(self), None if gradient in _MODES else gradient)
+        surrogate = None if isinstance(gradient, str) else gradient
+        self._bpda = BPDA(_Projection(self), surrogate)
         self.last_generator_evals: Tensor | None = None
 
     def reseed(self, seed: int) -> None:

@@ -154,7 +154,7 @@ def test_bad_input() -> None:
         proj(_images() * 2.0)
     with pytest.raises(ValueError, match=r"expected float images \(B, C, H, W\)"):
         proj(torch.rand(5, 5))
-    with pytest.raises(ValueError, match="seed as an int >= 0"):
+    with pytest.raises(ValueError, match=r"seed as an int >= 0"):
         proj.reseed(-1)
     with pytest.raises(TypeError, match="nn.Modules"):
         ProjectedClassifier(lambda t: t, proj)  # type: ignore[arg-type]
