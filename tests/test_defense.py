@@ -156,5 +156,5 @@ def test_bad_input() -> None:
         proj(torch.rand(5, 5))
     with pytest.raises(ValueError, match=r"seed as an int >= 0"):
         proj.reseed(-1)
-    with pytest.raises(TypeError, match="nn.Modules"):
+    with pytest.raises(TypeError, match=r"nn\.Modules"):
         ProjectedClassifier(lambda t: t, proj)  # type: ignore[arg-type]
