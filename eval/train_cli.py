@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MODELS = ("classifier", "gan", "encoder", "vae", "zoo")
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a zoo model",

