@@ -22,6 +22,7 @@ from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.inversion import InversionConfig, invert
 from manifold_defense.metrics import predict
+from manifold_defense.models import latent_dim_of
 
 
 def add_parsers(sub: Any) -> None:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("mnist-gan", "mnist-vae"):
         gen = zoo.load(name, dev)
         with torch.no_grad():
-            samples = gen(torch.randn(64, gen.latent_dim, generator=gen_seed).to(dev)).cpu()
+            samples = gen(torch.randn(64, latent_dim_of(gen), generator=gen_seed).to(dev)).cpu()
         save_image(samples, out / f"{name}-samples.png", nrow=8, padding=1)
     test = load_mnist("test", limit=args.n)
     gen, clf = zoo.load("mnist-gan", dev), zoo.load("mnist-classifier", dev)

@@ -34,6 +34,7 @@ from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.inversion import InversionConfig, invert
 from manifold_defense.metrics import accuracy, features, frechet_distance, predict
+from manifold_defense.models import latent_dim_of
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ def _project(
         outs.append(inv.x_hat.detach().cpu())
         losses.append(inv.loss.detach().cpu())
     return torch.cat(outs), torch.cat(losses)
-
-
-def _latent_dim(generator: nn.Module) -> int:
-    k = getattr(generator, "latent_dim", None)
-    if not isinstance(k, int):
-        raise TypeError(f"expected a generator with an int latent_dim, got {k!r}")
-    return k
 
 
 def _mse_stats(mse: torch.Tensor) -> dict[str, float]:
@@ -154,7 +148,7 @@ def measure(args: argparse.Namespace) -> int:
         with torch.no_grad():
             samples = torch.cat(
                 [
-                    gen(torch.randn(1000, _latent_dim(gen), generator=gen_seed).to(dev)).cpu()
+                    gen(torch.randn(1000, latent_dim_of(gen), generator=gen_seed).to(dev)).cpu()
                     for _ in range(args.samples // 1000 or 1)
                 ]
             )
