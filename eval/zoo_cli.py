@@ -61,6 +61,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=measure)
     s = sub.add_parser("zoo", help="print the zoo's recorded figures")
     s.add_argument("--weights-dir", type=Path, default=None)
+    s.add_argument("--markdown", action="store_true", help="print the figures as the README's Markdown table")
     s.set_defaults(func=show)
 
 
@@ -202,8 +203,65 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def markdown_table(weights_dir: Path | None = None) -> str:
+    """The zoo's recorded figures as a Markdown table (what the README shows)."""
+    rows = ["| model | figure | value | n | measured on |", "|---|---|---|---|---|"]
+    for name in zoo.available():
+        fig = zoo.record(name, weights_dir).get("figures", {})
+        if not fig:
+            rows.append(f"| `{name}` | (not measured) | | | |")
+            continue
+        where = fig.get("device", "")
+        n = fig.get("n", "")
+
+        def add(label: str, value: Any, count: Any = n, name: str = name, where: str = where) -> None:
+            rows.append(f"| `{name}` | {label} | {value} | {count} | {where} |")
+
+        if "clean_accuracy" in fig:
+            add("clean test accuracy", f"{fig['clean_accuracy']:.4f}")
+        for key, label in (
+            ("defense_gan_projection", "Defense-GAN schedule"),
+            ("csgm_projection", "CSGM schedule"),
+        ):
+            proj = fig.get(key)
+            if proj:
+                mse = proj["mse"]
+                add(
+                    f"{label}: per-pixel MSE mean / median / p90",
+                    f"{mse['mean']:.4f} / {mse['median']:.4f} / {mse['p90']:.4f}",
+                )
+                add(f"{label}: classifier accuracy on projections", f"{proj['accuracy_on_projections']:.4f}")
+        samples = fig.get("samples")
+        if samples:
+            add(
+                "Fréchet feature distance of samples (train-vs-test floor)",
+                f"{samples['frechet_distance']} ({samples['frechet_floor_train_vs_test']})",
+                samples["n"],
+            )
+            add(
+                "class histogram of samples",
+                " ".join(str(c) for c in samples["class_histogram"]),
+                samples["n"],
+            )
+        if "mse_G_of_E" in fig:
+            add(
+                "per-pixel MSE of G(E(x)) mean / median",
+                f"{fig['mse_G_of_E']['mean']:.4f} / {fig['mse_G_of_E']['median']:.4f}",
+            )
+            add("classifier accuracy on G(E(x))", f"{fig['accuracy_on_G_of_E']:.4f}")
+            warm = fig.get("warm_start", {})
+            add(
+                "Adam steps from E(x) to the Defense-GAN median MSE (evaluations saved of 2010)",
+                f"{warm.get('steps_to_reach_reference')} ({warm.get('generator_evaluations_saved_per_image')})",
+            )
+    return "\n".join(rows)
+
+
 def show(args: argparse.Namespace) -> int:
     """Print each zoo model's recorded figures."""
+    if args.markdown:
+        print(markdown_table(args.weights_dir))
+        return 0
     for name in zoo.available():
         try:
             rec = zoo.record(name, args.weights_dir)
