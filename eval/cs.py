@@ -1,0 +1,384 @@
+"""``python -m eval cs --out DIR [--quick]``: CSGM's MNIST compressed-sensing benchmark.
+
+Reproduces the MNIST protocol of Bora et al. 2017 ("Compressed Sensing using Generative Models"): ``m`` Gaussian
+measurements (``A`` with N(0, 1) entries, unscaled), noise sigma 0.1, images in [0, 1], per-pixel MSE, 300 test
+images, for CSGM with the zoo's VAE and GAN, Lasso in the pixel / DCT / wavelet bases (alpha chosen per basis and
+per m on validation images), CS-DIP and sparse-gen (``x = G(z) + v``). Settings, seeds and method details:
+:mod:`eval.cs_core`.
+
+Writes into ``--out``:
+
+- ``results.json``: ``{"protocol": {...}, "m": [...], "methods": {name: {"mse", "mse_std",
+  "seconds_per_image"}}, "lasso_over_csgm_measurements_at_m50": ratio or null}``; ``protocol`` holds every
+  setting, the seeds, the chosen alphas / deviations (``selected``) and how the ratio was obtained (``ratio``);
+- ``results.md`` (tables), ``mse_vs_m.png`` (error against m, log axes);
+- ``grid_cs.png``, ``grid_inpainting.png``, ``grid_superres.png``, ``grid_nonlinear.png`` (reconstructions).
+
+``--quick`` runs a reduced protocol in a few minutes on a CPU (10 test images, m in {25, 50, 100, 200}, fewer
+steps, restarts and DIP iterations, a smaller DIP network); its outputs say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eval.cs_core import (
+    GENERATORS,
+    METHODS,
+    CSProtocol,
+    MethodOutput,
+    check_m_grid,
+    check_methods,
+    full_protocol,
+    gaussian_operator,
+    measurements_to_reach,
+    noisy_measurements,
+    per_image_mse,
+    quick_protocol,
+    quick_reductions,
+    recover_csgm,
+    recover_dip,
+    recover_lasso,
+    recover_sparse_gen,
+    select_sparse_gen,
+)
+from eval.cs_figures import draw_panels, operator_grids, plot_mse, write_markdown
+from manifold_defense import zoo
+from manifold_defense.data import load_mnist
+from manifold_defense.devices import resolve_device
+
+__all__ = ["add_parsers", "lasso_ratio", "main", "run_benchmark"]
+
+log = logging.getLogger(__name__)
+
+RATIO_M = 50
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {value}")
+    return value
+
+
+def add_parsers(sub: Any) -> None:
+    """Register the ``cs`` command."""
+    p = sub.add_parser(
+        "cs",
+        help="CSGM's MNIST compressed-sensing benchmark (CSGM, Lasso, DIP, sparse-gen)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--quick", action="store_true", help="reduced protocol for a CPU check (a few minutes)")
+    p.add_argument("--n", type=_positive_int, default=None, help="test images (full 300, quick 10)")
+    p.add_argument("--m", type=_positive_int, nargs="+", default=None, help="numbers of measurements")
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+        help=f"subset of {', '.join(METHODS)} (default: all)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (A, noise, restarts; default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch / Lasso threads")
+    p.add_argument("--batch", type=_positive_int, default=None, help="images per inversion call")
+    p.add_argument("--dip-ngf", type=_positive_int, default=None, help="DIP base filters (full 64, quick 16)")
+    p.add_argument(
+        "--dip-iters", type=_positive_int, default=None, help="DIP iterations (full 1000, quick 300)"
+    )
+    p.add_argument("--no-grids", action="store_true", help="skip the reconstruction grids")
+    p.add_argument("--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: bundle)")
+    p.set_defaults(func=main)
+
+
+def lasso_ratio(results: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    """The ratio (m the best Lasso needs to reach CSGM's MSE at m = 50) / 50 and how it was obtained.
+
+    CSGM reference: the better of ``csgm-vae`` / ``csgm-gan`` at m = 50. Best Lasso: at each m the lowest MSE over
+    the Lasso bases that ran. The crossing is interpolated linearly in log m (:func:`measurements_to_reach`).
+    """
+    m_grid = results["m"]
+    methods = results["methods"]
+    csgm = [k for k in ("csgm-vae", "csgm-gan") if k in methods]
+    lasso = [k for k in methods if k.startswith("lasso-")]
+    if RATIO_M not in m_grid or not csgm or not lasso:
+        reason = f"needs m = {RATIO_M} in the grid, a CSGM method and a Lasso method"
+        return None, {"csgm_reference": None, "reason": reason}
+    j = m_grid.index(RATIO_M)
+    ref = min(csgm, key=lambda k: methods[k]["mse"][j])
+    target = methods[ref]["mse"][j]
+    envelope = [min(methods[k]["mse"][i] for k in lasso) for i in range(len(m_grid))]
+    best_basis = [lasso[int(np.argmin([methods[k]["mse"][i] for k in lasso]))] for i in range(len(m_grid))]
+    needed = measurements_to_reach(m_grid, envelope, target)
+    info = {
+        "definition": "m at which the best Lasso (lowest MSE over bases at each m) reaches the MSE of the better "
+        "CSGM at m = 50, interpolated linearly in log m, divided by 50",
+        "csgm_reference": ref,
+        "csgm_mse_at_m50": target,
+        "best_lasso_per_m": dict(zip([str(m) for m in m_grid], best_basis, strict=True)),
+        "lasso_m_needed": needed,
+        "never_reached_flag": None if needed is not None else f">{m_grid[-1]}",
+        "lower_bound_only": needed is not None and needed == m_grid[0],
+    }
+    return (None if needed is None else needed / RATIO_M), info
+
+
+def _stats(mse: torch.Tensor) -> tuple[float, float]:
+    return float(mse.mean()), float(mse.std(unbiased=False))
+
+
+def run_benchmark(
+    protocol: CSProtocol,
+    out_dir: Path,
+    methods: Sequence[str] = METHODS,
+    device: torch.device | str = "cpu",
+    *,
+    grids: bool = True,
+    threads: int = 1,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark, write ``results.json``, ``results.md``, ``mse_vs_m.png`` and the grids; return the
+    results.
+
+    Args:
+        protocol: the settings (:func:`eval.cs_core.full_protocol` / :func:`~eval.cs_core.quick_protocol`).
+        out_dir: output folder (created).
+        methods: subset of :data:`eval.cs_core.METHODS`.
+        device: where generators, inversions and DIP run (the Lasso runs on CPU).
+        grids: also write the four reconstruction grids.
+        threads: Lasso threads (``n_jobs``).
+        data_dir: torchvision MNIST folder, or ``None`` for the offline bundle.
+        progress: show a tqdm bar on stderr.
+        command: the command line to record.
+    """
+    chosen = check_methods(methods)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    x_test = load_mnist("test", data_dir, limit=protocol.n_images).images
+    x_val = load_mnist("val", data_dir, limit=protocol.n_val).images
+    if x_test.shape[0] < protocol.n_images:
+        raise ValueError(f"expected {protocol.n_images} test images, got {x_test.shape[0]}")
+    needed = {GENERATORS[k] for k in chosen if k in GENERATORS}
+    if "sparse-gen" in chosen:
+        needed.add(protocol.sparse_generator)
+    if grids:
+        needed |= {GENERATORS[k] for k in GENERATORS}
+    generators = {name: zoo.load(name, dev) for name in sorted(needed)}
+    test_seeds = [protocol.seed + i for i in range(protocol.n_images)]
+    val_seeds = [protocol.seed + 100_000 + i for i in range(protocol.n_val)]
+    m_grid = list(protocol.m_grid)
+    grid_m = protocol.grid_m or min(m_grid, key=lambda m: abs(math.log(m / 100)))
+    k_show = min(protocol.grid_images, protocol.n_images)
+    shown: dict[str, torch.Tensor] = {}
+
+    per_method: dict[str, dict[str, list[float]]] = {
+        k: {"mse": [], "mse_std": [], "seconds_per_image": []} for k in chosen
+    }
+    selected: dict[str, Any] = {}
+    total = len(m_grid) * len(chosen) + (6 if grids else 0)
+    bar = tqdm(total=total, desc="cs", unit="task", disable=not progress, file=sys.stderr)
+    for m in m_grid:
+        A = gaussian_operator(m, protocol, dev)
+        y = noisy_measurements(A, x_test.to(dev), protocol.noise_std, protocol.seed + 10_000 + m)
+        y_val = noisy_measurements(A, x_val.to(dev), protocol.noise_std, protocol.seed + 20_000 + m)
+        A_np = A.numpy()
+        csgm_test: dict[str, MethodOutput] = {}
+
+        def csgm_for(
+            gen_name: str, y: torch.Tensor = y, A: Any = A, cache: dict[str, MethodOutput] = csgm_test
+        ) -> MethodOutput:
+            """CSGM on the test measurements with ``gen_name``, computed once per m (shared with sparse-gen)."""
+            if gen_name not in cache:
+                method = next(k for k, v in GENERATORS.items() if v == gen_name)
+                cache[gen_name] = recover_csgm(
+                    generators[gen_name], y, A, protocol.csgm_config(method), test_seeds, protocol.batch
+                )
+            return cache[gen_name]
+
+        for method in chosen:
+            bar.set_postfix_str(f"m={m} {method}")
+            if method in GENERATORS:
+                out = csgm_for(GENERATORS[method])
+            elif method.startswith("lasso-"):
+                basis = method.split("-", 1)[1]
+                out = recover_lasso(A_np, y, basis, y_val, x_val, protocol, n_jobs=threads)
+                selected.setdefault("lasso_alpha", {}).setdefault(basis, {})[str(m)] = out.selection
+            elif method == "dip":
+                out = recover_dip(y, A, protocol, protocol.dip_tv_weight * m, test_seeds, dev)
+            else:  # sparse-gen
+                gen_name = protocol.sparse_generator
+                gen_method = next(k for k, v in GENERATORS.items() if v == gen_name)
+                base_val = recover_csgm(
+                    generators[gen_name],
+                    y_val,
+                    A,
+                    protocol.csgm_config(gen_method),
+                    val_seeds,
+                    protocol.batch,
+                )
+                choice = select_sparse_gen(
+                    generators[gen_name], y_val, x_val, A, base_val, protocol, val_seeds
+                )
+                selected.setdefault("sparse_gen", {})[str(m)] = choice
+                out = recover_sparse_gen(
+                    generators[gen_name], y, A, csgm_for(gen_name), choice["basis"], choice["weight"], protocol,
+                    test_seeds,
+                )  # fmt: skip
+            mean, std = _stats(per_image_mse(out.x_hat, x_test))
+            per_method[method]["mse"].append(mean)
+            per_method[method]["mse_std"].append(std)
+            per_method[method]["seconds_per_image"].append(out.seconds / protocol.n_images)
+            if m == grid_m:
+                shown[method] = out.x_hat[:k_show]
+            log.debug("m=%d %s: mse %.5f", m, method, mean)
+            bar.update(1)
+
+    grid_settings: dict[str, Any] = {}
+    if grids:
+
+        def tick(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        bar.set_postfix_str("grid_cs.png")
+        rows = [("original", x_test[:k_show])] + [(k, shown[k]) for k in chosen]
+        draw_panels(
+            out_dir / "grid_cs.png",
+            f"Compressed sensing, m = {grid_m} Gaussian measurements, noise {protocol.noise_std}",
+            [(f"m = {grid_m}", rows)],
+        )
+        bar.update(1)
+        grid_settings = operator_grids(
+            out_dir,
+            x_test[:k_show],
+            x_val[:k_show],
+            chosen,
+            generators,
+            protocol,
+            dev,
+            tick=tick,
+        )
+        grid_settings["grid_cs.png"] = {"m": grid_m}
+    bar.close()
+
+    results: dict[str, Any] = {"protocol": {}, "m": m_grid, "methods": per_method}
+    ratio, ratio_info = lasso_ratio(results)
+    device_name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+    results["protocol"] = {
+        **protocol.to_json(),
+        "name": "CSGM MNIST (Bora et al. 2017) "
+        + ("QUICK reduced protocol" if protocol.quick else "full protocol"),
+        "quick_reductions": quick_reductions() if protocol.quick else {},
+        "methods_run": list(chosen),
+        "measurement_matrix": "GaussianMatrix(m, (1, 28, 28), scaling='csgm'): N(0, 1) entries, unscaled",
+        "seeds": {
+            "A": "seed + m",
+            "test_noise": "seed + 10000 + m",
+            "val_noise": "seed + 20000 + m",
+            "test_image_i": "seed + i (invert restarts, DIP networks)",
+            "val_image_i": "seed + 100000 + i",
+            "grids_noise": "seed + 30000 + 10 * figure + panel",
+            "A_per_m": {str(m): protocol.seed + m for m in m_grid},
+        },
+        "data": "MNIST: first n_images of the test split; first n_val of the val split (selection only)",
+        "metric": "per-pixel MSE per image; mse = mean over images, mse_std = std over images (ddof 0)",
+        "seconds_per_image": "test-time recovery wall seconds / n_images (batched; selection on validation "
+        "excluded; sparse-gen includes its CSGM start)",
+        "dip_tv_weight_used": "dip_tv_weight * m (CSGM's unscaled A makes the summed squared error m times "
+        "CS-DIP's)",
+        "sparse_gen": f"CSGM ({protocol.sparse_generator}) start, then sparse_steps joint (z, v) steps; "
+        "basis and weight chosen per m on validation images; output clipped to [0, 1]",
+        "selected": selected,
+        "ratio": ratio_info,
+        "grids": grid_settings,
+        "device": device_name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "command": command,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    results["lasso_over_csgm_measurements_at_m50"] = ratio
+    _check_finite(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results, out_dir / "results.md")
+    plot_mse(results, out_dir / "mse_vs_m.png")
+    return results
+
+
+def _check_finite(results: dict[str, Any]) -> None:
+    for name, res in results["methods"].items():
+        for key, values in res.items():
+            if not all(math.isfinite(v) and v >= 0 for v in values):
+                raise RuntimeError(f"{name}.{key}: expected finite non-negative numbers, got {values}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Handler of ``python -m eval cs``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.n is not None:
+        overrides["n_images"] = args.n
+    if args.m is not None:
+        overrides["m_grid"] = check_m_grid(sorted(args.m))
+    if args.batch is not None:
+        overrides["batch"] = args.batch
+    if args.dip_ngf is not None:
+        overrides["dip_ngf"] = args.dip_ngf
+    if args.dip_iters is not None:
+        overrides["dip_iters"] = args.dip_iters
+    protocol = quick_protocol(**overrides) if args.quick else full_protocol(**overrides)
+    methods = check_methods(args.methods)
+    command = "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if protocol.quick:
+        reduced = "; ".join(f"{k}: {v['quick']} (full {v['full']})" for k, v in quick_reductions().items())
+        print(f"QUICK protocol (reduced settings, not the paper's protocol): {reduced}", flush=True)
+    else:
+        print(
+            f"Full CSGM MNIST protocol: {protocol.n_images} test images, m = {list(protocol.m_grid)}, "
+            f"{protocol.csgm_steps} steps x {protocol.csgm_restarts} restarts (hours on a CPU)",
+            flush=True,
+        )
+    results = run_benchmark(
+        protocol,
+        args.out,
+        methods,
+        args.device,
+        grids=not args.no_grids,
+        threads=args.threads or 1,
+        data_dir=args.data_dir,
+        command=command,
+    )
+    header = "m      " + " ".join(f"{k:>14}" for k in results["methods"])
+    print(header)
+    for i, m in enumerate(results["m"]):
+        print(f"{m:<6} " + " ".join(f"{results['methods'][k]['mse'][i]:>14.5f}" for k in results["methods"]))
+    ratio = results["lasso_over_csgm_measurements_at_m50"]
+    info = results["protocol"]["ratio"]
+    if info.get("csgm_reference") is not None:
+        shown = f"{ratio:.2f}" if ratio is not None else f"null (never reached, {info['never_reached_flag']})"
+        print(f"lasso_over_csgm_measurements_at_m50 = {shown} (reference {info['csgm_reference']})")
+    print(f"{'QUICK protocol: ' if protocol.quick else ''}wrote {args.out}/results.json, results.md, mse_vs_m.png"
+          + ("" if args.no_grids else ", grid_*.png"))  # fmt: skip
+    return 0

@@ -1,0 +1,218 @@
+"""Tests of ``python -m eval cs``: the ratio's interpolation, input validation, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import eval.cs as cs
+from eval.cli import main as cli_main
+from eval.cs_core import (
+    METHODS,
+    CSProtocol,
+    check_methods,
+    measurements_to_reach,
+    quick_protocol,
+)
+
+PNGS = ("mse_vs_m.png", "grid_cs.png", "grid_inpainting.png", "grid_superres.png", "grid_nonlinear.png")
+
+
+def _tiny(**overrides: Any) -> CSProtocol:
+    """A protocol small enough for a unit test (seconds), keeping every code path."""
+    settings: dict[str, Any] = dict(
+        n_images=2,
+        n_val=2,
+        m_grid=(25, 50),
+        csgm_steps=4,
+        csgm_restarts=2,
+        batch=2,
+        lasso_alphas=(0.01, 0.1),
+        lasso_max_iter=200,
+        dip_ngf=4,
+        dip_iters=3,
+        sparse_weights=(0.1,),
+        sparse_steps=3,
+        grid_images=2,
+        grid_1bit_m=16,
+    )
+    settings.update(overrides)
+    return quick_protocol(**settings)
+
+
+# ------------------------------------------------------------------------------ interpolation of the ratio
+
+
+def test_measurements_to_reach_interpolates_in_log_m() -> None:
+    # Error falls linearly in log m from 0.04 at m=100 to 0.02 at m=400: 0.03 is reached at m=200 exactly.
+    m = [25, 100, 400, 750]
+    assert measurements_to_reach(m, [0.08, 0.04, 0.02, 0.01], 0.03) == pytest.approx(200.0)
+    # A quarter of the way (in error) between grid points -> a quarter of the way in log m.
+    expected = math.exp(math.log(100) + 0.25 * (math.log(400) - math.log(100)))
+    assert measurements_to_reach(m, [0.08, 0.04, 0.02, 0.01], 0.035) == pytest.approx(expected)
+
+
+def test_measurements_to_reach_exact_grid_point_and_first_point() -> None:
+    m = [10, 50, 200]
+    assert measurements_to_reach(m, [0.1, 0.05, 0.01], 0.05) == pytest.approx(50.0)
+    assert measurements_to_reach(m, [0.001, 0.0005, 0.0001], 0.05) == 10.0  # reached already: upper bound
+
+
+def test_measurements_to_reach_never_reached_and_non_monotone() -> None:
+    assert measurements_to_reach([25, 50, 750], [0.09, 0.08, 0.03], 0.02) is None
+    assert measurements_to_reach([25, 50], [math.nan, math.inf], 0.02) is None
+    # A bump: the first crossing counts (between 100 and 200), not the later one.
+    got = measurements_to_reach([50, 100, 200, 400], [0.05, 0.03, 0.01, 0.02], 0.02)
+    assert got == pytest.approx(math.sqrt(100 * 200))
+
+
+def test_measurements_to_reach_rejects_bad_grids() -> None:
+    with pytest.raises(ValueError, match="equally long"):
+        measurements_to_reach([1, 2], [0.1], 0.05)
+    with pytest.raises(ValueError, match="strictly increasing positive m"):
+        measurements_to_reach([50, 25], [0.1, 0.05], 0.05)
+
+
+def _results(mse: dict[str, list[float]], m: list[int]) -> dict[str, Any]:
+    return {"m": m, "methods": {k: {"mse": v} for k, v in mse.items()}}
+
+
+def test_lasso_ratio_uses_better_csgm_and_lasso_envelope() -> None:
+    m = [25, 50, 100, 200, 400]
+    res = _results(
+        {
+            "csgm-vae": [0.05, 0.03, 0.02, 0.02, 0.02],
+            "csgm-gan": [0.04, 0.02, 0.01, 0.01, 0.01],
+            "lasso-pixel": [0.09, 0.08, 0.06, 0.04, 0.01],
+            "lasso-dct": [0.09, 0.08, 0.05, 0.02, 0.015],
+        },
+        m,
+    )
+    ratio, info = cs.lasso_ratio(res)
+    assert info["csgm_reference"] == "csgm-gan"
+    assert info["csgm_mse_at_m50"] == 0.02
+    assert info["lasso_m_needed"] == pytest.approx(200.0)  # lasso-dct reaches 0.02 at m=200
+    assert ratio == pytest.approx(4.0)
+    assert info["best_lasso_per_m"]["400"] == "lasso-pixel"
+
+
+def test_lasso_ratio_never_reached_and_missing_inputs() -> None:
+    m = [25, 50, 750]
+    ratio, info = cs.lasso_ratio(
+        _results({"csgm-gan": [0.03, 0.01, 0.005], "lasso-wavelet": [0.1, 0.09, 0.02]}, m)
+    )
+    assert ratio is None
+    assert info["never_reached_flag"] == ">750"
+    ratio, info = cs.lasso_ratio(_results({"csgm-gan": [0.03, 0.01]}, [25, 100]))
+    assert ratio is None and info["csgm_reference"] is None and "m = 50" in info["reason"]
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def test_check_methods_orders_and_rejects_unknown() -> None:
+    assert check_methods(["dip", "csgm-vae"]) == ("csgm-vae", "dip")
+    with pytest.raises(
+        ValueError, match=r"unknown method\(s\) \['bogus'\]: expected names from .*sparse-gen"
+    ):
+        check_methods(["csgm-vae", "bogus"])
+
+
+def test_protocol_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="n_images: expected an int >= 1, got 0"):
+        CSProtocol(n_images=0)
+    with pytest.raises(ValueError, match="expected every m to be an int >= 1, got 0"):
+        CSProtocol(m_grid=(0, 25))
+    with pytest.raises(ValueError, match="strictly increasing, distinct"):
+        CSProtocol(m_grid=(50, 50))
+    with pytest.raises(ValueError, match="sparse_bases"):
+        CSProtocol(sparse_bases=("wavelet",))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "csgm-vae", "lasso"], "invalid choice: 'lasso'.*csgm-vae.*sparse-gen"),
+        (["--m", "0", "25"], "--m: expected a positive int .>= 1., got 0"),
+        (["--m", "-5"], "--m: expected a positive int"),
+        (["--n", "0"], "--n: expected a positive int .>= 1., got 0"),
+        (["--n", "two"], "--n: expected a positive int, got 'two'"),
+    ],
+)
+def test_cli_rejects_bad_input(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["cs", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_cli_rejects_duplicate_m(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="distinct m values"):
+        cli_main(["cs", "--out", str(tmp_path), "--quick", "--m", "25", "25", "--no-grids"])
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def _check_schema(results: dict[str, Any], m: list[int], methods: tuple[str, ...]) -> None:
+    assert set(results) == {"protocol", "m", "methods", "lasso_over_csgm_measurements_at_m50"}
+    assert results["m"] == m
+    assert list(results["methods"]) == list(methods)
+    for name, res in results["methods"].items():
+        assert set(res) == {"mse", "mse_std", "seconds_per_image"}, name
+        for values in res.values():
+            assert len(values) == len(m)
+            assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values)
+    ratio = results["lasso_over_csgm_measurements_at_m50"]
+    assert ratio is None or (isinstance(ratio, float) and ratio > 0)
+
+
+def test_quick_cli_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The CLI's --quick path with the quick protocol shrunk further (steps, images) so it runs in seconds.
+    monkeypatch.setattr(cs, "quick_protocol", lambda **kw: _tiny(**kw))
+    out = tmp_path / "cs"
+    code = cli_main(["cs", "--quick", "--out", str(out), "--n", "2", "--m", "50", "25", "--threads", "1"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "QUICK protocol" in stdout and "csgm_steps: 300 (full 1000)" in stdout
+    results = json.loads((out / "results.json").read_text())
+    _check_schema(results, [25, 50], METHODS)
+    proto = results["protocol"]
+    assert proto["quick"] is True and proto["n_images"] == 2 and proto["seed"] == 0
+    assert proto["quick_reductions"]["csgm_restarts"] == {"full": 10, "quick": 3}
+    assert proto["seeds"]["A_per_m"] == {"25": 25, "50": 50}
+    for basis in ("pixel", "dct", "wavelet"):
+        for m in ("25", "50"):
+            assert proto["selected"]["lasso_alpha"][basis][m]["alpha"] in (0.01, 0.1)
+    assert proto["selected"]["sparse_gen"]["50"]["basis"] == "pixel"
+    # The ratio agrees with its definition applied to the written curves.
+    ref = proto["ratio"]["csgm_reference"]
+    meth = results["methods"]
+    assert meth[ref]["mse"][1] == min(meth["csgm-vae"]["mse"][1], meth["csgm-gan"]["mse"][1])
+    md = (out / "results.md").read_text()
+    assert "QUICK protocol" in md and "| 25 |" in md and "lasso-wavelet" in md
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+
+
+def test_run_benchmark_subset_without_grids(tmp_path: Path) -> None:
+    protocol = _tiny(n_images=3, m_grid=(10,))
+    results = cs.run_benchmark(
+        protocol, tmp_path, ["lasso-dct", "csgm-vae"], "cpu", grids=False, progress=False
+    )
+    _check_schema(results, [10], ("csgm-vae", "lasso-dct"))
+    assert results["lasso_over_csgm_measurements_at_m50"] is None  # m = 50 not run
+    assert not (tmp_path / "grid_cs.png").exists() and (tmp_path / "mse_vs_m.png").exists()
+    # CSGM with a few steps from random latents is far from the truth but finite; Lasso is clipped to [0, 1].
+    assert 0 < results["methods"]["lasso-dct"]["mse"][0] < 1
+    with pytest.raises(ValueError, match="unknown method"):
+        cs.run_benchmark(protocol, tmp_path, ["csgm"], "cpu", grids=False, progress=False)
