@@ -51,3 +51,11 @@ def test_demo_writes_its_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert summary["labels"] == [7, 2]
     assert max(summary["projection_mse"]) < 0.01  # the zoo GAN reconstructs test digits
     assert "foundation stage" in capsys.readouterr().out
+
+
+def test_zoo_markdown_has_a_row_per_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["zoo", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| model | figure | value | n | measured on |")
+    for name in ("mnist-classifier", "mnist-gan", "mnist-vae", "mnist-encoder"):
+        assert f"| `{name}` |" in out
