@@ -183,7 +183,7 @@ class LatentAttack:
 
     * ``"latent"``: ``||z' - z||_2 <= eps``; l2-normalized gradient ascent on the loss, projected onto the
       ball after every step.
-    * ``"pixel"``: ``||G(z') - G(z)||_2 <= eps``; Adam on ``-loss + lambda * (||G(z') - G(z)|| - eps)`` with a
+    * ``"pixel"``: ``||G(z') - G(z)||_2 <= eps``; Adam on ``-loss + lambda * max(0, ||G(z') - G(z)|| - eps)`` with a
       per-sample multiplier ``lambda`` raised while the constraint is violated and lowered while it holds.
 
     Per sample the best iterate that satisfies the constraint is kept (fooled first, then highest loss);
@@ -281,7 +281,8 @@ class LatentAttack:
                     shrink = torch.where(norms > cfg.eps, cfg.eps / norms.clamp_min(1e-30) * (1 - 1e-6), 1.0)
                     z_param.copy_(z0 + delta * shrink)
             elif optimizer is not None:
-                objective = -loss + multiplier * (pixel_d - cfg.eps)
+                # hinge: the distance only costs once it exceeds the budget
+                objective = -loss + multiplier * torch.relu(pixel_d - cfg.eps)
                 (grad,) = torch.autograd.grad(objective.sum(), z_param)
                 z_param.grad = grad
                 optimizer.step()

@@ -115,7 +115,7 @@ class OverpoweredAttack:
     Threat model: on-manifold pairs, ``||G(z1) - G(z2)||_2 <= eps``; white box through generator and
     classifier; no label needed. Per pair, Adam minimizes
 
-        ``-pair_divergence(f(G(z1)), f(G(z2))) + lambda * (||G(z1) - G(z2)||_2 - eps)
+        ``-pair_divergence(f(G(z1)), f(G(z2))) + lambda * max(0, ||G(z1) - G(z2)||_2 - eps)
         + latent_penalty * (||z1|| + ||z2||)``
 
     with a per-pair multiplier ``lambda`` raised while the distance constraint is violated and lowered while
@@ -204,7 +204,9 @@ class OverpoweredAttack:
                 distance = _pixel_distance(x1, x2)
                 objective = (
                     -pair_divergence(l1, l2)
-                    + multiplier * (distance - cfg.eps)
+                    # hinge: no pull towards each other while the pair is within budget (a plain
+                    # lambda * (d - eps) term collapses pairs before the divergence can separate them)
+                    + multiplier * torch.relu(distance - cfg.eps)
                     + cfg.latent_penalty * (per_sample_norm(z1, "l2") + per_sample_norm(z2, "l2"))
                 )
                 g1, g2 = torch.autograd.grad((objective * (~found)).sum(), [z1, z2])
