@@ -1,0 +1,463 @@
+"""Reusable evaluation pieces of the projection defense: robust accuracy under PGD (worst case over random draws of
+a randomized defense), on-manifold latent attacks, overpowered pairs, projection schedules and the pair grid.
+
+Papers: Samangouei, Kabkab, Chellappa, "Defense-GAN" (ICLR 2018); Athalye, Carlini, Wagner, "Obfuscated Gradients
+Give a False Sense of Security" (ICML 2018: BPDA, EOT); Jalal, Ilyas, Daskalakis, Dimakis, "The Robust Manifold
+Defense" (arXiv 1712.09196: on-manifold and overpowered attacks).
+
+Every function takes its models and tensors as arguments (nothing is loaded here), works batch by batch on the
+inputs' device and returns results on the CPU, so the robustness harness can reuse them on any classifier /
+generator pair. The optional ``on_batch`` callback is called once per processed batch (progress bars).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from attacks import (
+    PGD,
+    LatentAttack,
+    LatentAttackConfig,
+    LatentAttackResult,
+    OverpoweredAttack,
+    OverpoweredConfig,
+    PGDConfig,
+    ThreatModel,
+)
+from manifold_defense.defense import LatentProjector, ProjectedClassifier
+from manifold_defense.inversion import InversionConfig, invert
+
+__all__ = [
+    "SCHEDULES",
+    "OnManifoldEval",
+    "OverpoweredEval",
+    "RobustEval",
+    "correct_in_every_draw",
+    "defended_model",
+    "evaluate_onmanifold",
+    "evaluate_overpowered",
+    "evaluate_pgd",
+    "invert_latents",
+    "plot_pairs",
+    "schedule_config",
+]
+
+#: Projection schedules by name. "defense-gan": Defense-GAN's own (SGD momentum 0.7, lr 10, L = 200, R = 10,
+#: lr x0.1 at 0.8 L, z ~ N(0, 1/k): 2000 generator passes per image). "fast": Adam lr 0.05, 50 steps,
+#: 2 restarts, restart 0 at the encoder's E(x), restart 1 at E(x) + N(0, 1/k) noise (102 generator passes).
+SCHEDULES: tuple[str, ...] = ("defense-gan", "fast")
+
+OnBatch = Callable[[], None] | None
+
+
+def _tick(on_batch: OnBatch) -> None:
+    if on_batch is not None:
+        on_batch()
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"expected batch_size to be an int >= 1, got {batch_size!r}")
+
+
+def _check_xy(x: Any, y: Any) -> None:
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"expected x and y as tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() != 4 or x.shape[0] == 0 or tuple(y.shape) != (x.shape[0],):
+        raise ValueError(
+            f"expected x (N >= 1, C, H, W) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+
+
+def schedule_config(name: str, seed: int = 0) -> InversionConfig:
+    """The :class:`InversionConfig` of a named projection schedule (see :data:`SCHEDULES`).
+
+    Args:
+        name: ``"defense-gan"`` or ``"fast"``.
+        seed: default per-sample seed of the restart noise.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == "defense-gan":
+        return InversionConfig.defense_gan(seed=seed)
+    if name == "fast":
+        return InversionConfig(
+            optimizer="adam", lr=0.05, steps=50, restarts=2, init="encoder", init_std=None, seed=seed
+        )
+    raise ValueError(f"expected schedule to be one of {list(SCHEDULES)}, got {name!r}")
+
+
+def defended_model(
+    classifier: nn.Module,
+    generator: nn.Module,
+    config: InversionConfig,
+    *,
+    encoder: nn.Module | None = None,
+    randomize: bool = False,
+    seed: int = 0,
+) -> ProjectedClassifier:
+    """``classifier(G(z*(x)))`` with a BPDA (identity-backward) projection, in eval mode.
+
+    Args:
+        classifier: [0, 1] images -> logits.
+        generator: ``nn.Module`` with int ``latent_dim``.
+        config: projection schedule (e.g. :func:`schedule_config`).
+        encoder: needed when ``config.init == "encoder"``.
+        randomize: fresh restart noise on every call (the randomized defense EOT and worst-case evaluation
+            are run against); ``False``: a deterministic function of the input (seed ``seed``).
+        seed: seed of the restart noise (stream).
+    """
+    projector = LatentProjector(
+        generator, config, gradient="bpda", encoder=encoder, seed=seed, randomize=randomize
+    )
+    return ProjectedClassifier(classifier, projector).eval()
+
+
+@torch.no_grad()
+def correct_in_every_draw(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    draws: int = 1,
+    batch_size: int = 100,
+    on_batch: OnBatch = None,
+) -> Tensor:
+    """``(N,)`` bool on CPU: ``model(x)`` predicts ``y`` in each of ``draws`` forward passes (worst case).
+
+    For a randomized model (e.g. a projection with fresh restarts per call) one lucky pass is not enough:
+    a point counts as correct only if every draw is correct (AutoAttack "rand" practice).
+
+    Args:
+        model: ``(B, C, H, W) -> (B, K)`` logits.
+        x: ``(N, C, H, W)``; y: ``(N,)`` int64 on the same device.
+        draws: forward passes per point (>= 1).
+        batch_size: images per forward pass.
+    """
+    _check_xy(x, y)
+    _check_batch_size(batch_size)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"expected draws to be an int >= 1, got {draws!r}")
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        ok = torch.ones(xb.shape[0], dtype=torch.bool, device=xb.device)
+        for _ in range(draws):
+            ok &= model(xb).argmax(1) == yb
+        out.append(ok.cpu())
+        _tick(on_batch)
+    return torch.cat(out)
+
+
+class RobustEval(NamedTuple):
+    """Result of :func:`evaluate_pgd`.
+
+    Attributes:
+        accuracy: fraction of points still classified correctly (worst case over draws).
+        robust: ``(N,)`` bool on CPU, per point.
+        x_adv: ``(N, C, H, W)`` adversarial images on CPU.
+        attacked_model_accuracy: accuracy of the attacked model on ``x_adv`` (its own final pass); differs from
+            ``accuracy`` for transfer attacks (``eval_model`` given) and randomized models.
+        seconds: wall time.
+    """
+
+    accuracy: float
+    robust: Tensor
+    x_adv: Tensor
+    attacked_model_accuracy: float
+    seconds: float
+
+
+def evaluate_pgd(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    config: PGDConfig,
+    *,
+    eval_model: Callable[[Tensor], Tensor] | None = None,
+    draws: int = 1,
+    clean_correct: Tensor | None = None,
+    batch_size: int = 100,
+    on_batch: OnBatch = None,
+) -> RobustEval:
+    """Robust accuracy of ``eval_model`` (default ``model``) under :class:`attacks.PGD` run against ``model``.
+
+    Threat model: ``threat`` (Linf or l2 ball of radius eps, [0, 1] box), white box on ``model``. With
+    ``eval_model`` given the attack is a transfer attack: the adversarial images are computed on ``model``
+    (e.g. the bare classifier, ignoring a projection) and evaluated on ``eval_model`` (the defended model).
+
+    A point is robust when ``eval_model`` classifies ``x_adv`` correctly in each of ``draws`` fresh forward
+    passes, and (without ``eval_model``) also in the attack's own final pass, and (if given) ``clean_correct``
+    holds: the worst case over draws, as a randomized defense must be evaluated.
+
+    Args:
+        model: the attacked model, ``(B, C, H, W)`` in [0, 1] -> ``(B, K)`` logits (eval mode).
+        x: ``(N, C, H, W)`` images in [0, 1]; y: ``(N,)`` int64, same device.
+        threat: :class:`ThreatModel`.
+        config: :class:`PGDConfig` (steps, step size, restarts, loss, ``eot_samples``, seed).
+        eval_model: the model that is scored (transfer); ``None``: ``model``.
+        draws: fresh evaluation passes per point (>= 1; use > 1 for randomized models).
+        clean_correct: optional ``(N,)`` bool (any device): points misclassified without attack count as not
+            robust.
+        batch_size: images per attack call.
+        on_batch: called after each batch.
+
+    Returns:
+        :class:`RobustEval`.
+    """
+    _check_xy(x, y)
+    _check_batch_size(batch_size)
+    if clean_correct is not None and tuple(clean_correct.shape) != (x.shape[0],):
+        raise ValueError(f"expected clean_correct of shape ({x.shape[0]},), got {tuple(clean_correct.shape)}")
+    attack = PGD(threat, config)
+    start = time.perf_counter()
+    robust, adv, attacked_ok = [], [], []
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        result = attack(model, xb, yb)
+        ok_attacked = ~result.success
+        scorer = model if eval_model is None else eval_model
+        ok = correct_in_every_draw(scorer, result.x_adv, yb, draws, batch_size)
+        if eval_model is None:
+            ok &= ok_attacked.cpu()
+        robust.append(ok)
+        adv.append(result.x_adv.cpu())
+        attacked_ok.append(ok_attacked.cpu())
+        _tick(on_batch)
+    mask = torch.cat(robust)
+    if clean_correct is not None:
+        mask &= clean_correct.cpu().bool()
+    return RobustEval(
+        accuracy=float(mask.float().mean()),
+        robust=mask,
+        x_adv=torch.cat(adv),
+        attacked_model_accuracy=float(torch.cat(attacked_ok).float().mean()),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def invert_latents(
+    generator: nn.Module,
+    x: Tensor,
+    config: InversionConfig,
+    *,
+    encoder: nn.Module | None = None,
+    batch_size: int = 100,
+    on_batch: OnBatch = None,
+) -> tuple[Tensor, Tensor]:
+    """Latents ``z (N, k)`` with ``G(z) ~ x`` and the per-image MSE ``(N,)``, both on ``x``'s device.
+
+    Uses :func:`manifold_defense.inversion.invert` (Identity operator) batch by batch; with
+    ``config.init == "encoder"`` pass the generator's encoder (warm start).
+    """
+    _check_batch_size(batch_size)
+    zs, losses = [], []
+    for i in range(0, x.shape[0], batch_size):
+        inv = invert(generator, x[i : i + batch_size], config=config, encoder=encoder)
+        zs.append(inv.z.detach())
+        losses.append(inv.loss.detach())
+        _tick(on_batch)
+    return torch.cat(zs), torch.cat(losses)
+
+
+class OnManifoldEval(NamedTuple):
+    """Result of :func:`evaluate_onmanifold` (tensors on CPU).
+
+    Attributes:
+        success_rate: among eligible points, the fraction whose ``G(z')`` the classifier gets wrong within the
+            pixel budget (NaN when no point is eligible).
+        eligible: ``(N,)`` bool, the classifier labels ``G(z)`` correctly (only those count).
+        success: ``(N,)`` bool, ``eligible`` and the attack fooled the classifier.
+        x0: ``(N, C, H, W)`` ``G(z)``; x_adv: ``G(z')``; pred_adv: ``(N,)`` labels of ``G(z')``.
+        pixel_distance: ``(N,)`` ``||G(z') - G(z)||_2``; latent_distance: ``||z' - z||_2``.
+        seconds: wall time.
+    """
+
+    success_rate: float
+    eligible: Tensor
+    success: Tensor
+    x0: Tensor
+    x_adv: Tensor
+    pred_adv: Tensor
+    pixel_distance: Tensor
+    latent_distance: Tensor
+    seconds: float
+
+
+def evaluate_onmanifold(
+    classifier: Callable[[Tensor], Tensor],
+    generator: nn.Module,
+    z: Tensor,
+    y: Tensor,
+    config: LatentAttackConfig,
+    *,
+    batch_size: int = 100,
+    on_batch: OnBatch = None,
+) -> OnManifoldEval:
+    """On-manifold attack success rate: :class:`attacks.LatentAttack` from ``z``, counted on eligible points.
+
+    Threat model: ``x_adv = G(z')`` with (``config.constraint == "pixel"``) ``||G(z') - G(z)||_2 <= eps``;
+    such points lie on the generator's range, so a projection defense maps them (nearly) to themselves.
+
+    Args:
+        classifier: ``(B, C, H, W) -> (B, K)`` logits.
+        generator: ``(B, k) -> (B, C, H, W)`` in [0, 1].
+        z: ``(N, k)`` starting latents (e.g. from :func:`invert_latents` of test images); y: ``(N,)`` their
+            true labels.
+        config: :class:`LatentAttackConfig`.
+    """
+    _check_batch_size(batch_size)
+    if tuple(y.shape) != (z.shape[0],):
+        raise ValueError(f"expected y of shape ({z.shape[0]},), got {tuple(y.shape)}")
+    attack = LatentAttack(config)
+    start = time.perf_counter()
+    eligible_parts, x0_parts, pred_parts = [], [], []
+    results: list[LatentAttackResult] = []
+    for i in range(0, z.shape[0], batch_size):
+        zb, yb = z[i : i + batch_size], y[i : i + batch_size]
+        with torch.no_grad():
+            x0 = generator(zb)
+            eligible_parts.append((classifier(x0).argmax(1) == yb).cpu())
+        result = attack(classifier, generator, zb, yb)
+        results.append(result)
+        x0_parts.append(x0.cpu())
+        pred_parts.append(result.logits.argmax(1).cpu())
+        _tick(on_batch)
+    eligible = torch.cat(eligible_parts)
+    success = eligible & torch.cat([r.success.cpu() for r in results])
+    count = int(eligible.sum())
+    return OnManifoldEval(
+        success_rate=float(success.sum()) / count if count else float("nan"),
+        eligible=eligible,
+        success=success,
+        x0=torch.cat(x0_parts),
+        x_adv=torch.cat([r.x_adv.detach().cpu() for r in results]),
+        pred_adv=torch.cat(pred_parts),
+        pixel_distance=torch.cat([r.pixel_distance.detach().cpu() for r in results]),
+        latent_distance=torch.cat([r.latent_distance.detach().cpu() for r in results]),
+        seconds=time.perf_counter() - start,
+    )
+
+
+class OverpoweredEval(NamedTuple):
+    """Result of :func:`evaluate_overpowered` (tensors on CPU).
+
+    Attributes:
+        consistency: fraction of starting points near which the classifier stayed consistent (no valid pair
+            found): the accuracy under the overpowered attack in Jalal et al.'s sense.
+        accuracy: fraction of points that are consistent *and* whose first point gets the true label.
+        x1, x2: ``(N, C, H, W)`` the pairs; pred1, pred2: ``(N,)`` labels; distance: ``(N,)`` ``||x1 - x2||``.
+        success: ``(N,)`` bool, valid pair (labels differ, distance <= eps).
+        seconds: wall time.
+    """
+
+    consistency: float
+    accuracy: float
+    x1: Tensor
+    x2: Tensor
+    pred1: Tensor
+    pred2: Tensor
+    distance: Tensor
+    success: Tensor
+    seconds: float
+
+
+def evaluate_overpowered(
+    classifier: Callable[[Tensor], Tensor],
+    generator: nn.Module,
+    z: Tensor,
+    y: Tensor,
+    config: OverpoweredConfig,
+    *,
+    batch_size: int = 100,
+    on_batch: OnBatch = None,
+) -> OverpoweredEval:
+    """Accuracy under :class:`attacks.OverpoweredAttack` started at ``z1 = z``.
+
+    Threat model: pairs ``G(z1), G(z2)`` with ``||G(z1) - G(z2)||_2 <= eps`` that the classifier labels
+    differently; both points lie on the generator's range, so no projection onto the range can separate them.
+
+    Args:
+        classifier, generator: as :func:`evaluate_onmanifold`.
+        z: ``(N, k)`` starting latents; y: ``(N,)`` true labels of the images they were inverted from.
+        config: :class:`OverpoweredConfig`.
+    """
+    _check_batch_size(batch_size)
+    if tuple(y.shape) != (z.shape[0],):
+        raise ValueError(f"expected y of shape ({z.shape[0]},), got {tuple(y.shape)}")
+    attack = OverpoweredAttack(config)
+    start = time.perf_counter()
+    res = []
+    for i in range(0, z.shape[0], batch_size):
+        res.append(attack(classifier, generator, z[i : i + batch_size]))
+        _tick(on_batch)
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(r, name).detach().cpu() for r in res])
+
+    robust, pred1 = cat("robust"), cat("pred1")
+    return OverpoweredEval(
+        consistency=float(robust.float().mean()),
+        accuracy=float((robust & (pred1 == y.cpu())).float().mean()),
+        x1=cat("x1"),
+        x2=cat("x2"),
+        pred1=pred1,
+        pred2=cat("pred2"),
+        distance=cat("distance"),
+        success=cat("success"),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def plot_pairs(
+    path: Any,
+    left: Tensor,
+    right: Tensor,
+    captions: Sequence[tuple[str, str]],
+    title: str,
+    columns: int = 2,
+) -> None:
+    """Save a matplotlib grid of image pairs ``left[i] | right[i]`` with a caption under each image.
+
+    Args:
+        path: output file (PNG).
+        left, right: ``(P, 1, H, W)`` or ``(P, H, W)`` images in [0, 1], ``P >= 0`` (an empty grid says so).
+        captions: ``P`` pairs of strings (left caption, right caption).
+        title: figure title.
+        columns: pairs per row.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = left.shape[0]
+    if right.shape[0] != count or len(captions) != count:
+        raise ValueError(
+            f"expected as many right images and captions as left images ({count}), "
+            f"got {right.shape[0]} and {len(captions)}"
+        )
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.1 * 2 * columns, 2.4 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(count):
+        r, c = divmod(i, columns)
+        for j, (img, cap) in enumerate(((left[i], captions[i][0]), (right[i], captions[i][1]))):
+            ax = axes[r][2 * c + j]
+            ax.imshow(
+                img.detach().cpu().reshape(img.shape[-2], img.shape[-1]).numpy(), cmap="gray", vmin=0, vmax=1
+            )
+            ax.set_title(cap, fontsize=8)
+    if count == 0:
+        axes[0][0].text(0.0, 0.5, "no successful pair to show", fontsize=10)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
