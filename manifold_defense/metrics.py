@@ -18,8 +18,7 @@ def features(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> 
     if not callable(feat):
         raise TypeError(f"expected {type(model).__name__}.features to be a method, got {type(feat).__name__}")
     chunks = [
-        feat(images[i : i + batch_size].to(dev)).double().cpu()
-        for i in range(0, len(images), batch_size)
+        feat(images[i : i + batch_size].to(dev)).double().cpu() for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks).numpy()
 
