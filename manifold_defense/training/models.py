@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from manifold_defense.devices import resolve_device
-from manifold_defense.models import VAE, Critic, Encoder, Generator, MNISTClassifier
+from manifold_defense.models import VAE, Critic, Encoder, Generator, MNISTClassifier, latent_dim_of
 from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
 
 PathLike = str | os.PathLike[str]
@@ -28,6 +28,16 @@ def _check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_latent_match(generator: nn.Module, encoder: nn.Module) -> int:
+    """The generator's latent size, after checking that the encoder produces latents of that size."""
+    k = latent_dim_of(generator)
+    if getattr(encoder, "latent_dim", None) != k:
+        raise ValueError(
+            f"encoder latent size {getattr(encoder, 'latent_dim', None)} does not match the generator's latent_dim {k}"
+        )
+    return k
 
 
 def _cosine(step: int, total: int) -> float:
@@ -170,11 +180,7 @@ def train_gan(
 ) -> list[dict[str, float]]:
     """Train generator, critic and encoder jointly (see :class:`GANTrainConfig`); models end in eval mode."""
     dev = resolve_device(device)
-    k = int(getattr(generator, "latent_dim", -1))
-    if int(getattr(encoder, "latent_dim", -2)) != k:
-        raise ValueError(
-            f"encoder latent size {getattr(encoder, 'latent_dim', None)} does not match the generator's latent_dim {k}"
-        )
+    k = _check_latent_match(generator, encoder)
     images = dataset_tensors(dataset)[0]
     check_images(images)
     for m in (generator, critic, encoder):
@@ -268,11 +274,7 @@ def train_encoder(
 ) -> list[dict[str, float]]:
     """Train ``encoder`` so that ``generator(encoder(x))`` reconstructs ``x``; the generator stays frozen and in eval mode."""
     dev = resolve_device(device)
-    k = int(getattr(generator, "latent_dim", -1))
-    if int(getattr(encoder, "latent_dim", -2)) != k:
-        raise ValueError(
-            f"encoder latent size {getattr(encoder, 'latent_dim', None)} does not match the generator's latent_dim {k}"
-        )
+    _check_latent_match(generator, encoder)
     images = dataset_tensors(dataset)[0]
     check_images(images)
     generator.to(dev).eval()
