@@ -1,5 +1,14 @@
-"""Training: one seeded, checkpointed loop and the trainers of the zoo's models."""
+"""Training: one seeded, checkpointed loop, the trainers of the zoo's models, and robust (adversarial) training."""
 
+from manifold_defense.training.adversarial import (
+    AdversarialTrainConfig,
+    RobustManifoldConfig,
+    RobustTrainConfig,
+    adversarial_train,
+    attack_mode,
+    robust_manifold_train,
+)
+from manifold_defense.training.distributed import DistContext, setup_distributed
 from manifold_defense.training.loop import LoopConfig, run_loop
 from manifold_defense.training.models import (
     ClassifierTrainConfig,
@@ -13,12 +22,20 @@ from manifold_defense.training.models import (
 )
 
 __all__ = [
+    "AdversarialTrainConfig",
     "ClassifierTrainConfig",
+    "DistContext",
     "EncoderTrainConfig",
     "GANTrainConfig",
     "LoopConfig",
+    "RobustManifoldConfig",
+    "RobustTrainConfig",
     "VAETrainConfig",
+    "adversarial_train",
+    "attack_mode",
+    "robust_manifold_train",
     "run_loop",
+    "setup_distributed",
     "train_classifier",
     "train_encoder",
     "train_gan",

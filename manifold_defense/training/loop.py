@@ -110,6 +110,9 @@ def run_loop(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     desc: str = "train",
+    save_checkpoints: bool = True,
+    validate: Callable[[int], Mapping[str, float]] | None = None,
+    validate_every: int | None = None,
 ) -> list[dict[str, float]]:
     """Run ``step_fn(step, batch)`` for ``config.steps`` steps with checkpointing; return the logged history.
 
@@ -123,10 +126,25 @@ def run_loop(
         checkpoint_dir: folder for ``checkpoint.pt`` and ``history.json``; ``None`` disables checkpointing.
         progress: show a tqdm progress bar.
         desc: the progress bar's label.
+        save_checkpoints: write ``checkpoint.pt``/``history.json``; ``False`` still resumes from an existing
+            checkpoint but never writes one (the non-zero ranks of a distributed run).
+        validate: optional hook ``validate(step) -> metrics`` called after step ``step`` (1-based count of
+            steps done) every ``validate_every`` steps and after the last step; its metrics are merged into
+            that step's history entry (a new entry when the step is not a logging step) before the checkpoint
+            is written, so a resumed run keeps them.
+        validate_every: steps between validations (required with ``validate``).
 
     Returns:
-        History: one ``{"step": s, **metrics}`` entry every ``config.log_every`` steps (means over the interval).
+        History: one ``{"step": s, **metrics}`` entry every ``config.log_every`` steps (each metric the mean over
+        the steps of the interval that reported it),
+        plus the validation metrics.
     """
+    if validate is not None and (
+        isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every <= 0
+    ):
+        raise ValueError(
+            f"expected validate_every to be a positive int with validate, got {validate_every!r}"
+        )
     dev = resolve_device(device)
     n = int(tensors[0].shape[0])
     if any(int(t.shape[0]) != n for t in tensors):
@@ -154,8 +172,9 @@ def run_loop(
             start = int(ckpt["step"])
             history = list(ckpt["history"])
             sums, count = dict(ckpt["running_sums"]), int(ckpt["running_count"])
+            counts = dict(ckpt.get("running_counts") or {k: count for k in sums})
         else:
-            sums, count = {}, 0
+            sums, count, counts = {}, 0, {}
         bar = tqdm(
             range(start, config.steps), desc=desc, disable=not progress, initial=start, total=config.steps
         )
@@ -165,14 +184,30 @@ def run_loop(
             metrics = step_fn(step, batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
             count += 1
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
-                entry = {"step": float(done), **{k: v / count for k, v in sums.items()}}
+                entry = {"step": float(done), **{k: v / counts[k] for k, v in sums.items()}}
                 history.append(entry)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
-                sums, count = {}, 0
-            if ckpt_path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                sums, count, counts = {}, 0, {}
+            if (
+                validate is not None
+                and validate_every is not None
+                and (done % validate_every == 0 or done == config.steps)
+            ):
+                val = {k: float(v) for k, v in validate(done).items()}
+                if history and history[-1]["step"] == float(done):
+                    history[-1].update(val)
+                else:
+                    history.append({"step": float(done), **val})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in history[-1].items() if k != "step"})
+            if (
+                save_checkpoints
+                and ckpt_path is not None
+                and (done % config.checkpoint_every == 0 or done == config.steps)
+            ):
                 _atomic_torch_save(
                     {
                         "step": done,
@@ -183,6 +218,7 @@ def run_loop(
                         "history": history,
                         "running_sums": sums,
                         "running_count": count,
+                        "running_counts": counts,
                     },
                     ckpt_path,
                 )
