@@ -23,15 +23,16 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from manifold_defense.modes import frozen
 
 from .config import InversionConfig
 from .dct import dct_matrix, idct2
@@ -93,25 +94,6 @@ def _leaves(y: Any) -> list[torch.Tensor]:
 def _take_rows(y: Measurements, rows: torch.Tensor) -> Measurements:
     """Index the batch dimension of every tensor of ``y``."""
     return _tree_map(lambda t: t[rows], y)
-
-
-@contextlib.contextmanager
-def _frozen(*modules: nn.Module | None) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` on every parameter for the duration; both restored after."""
-    present = [m for m in modules if m is not None]
-    modes = [(sub, sub.training) for m in present for sub in m.modules()]
-    flags = [(p, p.requires_grad) for m in present for p in m.parameters()]
-    try:
-        for m in present:
-            m.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for sub, mode in modes:
-            sub.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _project_ball(z: torch.Tensor, radius: float | None) -> torch.Tensor:
@@ -438,7 +420,7 @@ def invert(
         y = _tree_map(torch.Tensor.detach, y)
     seed_list = _resolve_seeds(seeds, batch, config.seed)
 
-    with _frozen(generator, operator, encoder), torch.enable_grad():
+    with frozen(generator, operator, encoder), torch.enable_grad():
         z0 = _initial_latents(
             y,
             operator,

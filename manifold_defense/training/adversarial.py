@@ -26,11 +26,11 @@ layout-independent.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from attacks import (
     pair_divergence,
 )
 from manifold_defense.inversion import InversionConfig, invert
+from manifold_defense.modes import frozen
 from manifold_defense.training.distributed import DistContext, setup_distributed
 from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
 
@@ -73,28 +74,15 @@ TrainData = Dataset[Any] | DataLoader[Any] | tuple[torch.Tensor, torch.Tensor]
 _SEED_MOD = 2**62
 
 
-@contextmanager
-def attack_mode(*modules: nn.Module) -> Iterator[None]:
+def attack_mode(*modules: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Eval mode and ``requires_grad=False`` on every parameter of ``modules`` for the duration.
 
     Purpose: generate adversarial examples against a model under training without dropout/batch-norm updates
     and without accumulating parameter gradients (advertorch's ``ctx_noparamgrad_and_eval``). Every
     submodule's ``training`` flag and every parameter's ``requires_grad`` flag are restored exactly on exit,
-    also when the body raises.
+    also when the body raises. Same as :func:`manifold_defense.modes.frozen`.
     """
-    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    try:
-        for m in modules:
-            m.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for sub, mode in modes:
-            sub.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return frozen(*modules)
 
 
 # ------------------------------------------------------------------------------------------------- configs

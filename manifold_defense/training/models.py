@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import VAE, Critic, Encoder, Generator, MNISTClassifier, latent_dim_of
+from manifold_defense.modes import frozen
 from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
 
 PathLike = str | os.PathLike[str]
@@ -277,10 +278,7 @@ def train_encoder(
     _check_latent_match(generator, encoder)
     images = dataset_tensors(dataset)[0]
     check_images(images)
-    generator.to(dev).eval()
-    flags = [p.requires_grad for p in generator.parameters()]
-    for p in generator.parameters():
-        p.requires_grad_(False)
+    generator.to(dev)
     encoder.to(dev).train()
     opt = torch.optim.Adam(encoder.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, config.steps))
@@ -296,7 +294,7 @@ def train_encoder(
         sched.step()
         return {"rec_mse": rec.item() / x[0].numel()}
 
-    try:
+    with frozen(generator):
         history = run_loop(
             step_fn,
             (images,),
@@ -307,9 +305,6 @@ def train_encoder(
             progress=progress,
             desc="encoder",
         )
-    finally:
-        for p, flag in zip(generator.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
     encoder.eval()
     return history
 
