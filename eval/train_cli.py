@@ -1,7 +1,8 @@
 """``python -m eval train <model> --out DIR``: train a zoo model and write its safetensors + JSON record into DIR.
 
 Models: ``classifier``, ``gan`` (generator + encoder trained jointly with a critic), ``encoder`` (fine-tunes the
-encoder for the generator found in DIR), ``vae``, or ``zoo`` (all four in that order). Checkpoints go to
+encoder for the generator found in DIR), ``vae``, ``zoo`` (those four in that order), ``pgd-at`` (Madry PGD adversarial
+training of a new classifier, Linf 0.3) or ``rmd`` (robust manifold training with the zoo's GAN and encoder). Checkpoints go to
 ``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there.
 """
 
@@ -13,21 +14,27 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from attacks import PGD
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import Critic
 from manifold_defense.training import (
+    AdversarialTrainConfig,
     ClassifierTrainConfig,
     EncoderTrainConfig,
     GANTrainConfig,
+    RobustManifoldConfig,
     VAETrainConfig,
+    adversarial_train,
+    robust_manifold_train,
     train_classifier,
     train_encoder,
     train_gan,
@@ -35,7 +42,7 @@ from manifold_defense.training import (
 )
 
 log = logging.getLogger(__name__)
-MODELS = ("classifier", "gan", "encoder", "vae", "zoo")
+MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd")
 
 
 def add_parsers(sub: Any) -> None:
@@ -62,6 +69,12 @@ def add_parsers(sub: Any) -> None:
         help="override a field of the model's training config, e.g. --set adv_weight=5 (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--limit", type=int, default=None, help="use only the first N training images (pgd-at, rmd)"
+    )
+    p.add_argument(
+        "--val-n", type=int, default=1000, help="validation images checked each epoch (pgd-at, rmd)"
+    )
     p.set_defaults(func=run)
 
 
@@ -138,6 +151,11 @@ def run(args: argparse.Namespace) -> int:
             zoo.save(
                 enc, "mnist-encoder", out, _info(command, config, time.perf_counter() - start, device, hist)
             )
+        elif name in ("pgd-at", "rmd"):
+            trained, hist = _train_robust(name, args, sets, device, ckpt, progress)
+            config = trained.config
+            info = _info(command, config, time.perf_counter() - start, device, hist)
+            zoo.save(trained.model, f"mnist-{name}", out, info)
         else:
             config = _override(VAETrainConfig(seed=args.seed), args.steps, sets)
             vae = zoo.build("mnist-vae")
@@ -145,6 +163,60 @@ def run(args: argparse.Namespace) -> int:
             zoo.save(vae, "mnist-vae", out, _info(command, config, time.perf_counter() - start, device, hist))
         log.info("%s: trained in %.1f s on %s; written to %s", name, time.perf_counter() - start, device, out)
     return 0
+
+
+@dataclass(frozen=True)
+class _Trained:
+    model: nn.Module
+    config: Any
+
+
+def _train_robust(
+    name: str,
+    args: argparse.Namespace,
+    sets: dict[str, str],
+    device: torch.device,
+    ckpt: Path,
+    progress: bool,
+) -> tuple[_Trained, list[dict[str, float]]]:
+    """PGD adversarial training (Madry's Linf 0.3, 40 x 0.01 attack) or robust manifold training of a new classifier.
+
+    Validation each epoch: the first ``--val-n`` validation images, clean and under a 10-step version of the attack.
+    """
+    train = load_mnist("train", args.data_dir, limit=args.limit).dataset()
+    val = load_mnist("val", args.data_dir, limit=args.val_n).dataset()
+    model = zoo.build("mnist-classifier")
+    config: Any
+    if name == "pgd-at":
+        config = _override(AdversarialTrainConfig(seed=args.seed), args.steps, sets)
+        val_attack = PGD.madry_mnist(seed=args.seed, steps=10, step_size=0.05)
+        hist = adversarial_train(
+            model,
+            train,
+            PGD.madry_mnist(seed=args.seed),
+            config,
+            val_data=val,
+            val_attack=val_attack,
+            device=device,
+            checkpoint_dir=ckpt,
+            progress=progress,
+        )
+    else:
+        config = _override(RobustManifoldConfig(seed=args.seed), args.steps, sets)
+        gen, enc = zoo.load("mnist-gan", device), zoo.load("mnist-encoder", device)
+        hist = robust_manifold_train(
+            model,
+            gen,
+            train,
+            config,
+            encoder=enc,
+            val_data=val,
+            val_attack=config.pixel_attack(),
+            device=device,
+            checkpoint_dir=ckpt,
+            progress=progress,
+        )
+    return _Trained(model, config), hist
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:

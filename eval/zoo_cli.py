@@ -218,7 +218,7 @@ def measure(args: argparse.Namespace) -> int:
 def markdown_table(weights_dir: Path | None = None) -> str:
     """The zoo's recorded figures as a Markdown table (what the README shows)."""
     rows = ["| model | figure | value | n | measured on |", "|---|---|---|---|---|"]
-    for name in zoo.available():
+    for name in zoo.available(weights_dir):
         fig = zoo.record(name, weights_dir).get("figures", {})
         if not fig:
             rows.append(f"| `{name}` | (not measured) | | | |")
@@ -279,7 +279,7 @@ def show(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table(args.weights_dir))
         return 0
-    for name in zoo.available():
+    for name in zoo.available(args.weights_dir):
         try:
             rec = zoo.record(name, args.weights_dir)
         except FileNotFoundError as err:

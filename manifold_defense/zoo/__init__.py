@@ -54,6 +54,10 @@ REGISTRY: dict[str, ZooEntry] = {
         ZooEntry(
             "mnist-encoder", Encoder, {"latent_dim": 64, "width": 32}, "encoder of mnist-gan (warm starts)"
         ),
+        ZooEntry(
+            "mnist-pgd-at", MNISTClassifier, {}, "classifier, Madry PGD adversarial training (Linf 0.3)"
+        ),
+        ZooEntry("mnist-rmd", MNISTClassifier, {}, "classifier, robust manifold adversarial training"),
     )
 }
 
@@ -62,14 +66,24 @@ class ZooIntegrityError(ValueError):
     """The weights on disk do not match the SHA-256 recorded for them."""
 
 
-def available() -> list[str]:
-    """Names of the zoo models."""
+def registered() -> list[str]:
+    """Names of every zoo architecture, shipped with weights or not yet."""
     return sorted(REGISTRY)
+
+
+def available(weights_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Names of the zoo models whose weights and record are present (shipped in the package by default)."""
+    folder = Path(weights_dir or WEIGHTS_DIR)
+    return [
+        n
+        for n in registered()
+        if (folder / f"{n}.safetensors").is_file() and (folder / f"{n}.json").is_file()
+    ]
 
 
 def _entry(name: str) -> ZooEntry:
     if not isinstance(name, str) or name not in REGISTRY:
-        raise ValueError(f"unknown zoo model {name!r}: expected one of {available()}")
+        raise ValueError(f"unknown zoo model {name!r}: expected one of {registered()}")
     return REGISTRY[name]
 
 
@@ -118,7 +132,8 @@ def load(
     weights = folder / f"{name}.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(
-            f"no weights for zoo model {name!r} at {weights}; train them with `python -m eval train`"
+            f"no weights for zoo model {name!r} at {weights} (present: {available(folder)}); "
+            "train them with `python -m eval train ... --out DIR` and pass weights_dir=DIR"
         )
     rec = record(name, folder)
     actual = sha256_file(weights)
@@ -176,6 +191,7 @@ __all__ = [
     "build",
     "load",
     "record",
+    "registered",
     "save",
     "sha256_file",
     "update_record",
