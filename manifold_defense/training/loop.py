@@ -12,6 +12,7 @@ executes no code.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -90,14 +91,18 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch ``epoch``: a permutation of ``range(n)`` from a generator seeded by ``(seed, epoch)``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise ValueError(f"dataset of {n} examples is smaller than one batch of {batch_size}")
     epoch, offset = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    return perm[offset * batch_size : (offset + 1) * batch_size]
+    return _epoch_permutation(n, seed, epoch)[offset * batch_size : (offset + 1) * batch_size]
 
 
 def run_loop(
