@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "eval.cs",
     "eval.defense_eval",
     "eval.crosscheck",
+    "eval.bench",
+    "eval.robustness",
 )
 
 

@@ -75,6 +75,18 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--val-n", type=int, default=1000, help="validation images checked each epoch (pgd-at, rmd)"
     )
+    p.add_argument(
+        "--attack-steps",
+        type=int,
+        default=None,
+        help="pgd-at: PGD steps of the training attack (default 40, Madry's; fewer fit a CPU budget)",
+    )
+    p.add_argument(
+        "--attack-step-size",
+        type=float,
+        default=None,
+        help="pgd-at: step of the training attack (default 0.01; use about 2.5 * 0.3 / steps with fewer steps)",
+    )
     p.set_defaults(func=run)
 
 
@@ -102,6 +114,8 @@ def _info(
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.model != "pgd-at" and (args.attack_steps is not None or args.attack_step_size is not None):
+        raise ValueError(f"--attack-steps/--attack-step-size apply to pgd-at only, got model {args.model!r}")
     device = resolve_device(args.device)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -190,10 +204,15 @@ def _train_robust(
     if name == "pgd-at":
         config = _override(AdversarialTrainConfig(seed=args.seed), args.steps, sets)
         val_attack = PGD.madry_mnist(seed=args.seed, steps=10, step_size=0.05)
+        overrides: dict[str, Any] = {}
+        if args.attack_steps is not None:
+            overrides["steps"] = args.attack_steps
+        if args.attack_step_size is not None:
+            overrides["step_size"] = args.attack_step_size
         hist = adversarial_train(
             model,
             train,
-            PGD.madry_mnist(seed=args.seed),
+            PGD.madry_mnist(seed=args.seed, **overrides),
             config,
             val_data=val,
             val_attack=val_attack,

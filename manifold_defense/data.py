@@ -247,6 +247,10 @@ def load_mnist_arrays(
         cache_dir: where the offline bundle's arrays are cached as ``.npz``; default ``$MANIFOLD_DEFENSE_DATA`` or
             ``~/.cache/manifold_defense``.
     """
+    if download and data_dir is None:
+        raise ValueError(
+            "download=True needs data_dir: the folder torchvision should download MNIST into (got data_dir=None)"
+        )
     if data_dir is not None:
         root = Path(data_dir)
         if _torchvision_raw_present(root) or download:

@@ -132,3 +132,8 @@ def test_torchvision_files_are_preferred_and_agree(tmp_path: Path, cache_dir: Pa
     assert torch.equal(tv.labels, hub.labels)
     # torchvision scales by 1/255, the bundle by 1/256: the same pixels up to that factor
     torch.testing.assert_close(tv.images * 255.0 / 256.0, hub.images, rtol=0, atol=1e-6)
+
+
+def test_download_without_data_dir_is_refused(cache_dir: Path) -> None:
+    with pytest.raises(ValueError, match="download=True needs data_dir"):
+        load_mnist_arrays(download=True, cache_dir=cache_dir)
