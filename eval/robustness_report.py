@@ -1,0 +1,241 @@
+"""Outputs of the robustness harness: ``results.json``, the Markdown report and the PNG plots.
+
+``results.json`` schema (``schema: "manifold-defense robustness v1"``)::
+
+    {"threat_models": ["linf-0.3", "l2-2", "l2-4"], "n": 200, "settings": {...}, "quick": bool,
+     "reduced_vs_full": {field: {"this_run": v, "full": v}}, "attack_definitions": {...},
+     "flag_definitions": {...}, "world_size": W, ...,
+     "defenses": {"<name>": {
+         "n": points, "randomized": bool, "draws": k, "clean": accuracy,
+         "attacks": {"<attack>": {"<threat>": {"status": "ran" | "skipped", "reason": ..., "accuracy": robust
+                     accuracy after this attack of the cascade (cumulative worst case), "attacked": points,
+                     "broken": newly broken points, "broken_alone": points this attack broke among those it
+                     attacked, "seconds": ..., "settings": {...}}}},
+         "worst_case": {"<threat>": final robust accuracy (worst case per point over the cascade)},
+         "curves": {"linf" | "l2": {"attack": ..., "eps": [0, ...], "accuracy": [clean, ...]}},
+         "audit": {"<threat>": {"norm", "eps", "max_perturbation", "nan_count", "value_range": [lo, hi]}},
+         "gradients": {"<source>": {"points", "nan_or_inf", "zero_fraction", "norm_median"}},
+         "checks": [{"flag", "status": "ok" | "flag" | "n/a", "where", "detail", "rule"}],
+         "flags": [the checks whose status is "flag"],
+         "examples": {"<threat>": {"indices": [...], "attacks": [...]}}}}}
+
+The attacks and the per-threat results are nested ``attacks[attack][threat]`` and ``worst_case[threat]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["plot_curves", "plot_examples", "write_markdown", "write_outputs"]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%"
+    return "-" if value is None else str(value)
+
+
+def write_markdown(record: Mapping[str, Any]) -> str:
+    """The report: setup, one table per threat model (defense x attack cascade), curves, checks and audit."""
+    s = record["settings"]
+    lines = [
+        f"# Robustness evaluation{' (QUICK smoke run: reduced settings, not the reported figures)' if record.get('quick') else ''}",
+        "",
+        f"Command: `{record.get('command', '(Python API)')}`; device {record.get('device', '?')}; processes "
+        f"{record.get('world_size', 1)}; n = {record['n']} ({record.get('data', 'given points')}); seed {s['seed']}; "
+        f"stage time {record.get('seconds_stages')} s (this call {record.get('seconds_this_call')} s, "
+        f"{record.get('resumed_stages', 0)} stages resumed from saved state).",
+        "",
+    ]
+    reduced = record.get("reduced_vs_full") or {}
+    if reduced:
+        lines += [
+            "Settings reduced vs the full protocol: "
+            + "; ".join(f"{k} {v['this_run']} (full {v['full']})" for k, v in reduced.items())
+            + ".",
+            "",
+        ]
+    lines += [
+        "Cells: robust accuracy after each attack of the cascade (each attack runs on the points still robust;",
+        "the worst case per point is the last column). `skip`: not applicable (see below).",
+        "",
+    ]
+    attacks = [a for a in record["attack_definitions"]]
+    for tk in record["threat_models"]:
+        lines += [
+            f"## {tk}",
+            "",
+            "| defense | n | " + " | ".join(attacks) + " | **worst case** |",
+            "|---|---|" + "---|" * len(attacks) + "---|",
+        ]
+        for name, d in record["defenses"].items():
+            cells = []
+            for a in attacks:
+                e = d["attacks"].get(a, {}).get(tk, {})
+                cells.append("skip" if e.get("status") == "skipped" else _fmt(e.get("accuracy")))
+            lines.append(
+                f"| {name} | {d['n']} | " + " | ".join(cells) + f" | **{_fmt(d['worst_case'][tk])}** |"
+            )
+        lines.append("")
+    lines += [
+        "## Accuracy vs eps",
+        "",
+        "Independent runs of the curve attack (BPDA PGD through a preprocessing defense, "
+        "else PGD) at each budget; eps 0 is clean accuracy. Plot: `accuracy_vs_eps.png`.",
+        "",
+    ]
+    for name, d in record["defenses"].items():
+        for norm, c in d["curves"].items():
+            pts = ", ".join(f"{e:g}: {_fmt(a)}" for e, a in zip(c["eps"], c["accuracy"], strict=True))
+            lines.append(f"- {name}, {norm} ({c['attack']}, {c['settings']['steps']} steps): {pts}")
+    lines += ["", "## Red flags", ""]
+    for flag, rule in record["flag_definitions"].items():
+        lines.append(f"- **{flag}**: {rule}.")
+    lines += ["", "| defense | flag | status | where | detail |", "|---|---|---|---|---|"]
+    for name, d in record["defenses"].items():
+        for c in d["checks"]:
+            status = "**FLAG**" if c["status"] == "flag" else c["status"]
+            lines.append(f"| {name} | {c['flag']} | {status} | {c['where']} | {c['detail']} |")
+    lines += ["", "## Audit", ""]
+    for name, d in record["defenses"].items():
+        parts = []
+        for tk, a in d["audit"].items():
+            lo, hi = a["value_range"]
+            rng = "no adversarial examples" if lo is None else f"range [{lo:.4g}, {hi:.4g}]"
+            parts.append(
+                f"{tk}: max {a['norm']} perturbation {a['max_perturbation']:.4g} (eps {a['eps']:g}), NaN {a['nan_count']}, {rng}"
+            )
+        lines.append(f"- audit {name}: " + "; ".join(parts))
+    lines += ["", "## Attacks", ""]
+    for a, doc in record["attack_definitions"].items():
+        lines.append(f"- `{a}`: {doc}")
+    skipped = sorted(
+        {
+            (a, e["reason"])
+            for d in record["defenses"].values()
+            for a, per in d["attacks"].items()
+            for e in per.values()
+            if e.get("status") == "skipped"
+        }
+    )
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"`{a}`: {r}" for a, r in skipped) + "."]
+    lines += [
+        "",
+        "Grids (clean / adversarial / projected): "
+        + ", ".join(
+            f"`grid_{name}_{tk}.png`" for name in record["defenses"] for tk in record["threat_models"]
+        )
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_curves(record: Mapping[str, Any], path: Path) -> None:
+    """Accuracy vs eps, one panel per norm, one line per defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norms = sorted({n for d in record["defenses"].values() for n in d["curves"]}, key=lambda v: v != "linf")
+    fig, axes = plt.subplots(1, max(1, len(norms)), figsize=(5 * max(1, len(norms)), 3.8), squeeze=False)
+    for ax, norm in zip(axes[0], norms, strict=False):
+        for name, d in record["defenses"].items():
+            c = d["curves"].get(norm)
+            if c:
+                ax.plot(c["eps"], c["accuracy"], marker="o", label=f"{name} ({c['attack']}, n={d['n']})")
+        ax.set_xlabel(f"{norm} eps")
+        ax.set_ylabel("robust accuracy")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not norms:
+        axes[0][0].text(0.1, 0.5, "no curves computed")
+    fig.suptitle(("QUICK " if record.get("quick") else "") + "accuracy vs eps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_examples(ex: Mapping[str, Any], y: list[int] | None, title: str, path: Path) -> None:
+    """Rows clean / adversarial / projected (when the defense has a projection), one column per example."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(ex.get("attacks", []))
+    rows = [("clean", ex.get("clean")), ("adversarial", ex.get("x_adv"))]
+    if isinstance(ex.get("projected"), Tensor):
+        rows.append(("projected", ex["projected"]))
+    fig, axes = plt.subplots(
+        len(rows), max(1, count), figsize=(1.6 * max(1, count) + 0.6, 1.8 * len(rows) + 0.6), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (_label, imgs) in enumerate(rows):
+        for c in range(count):
+            if not isinstance(imgs, Tensor):
+                continue
+            img = imgs[c]
+            ax = axes[r][c]
+            ax.imshow(
+                img.reshape(img.shape[-2], img.shape[-1]).numpy()
+                if img.shape[0] == 1
+                else img.permute(1, 2, 0).numpy(),
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+            )
+            if r == 0:
+                ax.set_title(f"y={y[c] if y else '?'}", fontsize=7)
+            elif r == 1:
+                ax.set_title(f"{ex['attacks'][c]}: {int(ex['pred'][c])}", fontsize=7)
+            else:
+                ax.set_title("projection", fontsize=7)
+    if count == 0:
+        axes[0][0].text(0.0, 0.5, "no point broken: nothing to show", fontsize=9)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(
+    record: Mapping[str, Any], stages: Mapping[str, Any], out: Path, labels: list[int] | None = None
+) -> None:
+    """Write ``results.json``, ``report.md``, ``accuracy_vs_eps.png`` and ``grid_<defense>_<threat>.png``."""
+    out = Path(out)
+    (out / "results.json").write_text(json.dumps(_finite(record), indent=1) + "\n")
+    (out / "report.md").write_text(write_markdown(record))
+    plot_curves(record, out / "accuracy_vs_eps.png")
+    for name, d in record["defenses"].items():
+        for tk in record["threat_models"]:
+            ex = stages.get(f"{name}|{tk}|examples")
+            if ex is None:
+                continue
+            ys = d["examples"].get(tk, {}).get("labels")
+            plot_examples(
+                ex,
+                ys,
+                f"{name}, {tk}: clean / adversarial (attack: prediction) / projected",
+                out / f"grid_{name}_{tk}.png",
+            )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,427 @@
+"""The robustness harness (eval.robustness_core / eval.robustness): cascade, schema, red flags, resume,
+torchrun sharding and bad input, on tiny stand-in models (64-pixel images, a 2-d latent generator)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from eval.robustness_core import (
+    ATTACKS,
+    Defense,
+    RobustnessSettings,
+    StateMismatchError,
+    check_monotone,
+    parse_threat,
+    projection_defense,
+    run_robustness,
+    undefended_defense,
+)
+from manifold_defense.inversion import InversionConfig
+
+REPO = Path(__file__).resolve().parents[1]
+K = 3  # classes
+
+
+class TinyGenerator(nn.Module):
+    """``z (B, 2) -> sigmoid(W z + b)`` reshaped to ``(B, 1, 8, 8)``."""
+
+    latent_dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.lin = nn.Linear(2, 64)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(64, 2, generator=g) * 1.5)
+            self.lin.bias.copy_(torch.randn(64, generator=g) * 0.3)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.lin(z)).reshape(-1, 1, 8, 8)
+
+
+CENTERS = 0.3 * torch.tensor([[1.5, 0.0], [-1.0, 1.2], [-0.6, -1.4]])
+
+
+class PrototypeClassifier(nn.Module):
+    """Linear nearest-prototype classifier: ``logits_k = scale (2 mu_k . x - ||mu_k||^2)``."""
+
+    def __init__(self, prototypes: Tensor, scale: float = 4.0) -> None:
+        super().__init__()
+        mu = prototypes.reshape(K, -1)
+        self.lin = nn.Linear(mu.shape[1], K)
+        with torch.no_grad():
+            self.lin.weight.copy_(2 * scale * mu)
+            self.lin.bias.copy_(-scale * mu.pow(2).sum(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x.reshape(x.shape[0], -1))
+
+
+class MaskedGradient(nn.Module):
+    """Gradient masking: the classifier's logits with an exactly zero input gradient."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x.detach()) + 0.0 * x.sum(dim=(1, 2, 3))[:, None]
+
+
+class NoisyInput(nn.Module):
+    """A randomized model: the classifier on ``x + N(0, std^2)`` noise drawn from torch's global RNG."""
+
+    def __init__(self, inner: nn.Module, std: float = 0.35) -> None:
+        super().__init__()
+        self.inner, self.std = inner, std
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x + self.std * torch.randn_like(x))
+
+
+class Flip(nn.Module):
+    """``x -> 1 - x``: a preprocessing whose BPDA (identity) gradient points the wrong way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 1 - x
+
+
+class TrapModel(nn.Module):
+    """Zero-gradient memorizer: right at distance < 0.05 or > 0.45 (Linf) from its nearest memorized point,
+    wrong in between; PGD's random start at a large eps lands it back on "right" (non-monotone, not ~0)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mem", x.reshape(x.shape[0], -1).clone())
+        self.register_buffer("labels", y.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.detach().reshape(x.shape[0], -1)
+        d = (flat[:, None, :] - self.mem[None]).abs().amax(-1)
+        r, j = d.min(1)
+        label = self.labels[j]
+        wrong = (r >= 0.05) & (r <= 0.45)
+        label = torch.where(wrong, (label + 1) % K, label)
+        return 10 * nn.functional.one_hot(label, K).float() + 0.0 * x.sum(dim=(1, 2, 3))[:, None]
+
+
+def tiny_setup(n: int = 12) -> dict[str, Any]:
+    """Tiny generator, classifier and data near the generator's range (deterministic)."""
+    torch.manual_seed(0)
+    gen = TinyGenerator().eval()
+    with torch.no_grad():
+        protos = gen(CENTERS)
+        g = torch.Generator().manual_seed(2)
+        y = torch.arange(n) % K
+        z = CENTERS[y] + 0.25 * torch.randn(n, 2, generator=g)
+        x = gen(z)
+    clf = PrototypeClassifier(protos).eval()
+    assert bool((clf(x).argmax(1) == y).all())
+    return {"generator": gen, "classifier": clf, "x": x, "y": y}
+
+
+TINY_INVERSION = InversionConfig(optimizer="adam", lr=0.1, steps=10, restarts=2, init="random", init_std=1.0)
+
+
+def tiny_settings(**overrides: Any) -> RobustnessSettings:
+    base: dict[str, Any] = {
+        "n": 12,
+        "n_per_defense": {},
+        "threats": ("linf-0.3", "l2-1"),
+        "batch_size": 5,
+        "draws": 2,
+        "pgd_steps": 12,
+        "bpda_steps": 5,
+        "eot_samples": 2,
+        "unrolled_steps": 4,
+        "unrolled_n": 4,
+        "unrolled_batch": 2,
+        "apgd_steps": 5,
+        "square_queries": 20,
+        "latent_steps": 10,
+        "op_steps": 10,
+        "curve_eps_linf": (0.1, 0.3, 1.0),
+        "curve_eps_l2": (0.5, 1.0, 4.0),
+        "curve_steps": 6,
+        "grad_check_n": 4,
+        "grid_examples": 3,
+    }
+    base.update(overrides)
+    return RobustnessSettings(**base)
+
+
+def tiny_defenses(setup: dict[str, Any]) -> list[Defense]:
+    clf, gen = setup["classifier"], setup["generator"]
+    return [undefended_defense(clf), projection_defense("projection-tiny", clf, gen, TINY_INVERSION, seed=0)]
+
+
+def _flags(record: dict[str, Any], defense: str) -> set[str]:
+    return {f["flag"] for f in record["defenses"][defense]["flags"]}
+
+
+def _strip_times(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _strip_times(v)
+            for k, v in value.items()
+            if not k.startswith("seconds") and k not in ("resumed_stages", "world_size", "command")
+        }
+    if isinstance(value, list):
+        return [_strip_times(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- tests
+def test_cascade_end_to_end_and_schema(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    record = run_robustness(
+        tiny_settings(),
+        tiny_defenses(setup),
+        setup["x"],
+        setup["y"],
+        tmp_path,
+        generator=setup["generator"],
+        latent_config=TINY_INVERSION,
+        progress=False,
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("threat_models", "n", "settings", "defenses"):
+        assert key in saved
+    assert saved["threat_models"] == ["linf-0.3", "l2-1"] and saved["n"] == 12
+    assert saved["defenses"]["undefended"]["worst_case"] == record["defenses"]["undefended"]["worst_case"]
+    und, proj = saved["defenses"]["undefended"], saved["defenses"]["projection-tiny"]
+    for d in (und, proj):
+        assert set(d) >= {"clean", "attacks", "worst_case", "flags"}
+        assert list(d["attacks"]) == list(ATTACKS)
+        assert d["clean"] >= 0.75
+        for tk in saved["threat_models"]:
+            ran = [d["attacks"][a][tk]["accuracy"] for a in ATTACKS if d["attacks"][a][tk]["status"] == "ran"]
+            assert ran == sorted(ran, reverse=True)  # the cascade only removes points
+            assert d["worst_case"][tk] == ran[-1]
+            audit = d["audit"][tk]
+            assert audit["nan_count"] == 0 and audit["max_perturbation"] <= parse_threat(tk).eps * (1 + 1e-4)
+    assert und["clean"] == 1.0
+    # a linear classifier falls to PGD at Linf 0.3; BPDA does not apply to it and is marked so
+    assert und["attacks"]["pgd"]["linf-0.3"]["accuracy"] < 0.1 and und["worst_case"]["l2-1"] < 0.5
+    assert und["attacks"]["bpda-pgd"]["linf-0.3"]["status"] == "skipped"
+    assert "no preprocessing" in und["attacks"]["bpda-pgd"]["linf-0.3"]["reason"]
+    # the projection defense is randomized and attacked by every attack of the cascade
+    assert proj["randomized"] and proj["draws"] == 2
+    assert proj["attacks"]["bpda-eot-pgd"]["linf-0.3"]["status"] == "ran"
+    assert proj["worst_case"]["linf-0.3"] <= proj["attacks"]["pgd"]["linf-0.3"]["accuracy"]
+    assert proj["curves"]["linf"]["eps"] == [0.0, 0.1, 0.3, 1.0]
+    for name in ("report.md", "accuracy_vs_eps.png", "grid_projection-tiny_linf-0.3.png", "state.pt"):
+        assert (tmp_path / name).is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert "audit undefended" in report and "black-box-stronger" in report and "| projection-tiny |" in report
+
+
+def _run(setup: dict[str, Any], defenses: list[Defense], out: Path, **overrides: Any) -> dict[str, Any]:
+    return run_robustness(
+        tiny_settings(**overrides),
+        defenses,
+        setup["x"],
+        setup["y"],
+        out,
+        generator=setup["generator"],
+        latent_config=TINY_INVERSION,
+        progress=False,
+    )
+
+
+CHEAP = ("clean", "pgd", "bpda-pgd", "unrolled-pgd", "square")
+
+
+def test_plain_model_raises_no_flag(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    record = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, attacks=CHEAP)
+    d = record["defenses"]["undefended"]
+    assert d["flags"] == [], d["flags"]
+    statuses = {(c["flag"], c["status"]) for c in d["checks"]}
+    assert ("unbounded-eps-not-zero", "ok") in statuses and ("black-box-stronger", "ok") in statuses
+    assert ("zero-or-nan-gradients", "ok") in statuses and ("randomized-defense", "ok") in statuses
+    assert d["curves"]["linf"]["accuracy"][-1] == 0.0  # Linf eps 1: every point falls
+
+
+def test_gradient_masking_model_raises_its_flags(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    masked = Defense("masked", MaskedGradient(setup["classifier"]).eval())
+    record = _run(setup, [masked], tmp_path, attacks=CHEAP, square_queries=200)
+    d = record["defenses"]["masked"]
+    assert {"zero-or-nan-gradients", "black-box-stronger"} <= _flags(record, "masked")
+    assert d["gradients"]["pgd"]["zero_fraction"] == 1.0
+    sq = d["attacks"]["square"]["linf-0.3"]
+    assert sq["broken"] > 0 and sq["accuracy"] < d["attacks"]["pgd"]["linf-0.3"]["accuracy"]
+
+
+def test_trap_model_is_non_monotone_and_survives_unbounded_eps(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    trap = Defense("trap", TrapModel(setup["x"], setup["y"]).eval())
+    record = _run(setup, [trap], tmp_path, attacks=("clean", "pgd"), threats=("linf-0.3",))
+    curve = record["defenses"]["trap"]["curves"]["linf"]
+    assert curve["accuracy"][2] == 0.0 and curve["accuracy"][-1] >= 0.5  # wrong at eps 0.3, "right" at 1
+    assert {"non-monotone-in-eps", "unbounded-eps-not-zero"} <= _flags(record, "trap")
+
+
+def test_randomized_model_is_flagged_and_judged_worst_case(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    noisy = Defense("noisy", NoisyInput(setup["classifier"]).eval())
+    record = _run(setup, [noisy], tmp_path, attacks=("clean", "pgd"), threats=("l2-1",), draws=4)
+    d = record["defenses"]["noisy"]
+    assert d["randomized"] and d["draws"] == 4
+    assert "randomized-defense" in _flags(record, "noisy")
+    flag = next(f for f in d["flags"] if f["flag"] == "randomized-defense")
+    assert "worst case over 4 draws" in flag["detail"]
+    # worst case over draws can only lower accuracy: the clean accuracy is below the noiseless classifier's
+    assert d["clean"] < 1.0
+
+
+def test_bpda_vs_unrolled_gap_is_flagged(tmp_path: Path) -> None:
+    from attacks import BPDA
+
+    setup = tiny_setup()
+    clf = setup["classifier"]
+
+    class FlipThen(nn.Module):
+        def __init__(self, pre: nn.Module) -> None:
+            super().__init__()
+            self.pre = pre
+
+        def forward(self, x: Tensor) -> Tensor:
+            return clf(1 - self.pre(x))  # = clf(x) in value
+
+    flip_bpda = FlipThen(BPDA(Flip())).eval()
+    flip_exact = FlipThen(Flip()).eval()
+    ident_bpda = FlipThen(BPDA(lambda x: 1 - x, surrogate=lambda x: 1 - x)).eval()
+    defenses = [
+        Defense(
+            "flip",
+            flip_bpda,
+            classifier=clf,
+            preprocess=Flip(),
+            bpda_model=flip_bpda,
+            unrolled_model=flip_exact,
+        ),
+        Defense("exact", ident_bpda, classifier=clf, bpda_model=ident_bpda, unrolled_model=flip_exact),
+    ]
+    record = _run(
+        setup, defenses, tmp_path, attacks=("clean", "bpda-pgd", "unrolled-pgd"), threats=("linf-0.3",)
+    )
+    cmp_flip = record["defenses"]["flip"]["attacks"]["unrolled-pgd"]["linf-0.3"]["compare"]
+    assert cmp_flip["bpda_accuracy"] == 1.0 and cmp_flip["unrolled_accuracy"] == 0.0
+    assert "bpda-unrolled-gap" in _flags(record, "flip")
+    assert "bpda-unrolled-gap" not in _flags(record, "exact")
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    kw: dict[str, Any] = {"attacks": ("clean", "pgd", "bpda-pgd", "bpda-eot-pgd", "onmanifold")}
+    full = _run(setup, tiny_defenses(setup), tmp_path / "a", **kw)
+
+    class Stop(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def interrupt(key: str) -> None:
+        seen.append(key)
+        if len(seen) == 5:
+            raise Stop(key)
+
+    with pytest.raises(Stop):
+        run_robustness(
+            tiny_settings(**kw), tiny_defenses(setup), setup["x"], setup["y"], tmp_path / "b",
+            generator=setup["generator"], latent_config=TINY_INVERSION, progress=False, on_stage=interrupt,
+        )  # fmt: skip
+    resumed = _run(setup, tiny_defenses(setup), tmp_path / "b", **kw)
+    assert resumed["resumed_stages"] >= 5
+    assert _strip_times(resumed["defenses"]) == _strip_times(full["defenses"])
+
+
+def test_output_folder_of_another_run_is_refused(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    kw: dict[str, Any] = {"attacks": ("clean", "pgd"), "threats": ("linf-0.3",)}
+    _run(setup, [undefended_defense(setup["classifier"])], tmp_path, **kw)
+    with pytest.raises(StateMismatchError, match=r"another run's state .*seed: saved 0, now 1"):
+        _run(setup, [undefended_defense(setup["classifier"])], tmp_path, seed=1, **kw)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(StateMismatchError, match="other files"):
+        _run(setup, [undefended_defense(setup["classifier"])], tmp_path / "other", **kw)
+
+
+def test_bad_names_and_bad_models_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown attack \['pgd2'\]: expected a non-empty subset of \['clean'"
+    ):
+        tiny_settings(attacks=("clean", "pgd2"))
+    with pytest.raises(ValueError, match="NORM-EPS"):
+        tiny_settings(threats=("linf0.3",))
+    with pytest.raises(ValueError, match="NORM in"):
+        parse_threat("l1-2")
+    setup = tiny_setup()
+
+    class Flat(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.reshape(x.shape[0], -1).sum(1)
+
+    class TwoClasses(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.reshape(x.shape[0], -1)[:, :2]
+
+    with pytest.raises(ValueError, match=r"float logits of shape \(2, num_classes\)"):
+        _run(setup, [Defense("flat", Flat().eval())], tmp_path / "a", attacks=("clean",))
+    with pytest.raises(ValueError, match=r"labels in \[0, 2\)"):
+        _run(setup, [Defense("two", TwoClasses().eval())], tmp_path / "b", attacks=("clean",))
+
+
+def test_monotone_rule() -> None:
+    assert check_monotone([0, 0.1, 0.3], [1.0, 0.5, 0.2], 20, 0.02) == []
+    assert check_monotone([0, 0.1, 0.3], [1.0, 0.5, 0.55], 20, 0.02) == []  # one point of 20: tolerated
+    assert len(check_monotone([0, 0.1, 0.3], [1.0, 0.5, 0.6], 20, 0.02)) == 1
+    assert not math.isnan(0.0)
+
+
+WORKER = """
+import sys, json, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from tests.test_eval_robustness import tiny_setup, tiny_defenses, tiny_settings, TINY_INVERSION
+from eval.robustness_core import run_robustness
+from manifold_defense.training.distributed import setup_distributed
+ctx = setup_distributed("cpu")
+setup = tiny_setup()
+run_robustness(tiny_settings(attacks=("clean", "pgd", "bpda-pgd", "bpda-eot-pgd", "apgd", "overpowered"),
+               batch_size=3, threats=("l2-1",)), tiny_defenses(setup), setup["x"], setup["y"], Path(sys.argv[1]),
+               generator=setup["generator"], latent_config=TINY_INVERSION, ctx=ctx, progress=False)
+"""
+
+
+def test_two_torchrun_processes_equal_one(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(tmp_path / "two")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert r1["world_size"] == 1 and r2["world_size"] == 2
+    assert _strip_times(r1["defenses"]) == _strip_times(r2["defenses"])
