@@ -21,6 +21,7 @@ steps, restarts and DIP iterations, a smaller DIP network); its outputs say so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -61,7 +62,7 @@ from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 
-__all__ = ["add_parsers", "lasso_ratio", "main", "run_benchmark"]
+__all__ = ["add_parsers", "figure_checks", "lasso_ratio", "main", "run_benchmark"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--dip-iters", type=_positive_int, default=None, help="DIP iterations (full 1000, quick 300)"
     )
+    p.add_argument(
+        "--dip-n", type=_positive_int, default=None,
+        help="DIP on the first N test images only (CPU budget; recorded in results.json)",
+    )  # fmt: skip
     p.add_argument("--no-grids", action="store_true", help="skip the reconstruction grids")
     p.add_argument("--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: bundle)")
     p.set_defaults(func=main)
@@ -137,6 +142,51 @@ def lasso_ratio(results: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
         "lower_bound_only": needed is not None and needed == m_grid[0],
     }
     return (None if needed is None else needed / RATIO_M), info
+
+
+def figure_checks(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's three figures, checked on ``results`` (``None`` where the needed methods did not run).
+
+    - ``ratio_at_least_5``: ``lasso_over_csgm_measurements_at_m50 >= 5`` (``None`` when the ratio is missing);
+    - ``sparse_gen_within_10pct``: per m, sparse-gen's MSE / min(better CSGM, best Lasso), and whether every
+      ratio is <= 1.1;
+    - ``dip_beats_lasso_m_le_200``: per m <= 200, DIP's MSE / best Lasso's, and whether every one is < 1.
+      When DIP ran on fewer images (``dip_n``), the Lasso is compared on all test images (noted).
+    """
+    m_grid = results["m"]
+    methods = results["methods"]
+    lasso = [k for k in methods if k.startswith("lasso-")]
+    csgm = [k for k in ("csgm-vae", "csgm-gan") if k in methods]
+    out: dict[str, Any] = {}
+    ratio = results.get("lasso_over_csgm_measurements_at_m50")
+    out["ratio_at_least_5"] = None if ratio is None else bool(ratio >= 5)
+    best_lasso = [min(methods[k]["mse"][i] for k in lasso) for i in range(len(m_grid))] if lasso else None
+    if "sparse-gen" in methods and csgm and best_lasso is not None:
+        ref = [min([methods[k]["mse"][i] for k in csgm] + [best_lasso[i]]) for i in range(len(m_grid))]
+        rel = [
+            methods["sparse-gen"]["mse"][i] / ref[i] if ref[i] > 0 else math.inf for i in range(len(m_grid))
+        ]
+        out["sparse_gen_within_10pct"] = {
+            "ok": all(r <= 1.1 for r in rel),
+            "sparse_gen_over_min_csgm_lasso": {str(m): round(r, 3) for m, r in zip(m_grid, rel, strict=True)},
+        }
+    else:
+        out["sparse_gen_within_10pct"] = None
+    if "dip" in methods and best_lasso is not None:
+        dip_rel = {
+            str(m): round(methods["dip"]["mse"][i] / best_lasso[i], 3)
+            for i, m in enumerate(m_grid)
+            if m <= 200 and best_lasso[i] > 0
+        }
+        out["dip_beats_lasso_m_le_200"] = {"ok": bool(dip_rel) and all(r < 1 for r in dip_rel.values()),
+                                           "dip_over_best_lasso": dip_rel}  # fmt: skip
+    else:
+        out["dip_beats_lasso_m_le_200"] = None
+    return out
+
+
+def _method_of(generator: str) -> str:
+    return next(k for k, v in GENERATORS.items() if v == generator)
 
 
 def _stats(mse: torch.Tensor) -> tuple[float, float]:
@@ -180,7 +230,7 @@ def run_benchmark(
         raise ValueError(f"expected {protocol.n_images} test images, got {x_test.shape[0]}")
     needed = {GENERATORS[k] for k in chosen if k in GENERATORS}
     if "sparse-gen" in chosen:
-        needed.add(protocol.sparse_generator)
+        needed |= set(protocol.sparse_generators)
     if grids:
         needed |= {GENERATORS[k] for k in GENERATORS}
     generators = {name: zoo.load(name, dev) for name in sorted(needed)}
@@ -224,30 +274,28 @@ def run_benchmark(
                 out = recover_lasso(A_np, y, basis, y_val, x_val, protocol, n_jobs=threads)
                 selected.setdefault("lasso_alpha", {}).setdefault(basis, {})[str(m)] = out.selection
             elif method == "dip":
-                out = recover_dip(y, A, protocol, protocol.dip_tv_weight * m, test_seeds, dev)
+                k = protocol.dip_images
+                out = recover_dip(y[:k], A, protocol, protocol.dip_tv_weight * m, test_seeds[:k], dev)
             else:  # sparse-gen
-                gen_name = protocol.sparse_generator
-                gen_method = next(k for k, v in GENERATORS.items() if v == gen_name)
-                base_val = recover_csgm(
-                    generators[gen_name],
-                    y_val,
-                    A,
-                    protocol.csgm_config(gen_method),
-                    val_seeds,
-                    protocol.batch,
-                )
-                choice = select_sparse_gen(
-                    generators[gen_name], y_val, x_val, A, base_val, protocol, val_seeds
-                )
+                base_val = {
+                    gen: recover_csgm(
+                        generators[gen], y_val, A, protocol.csgm_config(_method_of(gen)), val_seeds,
+                        protocol.batch,
+                    )
+                    for gen in protocol.sparse_generators
+                }  # fmt: skip
+                choice = select_sparse_gen(generators, y_val, x_val, A, base_val, protocol, val_seeds)
                 selected.setdefault("sparse_gen", {})[str(m)] = choice
+                gen_name = choice["generator"]
                 out = recover_sparse_gen(
                     generators[gen_name], y, A, csgm_for(gen_name), choice["basis"], choice["weight"], protocol,
-                    test_seeds,
+                    test_seeds, generator_name=gen_name,
                 )  # fmt: skip
-            mean, std = _stats(per_image_mse(out.x_hat, x_test))
+            n_done = out.x_hat.shape[0]
+            mean, std = _stats(per_image_mse(out.x_hat, x_test[:n_done]))
             per_method[method]["mse"].append(mean)
             per_method[method]["mse_std"].append(std)
-            per_method[method]["seconds_per_image"].append(out.seconds / protocol.n_images)
+            per_method[method]["seconds_per_image"].append(out.seconds / n_done)
             if m == grid_m:
                 shown[method] = out.x_hat[:k_show]
             log.debug("m=%d %s: mse %.5f", m, method, mean)
@@ -306,8 +354,12 @@ def run_benchmark(
         "excluded; sparse-gen includes its CSGM start)",
         "dip_tv_weight_used": "dip_tv_weight * m (CSGM's unscaled A makes the summed squared error m times "
         "CS-DIP's)",
-        "sparse_gen": f"CSGM ({protocol.sparse_generator}) start, then sparse_steps joint (z, v) steps; "
-        "basis and weight chosen per m on validation images; output clipped to [0, 1]",
+        "dip_images": protocol.dip_images,
+        "images_per_method": {k: (protocol.dip_images if k == "dip" else protocol.n_images) for k in chosen},
+        "csgm_schedules": {k: dataclasses.asdict(protocol.csgm_config(k)) for k in GENERATORS},
+        "sparse_gen": f"CSGM start from one of {list(protocol.sparse_generators)}, then sparse_steps joint (z, v) "
+        "steps; generator, basis and weight (or 'off' = the CSGM start) chosen per m on validation images; "
+        "output clipped to [0, 1]",
         "selected": selected,
         "ratio": ratio_info,
         "grids": grid_settings,
@@ -319,6 +371,7 @@ def run_benchmark(
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     results["lasso_over_csgm_measurements_at_m50"] = ratio
+    results["checks"] = figure_checks(results)
     _check_finite(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, out_dir / "results.md")
@@ -348,6 +401,8 @@ def main(args: argparse.Namespace) -> int:
         overrides["dip_ngf"] = args.dip_ngf
     if args.dip_iters is not None:
         overrides["dip_iters"] = args.dip_iters
+    if args.dip_n is not None:
+        overrides["dip_n"] = args.dip_n
     protocol = quick_protocol(**overrides) if args.quick else full_protocol(**overrides)
     methods = check_methods(args.methods)
     command = "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -357,7 +412,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(
             f"Full CSGM MNIST protocol: {protocol.n_images} test images, m = {list(protocol.m_grid)}, "
-            f"{protocol.csgm_steps} steps x {protocol.csgm_restarts} restarts (hours on a CPU)",
+            f"DIP on {protocol.dip_images} images; see README for the CPU time estimate",
             flush=True,
         )
     results = run_benchmark(
@@ -379,6 +434,14 @@ def main(args: argparse.Namespace) -> int:
     if info.get("csgm_reference") is not None:
         shown = f"{ratio:.2f}" if ratio is not None else f"null (never reached, {info['never_reached_flag']})"
         print(f"lasso_over_csgm_measurements_at_m50 = {shown} (reference {info['csgm_reference']})")
+    checks = results["checks"]
+    if checks["sparse_gen_within_10pct"] is not None:
+        sg = checks["sparse_gen_within_10pct"]
+        print(f"sparse-gen / min(CSGM, best Lasso) per m: {sg['sparse_gen_over_min_csgm_lasso']} "
+              f"(all <= 1.1: {sg['ok']})")  # fmt: skip
+    if checks["dip_beats_lasso_m_le_200"] is not None:
+        dp = checks["dip_beats_lasso_m_le_200"]
+        print(f"DIP / best Lasso at m <= 200: {dp['dip_over_best_lasso']} (all < 1: {dp['ok']})")
     print(f"{'QUICK protocol: ' if protocol.quick else ''}wrote {args.out}/results.json, results.md, mse_vs_m.png"
           + ("" if args.no_grids else ", grid_*.png"))  # fmt: skip
     return 0

@@ -72,8 +72,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         ]
     lines += [
         f"{proto['n_images']} test images, {proto['n_val']} validation images, Gaussian A with N(0, 1) entries, "
-        f"noise sigma {proto['noise_std']}, CSGM: Adam lr {proto['csgm_lr']}, {proto['csgm_steps']} steps, "
-        f"{proto['csgm_restarts']} restarts. Per-pixel MSE, mean +- std over test images.",
+        f"noise sigma {proto['noise_std']}. csgm-vae: Adam lr {proto['csgm_lr']}, {proto['csgm_steps']} steps, "
+        f"{proto['csgm_restarts']} restarts (CSGM's schedule); csgm-gan: Adam lr {proto['gan_lr']}, "
+        f"{proto['gan_steps']} steps, {proto['gan_restarts']} restarts pruned to 1 after "
+        f"{proto['gan_prune_after']} steps (chosen on validation images). DIP: ngf {proto['dip_ngf']}, "
+        f"{proto['dip_iters']} iterations, {proto['dip_restarts']} restarts ({proto['dip_aggregate']}), on "
+        f"{proto['dip_images']} test images. Per-pixel MSE, mean +- std over test images.",
         "",
         "| m | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
@@ -106,6 +110,24 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 "null."
             )
         )
+    checks = results.get("checks", {})
+    if checks:
+        lines += ["", "## The issue's figures", ""]
+        lines.append(f"- Lasso needs >= 5x CSGM's measurements at m = 50: {checks['ratio_at_least_5']}")
+        sg = checks.get("sparse_gen_within_10pct")
+        if sg is not None:
+            lines.append(
+                f"- sparse-gen within 10% of min(CSGM, best Lasso) at every m: {sg['ok']} (ratio per m: "
+                + ", ".join(f"{m}: {r}" for m, r in sg["sparse_gen_over_min_csgm_lasso"].items())
+                + ")"
+            )
+        dp = checks.get("dip_beats_lasso_m_le_200")
+        if dp is not None:
+            lines.append(
+                f"- DIP beats the best Lasso at every m <= 200: {dp['ok']} (DIP / best Lasso: "
+                + ", ".join(f"{m}: {r}" for m, r in dp["dip_over_best_lasso"].items())
+                + ")"
+            )
     sel = proto.get("selected", {})
     if sel.get("lasso_alpha"):
         lines += ["", "## Lasso alphas chosen on validation images", ""]
@@ -121,10 +143,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             )
     if sel.get("sparse_gen"):
         lines += ["", "## Sparse-gen deviation chosen on validation images", ""]
-        lines += ["| m | basis | weight |", "|---|---|---|"]
+        lines += ["| m | generator | basis | weight |", "|---|---|---|---|"]
         for m in results["m"]:
             s = sel["sparse_gen"][str(m)]
-            lines.append(f"| {m} | {s['basis']} | {s['weight']:g} |")
+            weight = "-" if s["weight"] is None else f"{s['weight']:g}"
+            lines.append(f"| {m} | {s['generator']} | {s['basis']} | {weight} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -245,7 +268,7 @@ def _grid_rows(
         prior = protocol.z_prior_gan if gen == "mnist-gan" else protocol.z_prior_vae
         out = recover_sparse_gen(
             generators[gen], y, operator, bases[gen], "dct", protocol.grid_sparse_weight, protocol, seeds,
-            z_prior_weight=prior * prior_scale,
+            z_prior_weight=prior * prior_scale, generator_name=gen,
         )  # fmt: skip
         rows.append(("sparse-gen", out.x_hat))
     if "dip" in methods:

@@ -347,6 +347,31 @@ def test_dip_leaves_operator_parameters_alone() -> None:
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 
+def test_dip_restart_mean_and_output_ema() -> None:
+    x = _target(2)
+    _, op = _gaussian_operator(30)
+    y = op(x)
+    cfg = DIPConfig(**{**TINY.__dict__, "num_iter": 15, "num_restarts": 3})
+    best = dip_recover(y, op, SHAPE, cfg, seeds=[1, 2])
+    mean = dip_recover(y, op, SHAPE, DIPConfig(**{**cfg.__dict__, "restart_aggregate": "mean"}), seeds=[1, 2])
+    assert not torch.allclose(best.x_hat, mean.x_hat)
+    # The mean image is reported with its own measurement loss; with a single restart "mean" == "best".
+    assert torch.allclose(mean.loss, (op(mean.x_hat) - y).pow(2).sum(1), rtol=1e-4, atol=1e-6)
+    one = {**cfg.__dict__, "num_restarts": 1}
+    assert torch.equal(
+        dip_recover(y, op, SHAPE, DIPConfig(**one), seeds=[1, 2]).x_hat,
+        dip_recover(y, op, SHAPE, DIPConfig(**{**one, "restart_aggregate": "mean"}), seeds=[1, 2]).x_hat,
+    )
+    # EMA output: the reported loss is that of the returned (averaged) image; w -> 0 gives the last iterate.
+    ema = dip_recover(y, op, SHAPE, DIPConfig(**{**cfg.__dict__, "num_restarts": 1, "output_ema": 0.9}))
+    assert torch.allclose(ema.loss, (op(ema.x_hat) - y).pow(2).sum(1), rtol=1e-4, atol=1e-6)
+    assert float(ema.x_hat.min()) >= 0 and float(ema.x_hat.max()) <= 1
+    ref = dip_recover(
+        y, op, SHAPE, DIPConfig(**{**cfg.__dict__, "num_restarts": 1, "output_ema": 0.9}), batched=False
+    )
+    assert torch.allclose(ema.x_hat, ref.x_hat, atol=1e-3)
+
+
 def test_dip_bad_input() -> None:
     _, op = _gaussian_operator()
     y = op(_target())
@@ -368,5 +393,9 @@ def test_dip_bad_input() -> None:
         DIPConfig(lr=-1.0)
     with pytest.raises(ValueError, match=r"expected DIPConfig\.num_iter a positive int"):
         DIPConfig(num_iter=0)
+    with pytest.raises(ValueError, match=r"output_ema in \[0, 1\)"):
+        DIPConfig(output_ema=1.0)
+    with pytest.raises(ValueError, match="restart_aggregate 'best' or 'mean'"):
+        DIPConfig(restart_aggregate="median")
     with pytest.raises(ValueError, match=r"expected training images as a tensor \(N, C, H, W\) with N >= 2"):
         fit_learned_regularizer(_target(1), lambda i: op, TINY)

@@ -30,6 +30,10 @@ def _tiny(**overrides: Any) -> CSProtocol:
         m_grid=(25, 50),
         csgm_steps=4,
         csgm_restarts=2,
+        gan_steps=4,
+        gan_restarts=2,
+        gan_prune_after=1,
+        dip_restarts=2,
         batch=2,
         lasso_alphas=(0.01, 0.1),
         lasso_max_iter=200,
@@ -131,6 +135,55 @@ def test_protocol_rejects_bad_settings() -> None:
         CSProtocol(m_grid=(50, 50))
     with pytest.raises(ValueError, match="sparse_bases"):
         CSProtocol(sparse_bases=("wavelet",))
+    with pytest.raises(ValueError, match="dip_n: expected None or an int >= 1, got 0"):
+        CSProtocol(dip_n=0)
+    with pytest.raises(ValueError, match=r"gan_prune_after: expected None or an int in \[0, gan_steps=500\)"):
+        CSProtocol(gan_prune_after=500)
+    with pytest.raises(ValueError, match="sparse_generators"):
+        CSProtocol(sparse_generators=("mnist-encoder",))
+    with pytest.raises(ValueError, match="dip_aggregate"):
+        CSProtocol(dip_aggregate="median")
+
+
+def test_csgm_configs_per_generator() -> None:
+    proto = CSProtocol()
+    vae, gan = proto.csgm_config("csgm-vae"), proto.csgm_config("csgm-gan")
+    assert (vae.lr, vae.steps, vae.restarts, vae.z_prior_weight, vae.prune_after) == (
+        0.01,
+        1000,
+        10,
+        0.1,
+        None,
+    )
+    assert (gan.lr, gan.steps, gan.restarts, gan.prune_after, gan.prune_keep) == (0.03, 500, 20, 50, 1)
+    assert CSProtocol(gan_restarts=1).csgm_config("csgm-gan").prune_after is None
+    assert CSProtocol(n_images=5, dip_n=3).dip_images == 3 and CSProtocol(n_images=2, dip_n=3).dip_images == 2
+
+
+def test_figure_checks() -> None:
+    m = [10, 50, 200, 750]
+    res = _results(
+        {
+            "csgm-vae": [0.05, 0.02, 0.015, 0.015],
+            "csgm-gan": [0.06, 0.01, 0.004, 0.003],
+            "lasso-dct": [0.09, 0.07, 0.03, 0.001],
+            "dip": [0.08, 0.03, 0.001, 0.0001],
+            "sparse-gen": [0.054, 0.011, 0.004, 0.0012],
+        },
+        m,
+    )
+    res["lasso_over_csgm_measurements_at_m50"] = 6.0
+    checks = cs.figure_checks(res)
+    assert checks["ratio_at_least_5"] is True
+    sg = checks["sparse_gen_within_10pct"]
+    assert sg["sparse_gen_over_min_csgm_lasso"] == {"10": 1.08, "50": 1.1, "200": 1.0, "750": 1.2}
+    assert sg["ok"] is False  # 750: 0.0012 vs the Lasso's 0.001
+    dp = checks["dip_beats_lasso_m_le_200"]
+    assert dp == {"ok": True, "dip_over_best_lasso": {"10": 0.889, "50": 0.429, "200": 0.033}}
+    del res["methods"]["dip"]
+    res["lasso_over_csgm_measurements_at_m50"] = None
+    checks = cs.figure_checks(res)
+    assert checks["dip_beats_lasso_m_le_200"] is None and checks["ratio_at_least_5"] is None
 
 
 @pytest.mark.parametrize(
@@ -161,7 +214,7 @@ def test_cli_rejects_duplicate_m(tmp_path: Path) -> None:
 
 
 def _check_schema(results: dict[str, Any], m: list[int], methods: tuple[str, ...]) -> None:
-    assert set(results) == {"protocol", "m", "methods", "lasso_over_csgm_measurements_at_m50"}
+    assert set(results) == {"protocol", "m", "methods", "lasso_over_csgm_measurements_at_m50", "checks"}
     assert results["m"] == m
     assert list(results["methods"]) == list(methods)
     for name, res in results["methods"].items():
@@ -192,7 +245,16 @@ def test_quick_cli_end_to_end(
     for basis in ("pixel", "dct", "wavelet"):
         for m in ("25", "50"):
             assert proto["selected"]["lasso_alpha"][basis][m]["alpha"] in (0.01, 0.1)
-    assert proto["selected"]["sparse_gen"]["50"]["basis"] == "pixel"
+    choice = proto["selected"]["sparse_gen"]["50"]
+    assert choice["basis"] in ("pixel", "off") and choice["generator"] in ("mnist-vae", "mnist-gan")
+    # The choice is the validation minimum over every candidate, "off" (the CSGM start) included.
+    best_key = min(choice["val_mse"], key=choice["val_mse"].get)
+    assert best_key.split(":")[:2] == [choice["generator"], choice["basis"]]
+    assert set(results["checks"]) == {
+        "ratio_at_least_5",
+        "sparse_gen_within_10pct",
+        "dip_beats_lasso_m_le_200",
+    }
     # The ratio agrees with its definition applied to the written curves.
     ref = proto["ratio"]["csgm_reference"]
     meth = results["methods"]
@@ -202,6 +264,13 @@ def test_quick_cli_end_to_end(
     for name in PNGS:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+
+
+def test_run_benchmark_dip_n_caps_dip_images(tmp_path: Path) -> None:
+    protocol = _tiny(n_images=3, m_grid=(10,), dip_n=1)
+    results = cs.run_benchmark(protocol, tmp_path, ["dip", "lasso-dct"], "cpu", grids=False, progress=False)
+    assert results["protocol"]["images_per_method"] == {"lasso-dct": 3, "dip": 1}
+    assert results["protocol"]["dip_n"] == 1 and 0 < results["methods"]["dip"]["mse"][0] < 1
 
 
 def test_run_benchmark_subset_without_grids(tmp_path: Path) -> None:

@@ -82,7 +82,15 @@ class DIPConfig:
         num_restarts: independent random initializations per image (CS-DIP MNIST: 1); the restart with the
             best measurement loss wins.
         exit_window: return the lowest-total-loss iterate among the last ``exit_window`` iterations
-            (CS-DIP: 51); 1 returns the last iterate.
+            (CS-DIP: 51); 1 returns the last iterate. Ignored when ``output_ema > 0``.
+        output_ema: ``0`` (CS-DIP) or the weight ``w`` in ``[0, 1)`` of an exponential moving average of the
+            network output, ``avg <- w * avg + (1 - w) * G_w(z)`` from the first iterate on, returned instead of
+            the best-loss iterate (the ``exp_weight = 0.99`` smoothing of Ulyanov et al.'s DIP code). It
+            averages out the iterate-to-iterate wandering in the null space of an under-determined operator.
+        restart_aggregate: ``"best"`` (CS-DIP): the restart with the lowest measurement loss;
+            ``"mean"``: the pixel-wise mean of all restarts' reconstructions (an ensemble of independently
+            initialised networks; it reduces the null-space error at small ``m``, where every restart fits
+            ``y`` equally well and the best-loss choice is arbitrary).
         seed: default per-image seed (every image gets the same initial network unless ``seeds`` is given).
     """
 
@@ -98,6 +106,8 @@ class DIPConfig:
     lr_weight: float = 0.0
     num_restarts: int = 1
     exit_window: int = 51
+    output_ema: float = 0.0
+    restart_aggregate: str = "best"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,6 +127,12 @@ class DIPConfig:
             raise ValueError(f"expected DIPConfig.rmsprop_alpha in [0, 1), got {self.rmsprop_alpha!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"expected DIPConfig.seed a non-negative int, got {self.seed!r}")
+        if not isinstance(self.output_ema, (int, float)) or not 0 <= self.output_ema < 1:
+            raise ValueError(f"expected DIPConfig.output_ema in [0, 1), got {self.output_ema!r}")
+        if self.restart_aggregate not in ("best", "mean"):
+            raise ValueError(
+                f"expected DIPConfig.restart_aggregate 'best' or 'mean', got {self.restart_aggregate!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -410,6 +426,7 @@ def _run_batched(
     best_means = torch.zeros((num, len(names)), device=device)
     best_mse = torch.full((num,), math.inf, device=device)
     start_window = config.num_iter - config.exit_window
+    ema_x = torch.zeros((num, *image_shape), device=device)
     for it in range(config.num_iter):
         opt.zero_grad(set_to_none=True)
         x = forward(params, z)
@@ -422,6 +439,8 @@ def _run_batched(
         if prior is not None and config.lr_weight > 0:
             total = total + config.lr_weight * prior.penalty(means)
         with torch.no_grad():
+            if config.output_ema > 0:
+                ema_x = x.detach() if it == 0 else config.output_ema * ema_x + (1 - config.output_ema) * x
             if truth is not None:
                 mse = (x - truth).pow(2).flatten(1).mean(1)
                 better = mse < best_mse
@@ -441,7 +460,28 @@ def _run_batched(
         for param, grad in zip(params.values(), grads, strict=True):
             param.grad = grad
         opt.step()
+    if config.output_ema > 0:
+        with torch.no_grad():
+            pred = _apply_operators(operators, groups, ema_x)
+            means = torch.stack([params[k].flatten(1).mean(1) for k in names], dim=1)
+            best_meas, best_total = _losses(pred, y, ema_x, means, config, prior)
+            best_x = ema_x
+            if truth is None:
+                best_means = means
     return _RunOutput(best_x.detach(), best_meas.detach(), best_total.detach(), best_means.detach())
+
+
+def _losses(
+    pred: Tensor, y: Tensor, x: Tensor, means: Tensor, config: DIPConfig, prior: LayerGaussianPrior | None
+) -> tuple[Tensor, Tensor]:
+    """Measurement loss and total loss (TV, learned regularization) per network: (N,), (N,)."""
+    meas = (pred - y).pow(2).flatten(1).sum(1)
+    total = meas
+    if config.tv_weight > 0:
+        total = total + config.tv_weight * _tv(x)
+    if prior is not None and config.lr_weight > 0:
+        total = total + config.lr_weight * prior.penalty(means)
+    return meas, total
 
 
 def _run_reference(
@@ -473,9 +513,14 @@ def _run_reference(
             momentum=config.momentum,
         )
         best: tuple[float, Tensor, Tensor, Tensor] = (math.inf, z, z, z)
+        ema_x = torch.zeros((1, *image_shape), device=device)
         for it in range(config.num_iter):
             opt.zero_grad(set_to_none=True)
             x = net(z)
+            if config.output_ema > 0:
+                with torch.no_grad():
+                    w = config.output_ema
+                    ema_x = x.detach() if it == 0 else w * ema_x + (1 - w) * x.detach()
             pred = _check_operator_output(op(x), tuple(yk.shape))
             meas = (pred - yk).pow(2).sum()
             total = meas + config.tv_weight * _tv(x).sum() if config.tv_weight > 0 else meas
@@ -491,6 +536,11 @@ def _run_reference(
             for param, grad in zip(weights, torch.autograd.grad(total, weights), strict=True):
                 param.grad = grad
             opt.step()
+        if config.output_ema > 0:
+            with torch.no_grad():
+                means = torch.stack([p.mean() for p in net.parameters()]).unsqueeze(0)
+                meas_e, total_e = _losses(op(ema_x), yk, ema_x, means, config, prior)
+            best = (float(total_e[0]), ema_x[0], meas_e[0], means[0])
         outs.append((best[1], best[2], torch.tensor(best[0], device=device), best[3]))
     return _RunOutput(
         torch.stack([o[0] for o in outs]),
@@ -651,6 +701,16 @@ def _recover(
         torch.cat([p.total_loss for p in parts]),
         torch.cat([p.layer_means for p in parts]),
     )
+    if config.restart_aggregate == "mean" and restarts > 1:
+        x_mean = out.x_hat.reshape(batch, restarts, *shape).mean(dim=1)
+        means_mean = out.layer_means.reshape(batch, restarts, -1).mean(dim=1)
+        with torch.no_grad():
+            if len(operators) == 1:
+                pred = operators[0](x_mean)
+            else:
+                pred = torch.cat([operators[b](x_mean[b : b + 1]) for b in range(batch)])
+            meas_m, total_m = _losses(pred, y_dev, x_mean, means_mean, config, prior)
+        return DIPResult(x_mean, meas_m, total_m), means_mean
     meas = out.meas_loss.reshape(batch, restarts)
     pick = meas.argmin(dim=1)
     idx = torch.arange(batch, device=pick.device) * restarts + pick
