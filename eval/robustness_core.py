@@ -1307,7 +1307,9 @@ def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
                 f"{sorted(foreign)[:5]}: choose another output folder"
             )
         return {"fingerprint": fp, "stages": {}}
-    state = torch.load(path, weights_only=False)
+    state = torch.load(
+        path, map_location="cpu", weights_only=True
+    )  # tensors and plain data only: no code runs
     if not isinstance(state, dict) or "fingerprint" not in state:
         raise StateMismatchError(f"expected {path} to be a robustness state file, got {type(state).__name__}")
     if state["fingerprint"] != fp:
