@@ -358,7 +358,7 @@ def run_benchmark(
         "images_per_method": {k: (protocol.dip_images if k == "dip" else protocol.n_images) for k in chosen},
         "csgm_schedules": {k: dataclasses.asdict(protocol.csgm_config(k)) for k in GENERATORS},
         "sparse_gen": f"CSGM start from one of {list(protocol.sparse_generators)}, then sparse_steps joint (z, v) "
-        "steps; generator, basis and weight (or 'off' = the CSGM start) chosen per m on validation images; "
+        "steps (FISTA step 1/L on v with G(z) + v kept in [0, 1] for pixel deviations, Adam on z); generator, basis and weight (or 'off' = the CSGM start) chosen per m on validation images; "
         "output clipped to [0, 1]",
         "selected": selected,
         "ratio": ratio_info,

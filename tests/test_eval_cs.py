@@ -285,3 +285,18 @@ def test_run_benchmark_subset_without_grids(tmp_path: Path) -> None:
     assert 0 < results["methods"]["lasso-dct"]["mse"][0] < 1
     with pytest.raises(ValueError, match="unknown method"):
         cs.run_benchmark(protocol, tmp_path, ["csgm"], "cpu", grids=False, progress=False)
+
+
+def test_sparse_gen_config_fista_with_range_for_pixels() -> None:
+    from eval.cs_core import _sparse_config
+
+    protocol = _tiny()
+    pixel = _sparse_config(protocol, "mnist-gan", "pixel", 0.002)
+    dct = _sparse_config(protocol, "mnist-vae", "dct", 0.1)
+    assert (
+        pixel.deviation == "pixel" and pixel.deviation_range == (0.0, 1.0) and pixel.deviation_weight == 0.002
+    )
+    assert dct.deviation == "dct" and dct.deviation_range is None
+    assert pixel.restarts == 1 and pixel.steps == protocol.sparse_steps
+    assert pixel.z_prior_weight == protocol.z_prior_gan and dct.z_prior_weight == protocol.z_prior_vae
+    assert CSProtocol().sparse_weights == quick_protocol().sparse_weights == (0.002, 0.01, 0.1, 1.0)

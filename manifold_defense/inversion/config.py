@@ -9,6 +9,10 @@ The objective minimised for every (sample, restart) row, summed over rows (never
 sample's trajectory is independent of its batch)::
 
     loss_A(A(G(z) + v), y) + z_prior_weight * ||z||_2^2 + deviation_weight * ||v or DCT(v)||_1
+    [+ the constraint G(z) + v in deviation_range, pixel deviations only]
+
+``z`` follows ``optimizer``; ``v`` follows accelerated proximal gradient (FISTA) with step ``1 / L``, ``L`` the
+Lipschitz constant of the data term in ``v`` (see :func:`manifold_defense.inversion.invert`).
 """
 
 from __future__ import annotations
@@ -71,9 +75,17 @@ class InversionConfig:
         prune_keep: restarts kept per sample when pruning, ``1 <= prune_keep < restarts``.
         deviation: ``None``; ``"pixel"`` or ``"dct"``: optimise ``x = G(z) + v`` jointly over ``z`` and a
             deviation ``v`` (``v`` itself, or its orthonormal 2-D DCT coefficients), starting at ``v = 0``
-            (Dhar, Grover & Ermon 2018, "sparse-gen").
+            (Dhar, Grover & Ermon 2018, "sparse-gen"). ``z`` takes ``optimizer`` steps; the coefficients take
+            one FISTA step per loop step (gradient step ``1 / L`` on the data term, then the l1 proximal map),
+            alternating with the ``z`` step.
         deviation_weight: weight of the l1 norm of the deviation coefficients, ``>= 0`` [loss units per unit
             l1].
+        deviation_range: ``None`` or ``(lo, hi)`` with ``lo < hi``: keep ``x = G(z) + v`` inside ``[lo, hi]``
+            per pixel (for images in [0, 1]: ``(0.0, 1.0)``), enforced exactly by the proximal step (the prox
+            of ``t|v| + indicator(lo <= G + v <= hi)`` is the soft-threshold clipped to
+            ``[lo - G, hi - G]`` with ``G`` the current ``G(z)``, so the returned ``x`` can leave the range
+            only by the change of ``G(z)`` in the last ``z`` step). ``deviation="pixel"`` only (ignored without
+            a deviation).
         seed: default per-sample seed of the restart noise, ``0 <= seed < 2**63``.
     """
 
@@ -97,6 +109,7 @@ class InversionConfig:
     prune_keep: int = 1
     deviation: Literal["pixel", "dct"] | None = None
     deviation_weight: float = 0.0
+    deviation_range: tuple[float, float] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,6 +167,18 @@ class InversionConfig:
             raise bad("deviation", f"one of {_DEVIATIONS}")
         if not (_is_real(self.deviation_weight) and self.deviation_weight >= 0):
             raise bad("deviation_weight", "a finite float >= 0")
+        if self.deviation_range is not None:
+            if not (
+                isinstance(self.deviation_range, tuple)
+                and len(self.deviation_range) == 2
+                and all(_is_real(b) for b in self.deviation_range)
+                and self.deviation_range[0] < self.deviation_range[1]
+            ):
+                raise bad("deviation_range", "None or a tuple (lo, hi) of finite floats with lo < hi")
+            if self.deviation == "dct":
+                raise bad(
+                    "deviation_range", "None with deviation='dct' (the range is enforced on pixel deviations)"
+                )
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise bad("seed", "an int in [0, 2**63)")
 
