@@ -99,9 +99,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed (A, noise, restarts; default 0)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch / Lasso threads")
     p.add_argument("--batch", type=_positive_int, default=None, help="images per inversion call")
-    p.add_argument("--dip-ngf", type=_positive_int, default=None, help="DIP base filters (full 64, quick 16)")
     p.add_argument(
-        "--dip-iters", type=_positive_int, default=None, help="DIP iterations (full 1000, quick 300)"
+        "--dip-ngf",
+        type=_positive_int,
+        default=None,
+        help="DIP base filters (default 8, chosen on validation images; CS-DIP uses 64)",
+    )
+    p.add_argument(
+        "--dip-iters", type=_positive_int, default=None, help="DIP iterations (default 300; CS-DIP uses 1000)"
     )
     p.add_argument(
         "--dip-n", type=_positive_int, default=None,
