@@ -62,6 +62,7 @@ from eval.bench_core import (
 )
 from eval.defense_eval import DefenseModels, load_zoo_models
 from eval.defense_figures import defended_model, evaluate_pgd, schedule_config
+from eval.inputs import check_labeled_images
 from manifold_defense.inversion import InversionConfig
 
 log = logging.getLogger(__name__)
@@ -365,15 +366,7 @@ def run_bench(
     """
     if not isinstance(settings, BenchSettings):
         raise TypeError(f"expected settings as BenchSettings, got {type(settings).__name__}")
-    if (
-        not isinstance(x, Tensor)
-        or not isinstance(y, Tensor)
-        or x.dim() != 4
-        or tuple(y.shape) != (x.shape[0],)
-    ):
-        raise ValueError("expected x (N, C, H, W) and y (N,) tensors")
-    if x.shape[0] < settings.n:
-        raise ValueError(f"expected at least n={settings.n} images, got {x.shape[0]}")
+    check_labeled_images(x, y, settings.n)
     say = progress if progress is not None else log.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

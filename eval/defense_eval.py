@@ -58,6 +58,7 @@ from eval.defense_figures import (
     plot_pairs,
     schedule_config,
 )
+from eval.inputs import check_labeled_images
 
 log = logging.getLogger(__name__)
 
@@ -628,15 +629,7 @@ def run_defense_eval(
     """
     if not isinstance(settings, DefenseEvalSettings):
         raise TypeError(f"expected settings as DefenseEvalSettings, got {type(settings).__name__}")
-    if (
-        not isinstance(x, Tensor)
-        or not isinstance(y, Tensor)
-        or x.dim() != 4
-        or tuple(y.shape) != (x.shape[0],)
-    ):
-        raise ValueError("expected x (N, C, H, W) and y (N,) tensors")
-    if x.shape[0] < settings.n:
-        raise ValueError(f"expected at least n={settings.n} images, got {x.shape[0]}")
+    check_labeled_images(x, y, settings.n)
     x, y = x[: settings.n], y[: settings.n]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

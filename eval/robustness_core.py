@@ -91,6 +91,7 @@ from eval.defense_figures import (
     evaluate_pgd,
     invert_latents,
 )
+from eval.inputs import check_labeled_images
 from manifold_defense.defense import LatentProjector, ProjectedClassifier
 from manifold_defense.inversion import InversionConfig
 from manifold_defense.training.distributed import DistContext
@@ -1371,19 +1372,7 @@ def run_robustness(
     names = [d.name for d in defenses]
     if len(set(names)) != len(names):
         raise ValueError(f"expected distinct defense names, got {names}")
-    if (
-        not isinstance(x, Tensor)
-        or not isinstance(y, Tensor)
-        or x.dim() != 4
-        or tuple(y.shape) != (x.shape[0],)
-    ):
-        raise ValueError("expected x as (N, C, H, W) and y as (N,) tensors")
-    if y.dtype != torch.int64 or x.device != y.device:
-        raise TypeError(f"expected y as int64 on x's device, got {y.dtype} on {y.device}")
-    if x.shape[0] < settings.n:
-        raise ValueError(f"expected at least n={settings.n} points, got {x.shape[0]}")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise ValueError(f"expected x in [0, 1], got range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    check_labeled_images(x, y, settings.n)
     ctx = ctx if ctx is not None else DistContext(0, 1, x.device)
     x, y = x[: settings.n].detach(), y[: settings.n].detach()
     out = Path(out)
