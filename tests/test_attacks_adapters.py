@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from test_attacks_fixtures import single_thread, trained_classifier
+from test_attacks_fixtures import trained_classifier
 from torch import Tensor, nn
 
 from attacks import (
@@ -24,13 +23,6 @@ from attacks import (
     TorchattacksAttack,
     per_sample_norm,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids thread contention on a loaded 2-core machine."""
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attacks_fixtures import single_thread
 from torch import Tensor, nn
 
 from attacks import (
@@ -26,13 +24,6 @@ from attacks import (
     project_onto_threat,
 )
 from attacks.base import Model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids thread contention on a loaded 2-core machine."""
-    with single_thread():
-        yield
 
 
 class Linear(nn.Module):

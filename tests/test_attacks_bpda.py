@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from test_attacks_fixtures import single_thread, trained_classifier
+from test_attacks_fixtures import trained_classifier
 from torch import Tensor, nn
 
 from attacks import BPDA, PGD, Norm, PGDConfig, ThreatModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids thread contention on a loaded 2-core machine."""
-    with single_thread():
-        yield
 
 
 class Quantize(nn.Module):

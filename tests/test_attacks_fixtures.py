@@ -8,11 +8,8 @@ fixed random 2-layer MLP with a sigmoid output and ``latent_dim = 4``. Other tes
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -54,35 +51,16 @@ class TinyGenerator(nn.Module):
         return self.net(z).view(-1, *IMAGE_SHAPE)
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run a block on one intra-op thread (much faster than 2 threads on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids thread contention on a loaded 2-core machine."""
-    with single_thread():
-        yield
-
-
 def train_classifier(x: Tensor, y: Tensor, seed: int = 0, steps: int = 150) -> TinyMLP:
     """Full-batch Adam on cross-entropy; returns the model in eval mode with frozen parameters."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = TinyMLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    with single_thread():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from test_attacks_fixtures import LATENT_DIM, TinyGenerator, single_thread, tiny_generator, trained_classifier
+from test_attacks_fixtures import LATENT_DIM, TinyGenerator, tiny_generator, trained_classifier
 from torch import Tensor, nn
 
 from attacks import LatentAttack, LatentAttackConfig, LatentConstraint, per_sample_norm, update_multiplier
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids thread contention on a loaded 2-core machine."""
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attacks_fixtures import accuracy, single_thread, trained_classifier
+from test_attacks_fixtures import accuracy, trained_classifier
 from torch import Tensor, nn
 
 from attacks import (
@@ -23,13 +22,6 @@ from attacks import (
     ThreatModel,
     per_sample_norm,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids thread contention on a loaded 2-core machine."""
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

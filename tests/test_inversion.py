@@ -3,8 +3,6 @@ gradients, non-linear operators, sparse deviations, state restoration and input 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -46,15 +44,6 @@ class TinyGenerator(nn.Module):
 class Unbounded(TinyGenerator):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return 3.0 * super().forward(z) - 1.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models are dominated by thread hand-off on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
