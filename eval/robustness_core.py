@@ -291,7 +291,8 @@ class RobustnessSettings:
     op_multiplier_init: float = 0.001
     latent_linf_budget: float = 4.0
     curve_eps_linf: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 1.0)
-    curve_eps_l2: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0)
+    # 28 = sqrt(784): an unbounded l2 budget for MNIST (the unbounded-eps check needs one on each curve)
+    curve_eps_l2: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 28.0)
     curve_steps: int = 20
     curve_eot: int = 1
     grad_check_n: int = 8
@@ -352,7 +353,7 @@ class RobustnessSettings:
             "latent_steps": 50,
             "op_steps": 100,
             "curve_eps_linf": (0.1, 0.3, 1.0),
-            "curve_eps_l2": (1.0, 2.0, 4.0),
+            "curve_eps_l2": (1.0, 2.0, 4.0, 28.0),
             "curve_steps": 5,
             "grad_check_n": 4,
             "quick": True,
