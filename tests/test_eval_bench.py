@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_inversion import TinyGenerator
 from torch import Tensor, nn
 
 import eval.bench as bench
@@ -23,25 +24,6 @@ from eval.defense_eval import DefenseModels
 from manifold_defense.inversion import InversionConfig, invert
 
 K = 4
-
-
-class _TinyGenerator(nn.Module):
-    """Fixed random MLP ``(B, 4) -> (B, 1, 4, 4)`` in (0, 1) (second layer scaled down: well conditioned)."""
-
-    latent_dim = K
-
-    def __init__(self, seed: int = 1) -> None:
-        super().__init__()
-        second = nn.Linear(16, 16)
-        self.net = nn.Sequential(nn.Linear(K, 16), nn.Tanh(), second, nn.Sigmoid())
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-            second.weight.mul_(0.35)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z).reshape(-1, 1, 4, 4)
 
 
 class _LinearEncoder(nn.Module):
@@ -75,7 +57,7 @@ def test_fast_settings_reach_the_reference_mse_with_far_fewer_evaluations() -> N
     Defense-GAN's schedule on images slightly off the range. With this tiny generator and a crude least-squares
     encoder, Adam's constant lr leaves 50 steps about 1% above the minimum, so the fast config runs 100 steps
     here (the zoo's encoder is trained; the MNIST figures are measured by the benchmark itself)."""
-    gen = _TinyGenerator()
+    gen = TinyGenerator()
     enc = _LinearEncoder(gen, 16)
     x = _off_manifold_images(gen, 24)
     ref = project(gen, x, reference_config(), images_per_call=24)
@@ -134,7 +116,7 @@ def test_flop_rate_is_a_sane_positive_fraction() -> None:
 
 
 def test_loop_matches_batched_and_uses_invert_starts() -> None:
-    gen = _TinyGenerator()
+    gen = TinyGenerator()
     enc = _LinearEncoder(gen, 16)
     x = _off_manifold_images(gen, 3)
     for config, encoder in (
