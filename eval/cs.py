@@ -113,6 +113,10 @@ def add_parsers(sub: Any) -> None:
         help="DIP on the first N test images only (CPU budget; recorded in results.json)",
     )  # fmt: skip
     p.add_argument("--no-grids", action="store_true", help="skip the reconstruction grids")
+    p.add_argument(
+        "--no-resume", action="store_true",
+        help="do not keep or reuse per-(method, m) results in OUT/cache/ (default: resume an interrupted run)",
+    )  # fmt: skip
     p.add_argument("--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: bundle)")
     p.set_defaults(func=main)
 
@@ -198,6 +202,78 @@ def _stats(mse: torch.Tensor) -> tuple[float, float]:
     return float(mse.mean()), float(mse.std(unbiased=False))
 
 
+def _record(
+    row: dict[str, list[float]],
+    selected: dict[str, Any],
+    method: str,
+    m: int,
+    mse_images: torch.Tensor,
+    seconds: float,
+    selection: dict[str, Any],
+) -> None:
+    """Append one (method, m) result to ``row`` and its validation choice to ``selected``."""
+    mean, std = _stats(mse_images)
+    row["mse"].append(mean)
+    row["mse_std"].append(std)
+    row["seconds_per_image"].append(seconds / mse_images.shape[0])
+    if method.startswith("lasso-"):
+        selected.setdefault("lasso_alpha", {}).setdefault(method.split("-", 1)[1], {})[str(m)] = selection
+    elif method == "sparse-gen":
+        selected.setdefault("sparse_gen", {})[str(m)] = selection
+
+
+class ResultCache:
+    """Per-(method, m) results of one protocol in ``folder`` (``None``: keep nothing).
+
+    Each entry is ``<method>-m<m>.pt`` (loaded with ``weights_only=True``): per-image MSE, wall seconds, the
+    validation choice (JSON text), the grid images and a fingerprint of the protocol (all settings but the m grid)
+    and device type. An entry with another fingerprint raises ``ValueError``: a folder holds one protocol's run.
+    """
+
+    def __init__(self, folder: Path | None, protocol: CSProtocol, device: torch.device) -> None:
+        self.folder = folder
+        settings = {k: v for k, v in protocol.to_json().items() if k != "m_grid"}
+        self.fingerprint = json.dumps({"protocol": settings, "device": device.type}, sort_keys=True)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, method: str, m: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{method}-m{m}.pt"
+
+    def load(self, method: str, m: int) -> tuple[torch.Tensor, float, dict[str, Any], torch.Tensor] | None:
+        """``(mse per image, seconds, selection, shown images)`` or ``None`` when this result is not kept."""
+        if self.folder is None or not self._path(method, m).exists():
+            return None
+        entry = torch.load(self._path(method, m), weights_only=True)
+        if entry.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{self._path(method, m)}: expected a result of this run's protocol, found one of another run "
+                f"(settings or device differ); use a new --out folder or --no-resume"
+            )
+        return entry["mse"], float(entry["seconds"]), json.loads(entry["selection"]), entry["shown"]
+
+    def save(
+        self, method: str, m: int, mse: torch.Tensor, seconds: float, selection: dict[str, Any], shown: torch.Tensor
+    ) -> None:
+        """Keep one result (written to a temporary file, then renamed, so a kill never leaves half a file)."""
+        if self.folder is None:
+            return
+        path = self._path(method, m)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "fingerprint": self.fingerprint,
+                "mse": mse.detach().cpu(),
+                "seconds": float(seconds),
+                "selection": json.dumps(selection),
+                "shown": shown.detach().cpu().contiguous(),
+            },
+            tmp,
+        )
+        tmp.replace(path)
+
+
 def run_benchmark(
     protocol: CSProtocol,
     out_dir: Path,
@@ -209,6 +285,7 @@ def run_benchmark(
     data_dir: Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark, write ``results.json``, ``results.md``, ``mse_vs_m.png`` and the grids; return the
     results.
@@ -223,6 +300,10 @@ def run_benchmark(
         data_dir: torchvision MNIST folder, or ``None`` for the offline bundle.
         progress: show a tqdm bar on stderr.
         command: the command line to record.
+        resume: keep each (method, m) result in ``out_dir/cache/`` and reuse the ones a previous run with the same
+            protocol and device left there (an interrupted run resumes; runs of disjoint ``methods`` into the same
+            folder, one process each, can be merged by a final run with all methods). A cache written under
+            another protocol is refused with a ``ValueError``, never mixed in.
     """
     chosen = check_methods(methods)
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -250,6 +331,7 @@ def run_benchmark(
         k: {"mse": [], "mse_std": [], "seconds_per_image": []} for k in chosen
     }
     selected: dict[str, Any] = {}
+    cache = ResultCache(out_dir / "cache", protocol, dev) if resume else ResultCache(None, protocol, dev)
     total = len(m_grid) * len(chosen) + (6 if grids else 0)
     bar = tqdm(total=total, desc="cs", unit="task", disable=not progress, file=sys.stderr)
     for m in m_grid:
@@ -272,12 +354,19 @@ def run_benchmark(
 
         for method in chosen:
             bar.set_postfix_str(f"m={m} {method}")
+            cached = cache.load(method, m)
+            if cached is not None:
+                mse_images, seconds, selection, x_shown = cached
+                _record(per_method[method], selected, method, m, mse_images, seconds, selection)
+                if m == grid_m:
+                    shown[method] = x_shown
+                bar.update(1)
+                continue
             if method in GENERATORS:
                 out = csgm_for(GENERATORS[method])
             elif method.startswith("lasso-"):
                 basis = method.split("-", 1)[1]
                 out = recover_lasso(A_np, y, basis, y_val, x_val, protocol, n_jobs=threads)
-                selected.setdefault("lasso_alpha", {}).setdefault(basis, {})[str(m)] = out.selection
             elif method == "dip":
                 k = protocol.dip_images
                 out = recover_dip(y[:k], A, protocol, protocol.dip_tv_weight * m, test_seeds[:k], dev)
@@ -290,20 +379,19 @@ def run_benchmark(
                     for gen in protocol.sparse_generators
                 }  # fmt: skip
                 choice = select_sparse_gen(generators, y_val, x_val, A, base_val, protocol, val_seeds)
-                selected.setdefault("sparse_gen", {})[str(m)] = choice
                 gen_name = choice["generator"]
                 out = recover_sparse_gen(
                     generators[gen_name], y, A, csgm_for(gen_name), choice["basis"], choice["weight"], protocol,
                     test_seeds, generator_name=gen_name,
                 )  # fmt: skip
+                out = dataclasses.replace(out, selection=choice)
             n_done = out.x_hat.shape[0]
-            mean, std = _stats(per_image_mse(out.x_hat, x_test[:n_done]))
-            per_method[method]["mse"].append(mean)
-            per_method[method]["mse_std"].append(std)
-            per_method[method]["seconds_per_image"].append(out.seconds / n_done)
+            mse_images = per_image_mse(out.x_hat, x_test[:n_done])
+            cache.save(method, m, mse_images, out.seconds, out.selection, out.x_hat[:k_show])
+            _record(per_method[method], selected, method, m, mse_images, out.seconds, out.selection)
             if m == grid_m:
                 shown[method] = out.x_hat[:k_show]
-            log.debug("m=%d %s: mse %.5f", m, method, mean)
+            log.debug("m=%d %s: mse %.5f", m, method, float(mse_images.mean()))
             bar.update(1)
 
     grid_settings: dict[str, Any] = {}
@@ -429,6 +517,7 @@ def main(args: argparse.Namespace) -> int:
         threads=args.threads or 1,
         data_dir=args.data_dir,
         command=command,
+        resume=not args.no_resume,
     )
     header = "m      " + " ".join(f"{k:>14}" for k in results["methods"])
     print(header)

@@ -300,3 +300,32 @@ def test_sparse_gen_config_fista_with_range_for_pixels() -> None:
     assert pixel.restarts == 1 and pixel.steps == protocol.sparse_steps
     assert pixel.z_prior_weight == protocol.z_prior_gan and dct.z_prior_weight == protocol.z_prior_vae
     assert CSProtocol().sparse_weights == quick_protocol().sparse_weights == (0.002, 0.01, 0.1, 1.0)
+
+
+def test_run_benchmark_resumes_and_merges_split_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    protocol = _tiny(n_images=2, m_grid=(10, 25))
+    whole = cs.run_benchmark(
+        protocol, tmp_path / "whole", ["lasso-dct", "sparse-gen"], "cpu", grids=False, progress=False
+    )
+    split = tmp_path / "split"
+    # Two runs of disjoint methods into one folder (as two processes would), then a run of both that recomputes
+    # nothing: every recovery function is replaced by one that fails.
+    cs.run_benchmark(protocol, split, ["lasso-dct"], "cpu", grids=False, progress=False)
+    cs.run_benchmark(protocol, split, ["sparse-gen"], "cpu", grids=False, progress=False)
+    assert sorted(p.name for p in (split / "cache").iterdir()) == [
+        "lasso-dct-m10.pt", "lasso-dct-m25.pt", "sparse-gen-m10.pt", "sparse-gen-m25.pt",
+    ]  # fmt: skip
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a cached result was recomputed")
+
+    for name in ("recover_lasso", "recover_sparse_gen", "recover_csgm", "select_sparse_gen"):
+        monkeypatch.setattr(cs, name, fail)
+    merged = cs.run_benchmark(protocol, split, ["lasso-dct", "sparse-gen"], "cpu", grids=False, progress=False)
+    for method in ("lasso-dct", "sparse-gen"):
+        assert merged["methods"][method]["mse"] == pytest.approx(whole["methods"][method]["mse"], rel=1e-9)
+    assert merged["protocol"]["selected"] == whole["protocol"]["selected"]
+    # A folder holding another protocol's results is refused, never mixed in.
+    with pytest.raises(ValueError, match="another run"):
+        cs.run_benchmark(_tiny(n_images=2, m_grid=(10,), seed=1), split, ["lasso-dct"], "cpu", grids=False,
+                         progress=False)  # fmt: skip
