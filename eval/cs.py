@@ -254,7 +254,13 @@ class ResultCache:
         return entry["mse"], float(entry["seconds"]), json.loads(entry["selection"]), entry["shown"]
 
     def save(
-        self, method: str, m: int, mse: torch.Tensor, seconds: float, selection: dict[str, Any], shown: torch.Tensor
+        self,
+        method: str,
+        m: int,
+        mse: torch.Tensor,
+        seconds: float,
+        selection: dict[str, Any],
+        shown: torch.Tensor,
     ) -> None:
         """Keep one result (written to a temporary file, then renamed, so a kill never leaves half a file)."""
         if self.folder is None:

@@ -321,7 +321,9 @@ def test_run_benchmark_resumes_and_merges_split_runs(tmp_path: Path, monkeypatch
 
     for name in ("recover_lasso", "recover_sparse_gen", "recover_csgm", "select_sparse_gen"):
         monkeypatch.setattr(cs, name, fail)
-    merged = cs.run_benchmark(protocol, split, ["lasso-dct", "sparse-gen"], "cpu", grids=False, progress=False)
+    merged = cs.run_benchmark(
+        protocol, split, ["lasso-dct", "sparse-gen"], "cpu", grids=False, progress=False
+    )
     for method in ("lasso-dct", "sparse-gen"):
         assert merged["methods"][method]["mse"] == pytest.approx(whole["methods"][method]["mse"], rel=1e-9)
     assert merged["protocol"]["selected"] == whole["protocol"]["selected"]
