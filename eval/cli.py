@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "eval.crosscheck",
     "eval.bench",
     "eval.robustness",
+    "eval.autoattack",
 )
 
 

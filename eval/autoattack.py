@@ -1,0 +1,241 @@
+"""``python -m eval autoattack``: torchattacks' AutoAttack on a classifier from the zoo or a training checkpoint.
+
+AutoAttack (Croce and Hein, ICML 2020) is the reference robustness number for an undefended (for example
+adversarially trained) classifier: the ``standard`` version runs APGD-CE, APGD-T, FAB-T and Square and keeps, per
+point, the first success. Threat model: ``||x_adv - x||_p <= eps`` with ``p`` in {inf, 2}, images in [0, 1],
+white box. For a defense with an input transformation (the projection defense) use ``python -m eval robustness``,
+which runs APGD through BPDA and the adaptive cascade; this command attacks the classifier's own gradients.
+
+Writes ``DIR/results.json``: ``{"model", "n", "clean_accuracy", "robust_accuracy", "threat_model", "version",
+"audit": {"max_perturbation", "min", "max", "nan_count"}, "seconds", "settings"}`` and prints the two accuracies.
+The audit recomputes every figure from the returned adversarial images: the robust accuracy counts a point as
+robust only if the classifier is right on its adversarial image, which must lie in the threat model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from attacks import Norm, ThreatModel, TorchattacksAttack
+from manifold_defense import zoo
+from manifold_defense.data import load_mnist
+from manifold_defense.devices import resolve_device
+
+__all__ = ["AutoAttackResult", "add_parsers", "autoattack_accuracy", "load_checkpoint_classifier", "main"]
+
+log = logging.getLogger(__name__)
+
+VERSIONS = ("standard", "plus", "rand")
+
+
+@dataclass(frozen=True)
+class AutoAttackResult:
+    """Accuracies of one AutoAttack run.
+
+    Attributes:
+        n: number of images.
+        clean_accuracy: accuracy on the clean images.
+        robust_accuracy: fraction of images still classified correctly on their adversarial image.
+        max_perturbation: largest ``||x_adv - x||_p`` over the images (must be <= eps up to float error).
+        value_range: ``(min, max)`` of the adversarial images.
+        nan_count: non-finite values in the adversarial images.
+        seconds: wall time of the attack.
+    """
+
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    max_perturbation: float
+    value_range: tuple[float, float]
+    nan_count: int
+    seconds: float
+
+
+def autoattack_accuracy(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    threat: ThreatModel,
+    *,
+    version: str = "standard",
+    batch_size: int = 250,
+    seed: int = 0,
+    progress: bool = True,
+) -> AutoAttackResult:
+    """Clean and AutoAttack accuracy of ``model`` on ``(images, labels)``.
+
+    Args:
+        model: ``(B, C, H, W)`` in [0, 1] -> ``(B, K)`` logits, in eval mode on the images' device.
+        images: ``(N, C, H, W)`` in [0, 1]; labels: ``(N,)`` int64 in ``[0, K)``.
+        threat: Linf or L2 :class:`attacks.ThreatModel`.
+        version: torchattacks' AutoAttack version: ``"standard"`` (default), ``"plus"`` or ``"rand"``.
+        batch_size: images per AutoAttack call (results do not depend on it beyond the attack's own seeding).
+        seed: AutoAttack's seed.
+        progress: tqdm bar over the batches.
+
+    Raises:
+        ValueError: unknown version, non-positive batch size, images and labels of different lengths, fewer
+            than 4 classes (APGD-T's targeted DLR loss needs 4).
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"expected version in {VERSIONS}, got {version!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"expected batch_size as an int >= 1, got {batch_size!r}")
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(
+            f"expected as many labels as images (at least one), got {images.shape[0]} images and "
+            f"{labels.shape[0]} labels"
+        )
+    model.eval()
+    with torch.no_grad():
+        num_classes = int(model(images[:1]).shape[1])
+    if version != "rand" and num_classes < 4:
+        raise ValueError(
+            f"expected a model with at least 4 classes for AutoAttack {version!r} (its targeted DLR loss "
+            f"compares the 4 largest logits), got {num_classes}"
+        )
+    attack = TorchattacksAttack("AutoAttack", threat, seed=seed, version=version)
+    clean_ok, robust_ok, max_pert, lo, hi, nans = [], [], 0.0, float("inf"), float("-inf"), 0
+    start = time.perf_counter()
+    batches = range(0, images.shape[0], batch_size)
+    for i in tqdm(batches, desc="autoattack", unit="batch", disable=not progress, file=sys.stderr):
+        x, y = images[i : i + batch_size], labels[i : i + batch_size]
+        result = attack(model, x, y)
+        x_adv = result.x_adv
+        with torch.no_grad():
+            clean_ok.append((model(x).argmax(1) == y).cpu())
+            robust_ok.append((model(x_adv).argmax(1) == y).cpu())
+        delta = (x_adv - x).flatten(1)
+        norms = delta.abs().amax(1) if threat.norm is Norm.LINF else delta.norm(dim=1)
+        max_pert = max(max_pert, float(norms.max()))
+        lo, hi = min(lo, float(x_adv.min())), max(hi, float(x_adv.max()))
+        nans += int((~torch.isfinite(x_adv)).sum())
+    return AutoAttackResult(
+        n=int(images.shape[0]),
+        clean_accuracy=float(torch.cat(clean_ok).float().mean()),
+        robust_accuracy=float(torch.cat(robust_ok).float().mean()),
+        max_perturbation=max_pert,
+        value_range=(lo, hi),
+        nan_count=nans,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def load_checkpoint_classifier(path: Path, name: str, device: torch.device) -> nn.Module:
+    """The classifier held in a training checkpoint (``state["model"]``), built as zoo model ``name``.
+
+    Checkpoints of :mod:`manifold_defense.training` are read with ``weights_only=True`` (no code runs).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state", {}).get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a training checkpoint with state['model'], got keys {list(ckpt)}")
+    model = zoo.build(name)
+    model.load_state_dict(state, strict=True)
+    log.info("loaded %s from %s (step %s)", name, path, ckpt.get("step"))
+    return model.to(device).eval()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def add_parsers(sub: Any) -> None:
+    """Register the ``autoattack`` command."""
+    p = sub.add_parser(
+        "autoattack",
+        help="torchattacks' AutoAttack on a zoo classifier or a training checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="mnist-pgd-at", help="zoo classifier name (default mnist-pgd-at)")
+    p.add_argument(
+        "--weights-dir", type=Path, default=None, help="folder of the zoo weights (default: package)"
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="training checkpoint.pt to evaluate instead of the zoo weights (built as --model)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder (results.json)")
+    p.add_argument("--n", type=_positive_int, default=1000, help="first N MNIST test images (default 1000)")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--eps", type=float, default=0.3, help="budget (default 0.3, Madry's MNIST Linf)")
+    p.add_argument("--version", choices=VERSIONS, default="standard")
+    p.add_argument("--batch", type=_positive_int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: bundle)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Handler of ``python -m eval autoattack``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not args.eps > 0:
+        raise ValueError(f"expected --eps > 0, got {args.eps}")
+    device = resolve_device(args.device)
+    if args.checkpoint is not None:
+        model = load_checkpoint_classifier(args.checkpoint, args.model, device)
+    else:
+        model = zoo.load(args.model, device, weights_dir=args.weights_dir)
+    data = load_mnist("test", args.data_dir, limit=args.n)
+    threat = ThreatModel(Norm.LINF if args.norm == "linf" else Norm.L2, args.eps)
+    result = autoattack_accuracy(
+        model,
+        data.images.to(device),
+        data.labels.to(device),
+        threat,
+        version=args.version,
+        batch_size=args.batch,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    body = asdict(result)
+    report = {
+        "model": args.model,
+        "source": str(args.checkpoint) if args.checkpoint is not None else "zoo",
+        "n": result.n,
+        "clean_accuracy": result.clean_accuracy,
+        "robust_accuracy": result.robust_accuracy,
+        "threat_model": {"norm": args.norm, "eps": args.eps},
+        "version": args.version,
+        "audit": {k: body[k] for k in ("max_perturbation", "value_range", "nan_count")},
+        "seconds": round(result.seconds, 1),
+        "settings": {
+            "seed": args.seed,
+            "batch": args.batch,
+            "data": f"first {result.n} MNIST test images",
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        },
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(
+        f"{args.model} ({report['source']}), n {result.n}: clean {result.clean_accuracy:.4f}, AutoAttack "
+        f"({args.version}, {args.norm} {args.eps}) {result.robust_accuracy:.4f}; max perturbation "
+        f"{result.max_perturbation:.4f}; {result.seconds:.0f} s; wrote {args.out}/results.json"
+    )
+    return 0

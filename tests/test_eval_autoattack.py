@@ -1,0 +1,90 @@
+"""``eval.autoattack``: torchattacks' AutoAttack through our adapter, its audit, checkpoints and the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_attacks_fixtures import make_data, train_classifier
+from torch import nn
+
+from attacks import PGD, Norm, PGDConfig, ThreatModel
+from eval.autoattack import autoattack_accuracy, load_checkpoint_classifier
+from eval.cli import main
+from manifold_defense import zoo
+from manifold_defense.data import load_mnist
+
+
+@pytest.fixture(scope="module")
+def linear_mnist() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A softmax-regression MNIST classifier trained for a few seconds, and 40 test images."""
+    torch.manual_seed(0)
+    train = load_mnist("train", limit=2000)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        for i in range(0, 2000, 200):
+            loss = nn.functional.cross_entropy(model(train.images[i : i + 200]), train.labels[i : i + 200])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    test = load_mnist("test", limit=40)
+    return model.eval(), test.images, test.labels
+
+
+def test_autoattack_at_least_as_strong_as_pgd_and_audited(
+    linear_mnist: tuple[nn.Module, torch.Tensor, torch.Tensor],
+) -> None:
+    model, x, y = linear_mnist
+    threat = ThreatModel(Norm.LINF, 0.05)
+    result = autoattack_accuracy(model, x, y, threat, batch_size=16, progress=False)
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    pgd = PGD(threat, PGDConfig(steps=40, step_size=0.005, seed=0))(model, x, y)
+    pgd_acc = float((~pgd.success).float().mean())
+    assert result.n == 40 and result.clean_accuracy == pytest.approx(clean) and clean > 0.75
+    assert result.robust_accuracy <= pgd_acc + 1e-9 and result.robust_accuracy < clean - 0.2
+    assert result.max_perturbation <= 0.05 + 1e-6 and result.nan_count == 0
+    assert result.value_range[0] >= 0.0 and result.value_range[1] <= 1.0
+    # A budget far too small to flip anything leaves the clean accuracy.
+    tiny = autoattack_accuracy(model, x, y, ThreatModel(Norm.LINF, 1e-6), batch_size=40, progress=False)
+    assert tiny.robust_accuracy == pytest.approx(clean)
+
+
+def test_autoattack_rejects_bad_input(linear_mnist: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = linear_mnist
+    threat = ThreatModel(Norm.L2, 1.0)
+    with pytest.raises(ValueError, match="version"):
+        autoattack_accuracy(model, x, y, threat, version="fast", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        autoattack_accuracy(model, x, y, threat, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="as many labels"):
+        autoattack_accuracy(model, x, y[:3], threat, progress=False)
+    xs, ys = make_data(2, seed=1)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        autoattack_accuracy(train_classifier(xs, ys, steps=5), xs, ys, threat, progress=False)
+
+
+def test_checkpoint_classifier_and_command(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = zoo.build("mnist-classifier")
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"step": 7, "state": {"model": net.state_dict()}}, ckpt)
+    loaded = load_checkpoint_classifier(ckpt, "mnist-classifier", torch.device("cpu"))
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), net.eval()(x))
+    torch.save({"step": 1, "state": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="state\\['model'\\]"):
+        load_checkpoint_classifier(tmp_path / "bad.pt", "mnist-classifier", torch.device("cpu"))
+    out = tmp_path / "aa"
+    code = main(
+        ["autoattack", "--model", "mnist-classifier", "--checkpoint", str(ckpt), "--n", "6", "--eps", "0.1",
+         "--out", str(out), "--no-progress", "--threads", "1"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["n"] == 6 and report["source"] == str(ckpt) and report["version"] == "standard"
+    assert 0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1
+    assert report["audit"]["max_perturbation"] <= 0.1 + 1e-6 and report["audit"]["nan_count"] == 0
