@@ -273,7 +273,7 @@ class ResultCache:
                 "mse": mse.detach().cpu(),
                 "seconds": float(seconds),
                 "selection": json.dumps(selection),
-                "shown": shown.detach().cpu().contiguous(),
+                "shown": shown.detach().cpu().clone(),  # a copy: a saved view would carry its whole storage
             },
             tmp,
         )
