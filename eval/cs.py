@@ -338,6 +338,7 @@ def run_benchmark(
     }
     selected: dict[str, Any] = {}
     cache = ResultCache(out_dir / "cache", protocol, dev) if resume else ResultCache(None, protocol, dev)
+    reused: list[str] = []
     total = len(m_grid) * len(chosen) + (6 if grids else 0)
     bar = tqdm(total=total, desc="cs", unit="task", disable=not progress, file=sys.stderr)
     for m in m_grid:
@@ -363,6 +364,7 @@ def run_benchmark(
             cached = cache.load(method, m)
             if cached is not None:
                 mse_images, seconds, selection, x_shown = cached
+                reused.append(f"{method}-m{m}")
                 _record(per_method[method], selected, method, m, mse_images, seconds, selection)
                 if m == grid_m:
                     shown[method] = x_shown
@@ -467,6 +469,7 @@ def run_benchmark(
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "command": command,
+        "reused_from_cache": reused,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     results["lasso_over_csgm_measurements_at_m50"] = ratio

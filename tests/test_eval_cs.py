@@ -327,6 +327,10 @@ def test_run_benchmark_resumes_and_merges_split_runs(tmp_path: Path, monkeypatch
     for method in ("lasso-dct", "sparse-gen"):
         assert merged["methods"][method]["mse"] == pytest.approx(whole["methods"][method]["mse"], rel=1e-9)
     assert merged["protocol"]["selected"] == whole["protocol"]["selected"]
+    assert sorted(merged["protocol"]["reused_from_cache"]) == [
+        "lasso-dct-m10", "lasso-dct-m25", "sparse-gen-m10", "sparse-gen-m25",
+    ]  # fmt: skip
+    assert whole["protocol"]["reused_from_cache"] == []
     # A folder holding another protocol's results is refused, never mixed in.
     with pytest.raises(ValueError, match="another run"):
         cs.run_benchmark(_tiny(n_images=2, m_grid=(10,), seed=1), split, ["lasso-dct"], "cpu", grids=False,
