@@ -514,7 +514,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(
             f"Full CSGM MNIST protocol: {protocol.n_images} test images, m = {list(protocol.m_grid)}, "
-            f"DIP on {protocol.dip_images} images; see README for the CPU time estimate",
+            f"DIP on {protocol.dip_images} images; the README gives its CPU wall time",
             flush=True,
         )
     results = run_benchmark(
