@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import Norm, ThreatModel, TorchattacksAttack
+from eval.inputs import positive_int_arg
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -149,13 +150,6 @@ def load_checkpoint_classifier(path: Path, name: str, device: torch.device) -> n
     return model.to(device).eval()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
-
-
 def add_parsers(sub: Any) -> None:
     """Register the ``autoattack`` command."""
     p = sub.add_parser(
@@ -173,14 +167,16 @@ def add_parsers(sub: Any) -> None:
         help="training checkpoint.pt to evaluate instead of the zoo weights (built as --model)",
     )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder (results.json)")
-    p.add_argument("--n", type=_positive_int, default=1000, help="first N MNIST test images (default 1000)")
+    p.add_argument(
+        "--n", type=positive_int_arg, default=1000, help="first N MNIST test images (default 1000)"
+    )
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
     p.add_argument("--eps", type=float, default=0.3, help="budget (default 0.3, Madry's MNIST Linf)")
     p.add_argument("--version", choices=VERSIONS, default="standard")
-    p.add_argument("--batch", type=_positive_int, default=250)
+    p.add_argument("--batch", type=positive_int_arg, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--threads", type=positive_int_arg, default=None)
     p.add_argument("--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: bundle)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)

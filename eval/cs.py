@@ -58,6 +58,7 @@ from eval.cs_core import (
     select_sparse_gen,
 )
 from eval.cs_figures import draw_panels, operator_grids, plot_mse, write_markdown
+from eval.inputs import positive_int_arg
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -67,16 +68,6 @@ __all__ = ["add_parsers", "figure_checks", "lasso_ratio", "main", "run_benchmark
 log = logging.getLogger(__name__)
 
 RATIO_M = 50
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {value}")
-    return value
 
 
 def add_parsers(sub: Any) -> None:
@@ -89,27 +80,30 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--quick", action="store_true", help="reduced protocol for a CPU check (a few minutes)")
-    p.add_argument("--n", type=_positive_int, default=None, help="test images (full 300, quick 10)")
-    p.add_argument("--m", type=_positive_int, nargs="+", default=None, help="numbers of measurements")
+    p.add_argument("--n", type=positive_int_arg, default=None, help="test images (full 300, quick 10)")
+    p.add_argument("--m", type=positive_int_arg, nargs="+", default=None, help="numbers of measurements")
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
         help=f"subset of {', '.join(METHODS)} (default: all)",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="base seed (A, noise, restarts; default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch / Lasso threads")
-    p.add_argument("--batch", type=_positive_int, default=None, help="images per inversion call")
+    p.add_argument("--threads", type=positive_int_arg, default=None, help="torch / Lasso threads")
+    p.add_argument("--batch", type=positive_int_arg, default=None, help="images per inversion call")
     p.add_argument(
         "--dip-ngf",
-        type=_positive_int,
+        type=positive_int_arg,
         default=None,
         help="DIP base filters (default 8, chosen on validation images; CS-DIP uses 64)",
     )
     p.add_argument(
-        "--dip-iters", type=_positive_int, default=None, help="DIP iterations (default 300; CS-DIP uses 1000)"
+        "--dip-iters",
+        type=positive_int_arg,
+        default=None,
+        help="DIP iterations (default 300; CS-DIP uses 1000)",
     )
     p.add_argument(
-        "--dip-n", type=_positive_int, default=None,
+        "--dip-n", type=positive_int_arg, default=None,
         help="DIP on the first N test images only (CPU budget; recorded in results.json)",
     )  # fmt: skip
     p.add_argument("--no-grids", action="store_true", help="skip the reconstruction grids")

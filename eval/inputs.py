@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_labeled_images"]
+__all__ = ["check_labeled_images", "positive_int_arg"]
 
 
 def check_labeled_images(x: Any, y: Any, n: int) -> None:
@@ -32,3 +33,14 @@ def check_labeled_images(x: Any, y: Any, n: int) -> None:
         raise ValueError(
             f"expected images in [0, 1], got values in [{float(x.min()):.4g}, {float(x.max()):.4g}]"
         )
+
+
+def positive_int_arg(text: str) -> int:
+    """``argparse`` type: an int >= 1, with a message naming what came."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {value}")
+    return value

@@ -18,20 +18,10 @@ from manifold_defense.data import load_mnist
 
 
 @pytest.fixture(scope="module")
-def linear_mnist() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A softmax-regression MNIST classifier trained for a few seconds, and 40 test images."""
-    torch.manual_seed(0)
-    train = load_mnist("train", limit=2000)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(3):
-        for i in range(0, 2000, 200):
-            loss = nn.functional.cross_entropy(model(train.images[i : i + 200]), train.labels[i : i + 200])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+def linear_mnist(linear_mnist_model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The shared softmax-regression MNIST classifier (conftest) and the first 40 test images."""
     test = load_mnist("test", limit=40)
-    return model.eval(), test.images, test.labels
+    return linear_mnist_model, test.images, test.labels
 
 
 def test_autoattack_at_least_as_strong_as_pgd_and_audited(

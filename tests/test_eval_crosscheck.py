@@ -15,20 +15,10 @@ from manifold_defense.data import load_mnist
 
 
 @pytest.fixture(scope="module")
-def tiny_model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A softmax-regression MNIST classifier trained for a few seconds, and 64 test images."""
-    torch.manual_seed(0)
-    train = load_mnist("train", limit=2000)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(3):
-        for i in range(0, 2000, 200):
-            loss = nn.functional.cross_entropy(model(train.images[i : i + 200]), train.labels[i : i + 200])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+def tiny_model_and_data(linear_mnist_model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The shared softmax-regression MNIST classifier (conftest) and the first 64 test images."""
     test = load_mnist("test", limit=64)
-    return model.eval(), test.images, test.labels
+    return linear_mnist_model, test.images, test.labels
 
 
 def test_three_pgds_agree_on_a_tiny_model(
