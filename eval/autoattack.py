@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import Norm, ThreatModel, TorchattacksAttack
-from eval.inputs import positive_int_arg
+from eval.inputs import check_labeled_images, positive_int_arg
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -88,21 +88,32 @@ def autoattack_accuracy(
         progress: tqdm bar over the batches.
 
     Raises:
-        ValueError: unknown version, non-positive batch size, images and labels of different lengths, fewer
-            than 4 classes (APGD-T's targeted DLR loss needs 4).
+        TypeError: images or labels not tensors, labels not int64 on the images' device.
+        ValueError: unknown version, non-positive batch size, images and labels of different lengths, images
+            not ``(N, C, H, W)`` in [0, 1], a model output that is not ``(B, K)`` logits, fewer than 4 classes
+            (APGD-T's targeted DLR loss needs 4).
     """
     if version not in VERSIONS:
         raise ValueError(f"expected version in {VERSIONS}, got {version!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"expected batch_size as an int >= 1, got {batch_size!r}")
-    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-        raise ValueError(
-            f"expected as many labels as images (at least one), got {images.shape[0]} images and "
-            f"{labels.shape[0]} labels"
+    if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(
+            f"expected images and labels as tensors, got {type(images).__name__} and {type(labels).__name__}"
         )
+    if images.dim() < 1 or labels.dim() < 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(
+            f"expected as many labels as images (at least one), got shapes {tuple(images.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    check_labeled_images(images, labels, 1)
     model.eval()
     with torch.no_grad():
-        num_classes = int(model(images[:1]).shape[1])
+        out = model(images[:1])
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"expected the model to return logits (B, K), got {got}")
+    num_classes = int(out.shape[1])
     if version != "rand" and num_classes < 4:
         raise ValueError(
             f"expected a model with at least 4 classes for AutoAttack {version!r} (its targeted DLR loss "

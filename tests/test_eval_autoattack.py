@@ -52,6 +52,12 @@ def test_autoattack_rejects_bad_input(linear_mnist: tuple[nn.Module, torch.Tenso
         autoattack_accuracy(model, x, y, threat, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="as many labels"):
         autoattack_accuracy(model, x, y[:3], threat, progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        autoattack_accuracy(model, x * 2, y, threat, progress=False)
+    with pytest.raises(TypeError, match="tensors"):
+        autoattack_accuracy(model, x.numpy(), y, threat, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="logits"):
+        autoattack_accuracy(nn.Identity(), x, y, threat, progress=False)
     xs, ys = make_data(2, seed=1)
     with pytest.raises(ValueError, match="at least 4 classes"):
         autoattack_accuracy(train_classifier(xs, ys, steps=5), xs, ys, threat, progress=False)
