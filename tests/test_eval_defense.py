@@ -243,3 +243,24 @@ def test_command_quick_subset(tmp_path: Path) -> None:
     assert record["command"].startswith("python -m eval") and record["n"] == 2
     assert set(record["figures"]) == {"undefended_pgd_linf_0.3", "onmanifold_l2_3"}
     assert "QUICK" in (tmp_path / "results.md").read_text()
+
+
+def test_load_zoo_models_picks_the_named_classifier(tmp_path: Path) -> None:
+    """``classifier`` / ``classifier_dir`` choose the defended classifier; the generator stays the zoo's."""
+    from manifold_defense import zoo
+
+    torch.manual_seed(0)
+    other = zoo.build("mnist-classifier")
+    zoo.save(other, "mnist-rmd", tmp_path, {"training": {"note": "test weights"}})
+    models = load_zoo_models(torch.device("cpu"), classifier="mnist-rmd", classifier_dir=tmp_path)
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(models.classifier.state_dict()[key], value)
+    default = load_zoo_models(torch.device("cpu"))
+    x = torch.rand(2, 1, 28, 28)
+    assert not torch.allclose(models.classifier(x), default.classifier(x))
+    with pytest.raises(
+        ValueError, match=r"unknown classifier 'resnet': expected one of \['mnist-classifier'"
+    ):
+        load_zoo_models(torch.device("cpu"), classifier="resnet")
+    with pytest.raises(FileNotFoundError, match="no weights for zoo model 'mnist-pgd-at'"):
+        load_zoo_models(torch.device("cpu"), classifier="mnist-pgd-at", classifier_dir=tmp_path)

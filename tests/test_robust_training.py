@@ -434,11 +434,19 @@ def test_images_outside_unit_range_are_refused() -> None:
         ("op_eps", float("nan")),
         ("op_weight", -1.0),
         ("op_every", 0),
+        ("op_multiplier_init", 0.0),
     ],
 )
 def test_negative_budgets_and_weights_are_refused(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"RobustManifoldConfig.{field}: expected"):
         RobustManifoldConfig(**{field: value})
+
+
+def test_op_settings_reach_the_overpowered_attack() -> None:
+    config = RobustManifoldConfig(op_eps=4.0, op_steps=7, op_step_size=0.05, op_multiplier_init=0.002, seed=3)
+    op = config.op_attack().config
+    assert (op.eps, op.steps, op.step_size, op.multiplier_init, op.seed) == (4.0, 7, 0.05, 0.002, 3)
+    assert RobustManifoldConfig().op_attack().config.multiplier_init == 0.001
 
 
 def test_other_bad_arguments() -> None:

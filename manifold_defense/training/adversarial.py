@@ -240,6 +240,9 @@ class RobustManifoldConfig(RobustTrainConfig):
         op_steps: OP attack steps (default 100; Jalal et al. use up to 1000 for evaluation).
         op_step_size: OP Adam learning rate on the latents (default 0.01).
         op_init_noise: std > 0 of the per-sample seeded Gaussian noise that starts ``z2`` (default 0.1).
+        op_multiplier_init: initial Lagrange multiplier > 0 of the OP pair-distance constraint (default 1e-3:
+            with the attack library's 1.0 the pair is pulled together before the divergence term separates it, and
+            the pairs collapse to distance ~0.04 where the divergence is stationary; measured in ``eval defense``).
         inversion: :class:`InversionConfig` of the latent search (default: encoder warm start, 20 Adam steps
             of 0.05, one restart).
     """
@@ -261,6 +264,7 @@ class RobustManifoldConfig(RobustTrainConfig):
     op_steps: int = 100
     op_step_size: float = 0.01
     op_init_noise: float = 0.1
+    op_multiplier_init: float = 0.001
     inversion: InversionConfig = field(default_factory=_default_inversion)
 
     def __post_init__(self) -> None:
@@ -278,7 +282,7 @@ class RobustManifoldConfig(RobustTrainConfig):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value > 0):
                 raise ValueError(f"RobustManifoldConfig.{name}: expected None or a float > 0, got {value!r}")
-        for name in ("op_step_size", "op_init_noise"):
+        for name in ("op_step_size", "op_init_noise", "op_multiplier_init"):
             value = getattr(self, name)
             if not (_is_number(value) and value > 0):
                 raise ValueError(f"RobustManifoldConfig.{name}: expected a finite float > 0, got {value!r}")
@@ -322,7 +326,11 @@ class RobustManifoldConfig(RobustTrainConfig):
         """The :class:`attacks.OverpoweredAttack` of these settings."""
         return OverpoweredAttack(
             OverpoweredConfig(
-                eps=self.op_eps, steps=self.op_steps, step_size=self.op_step_size, seed=self.seed
+                eps=self.op_eps,
+                steps=self.op_steps,
+                step_size=self.op_step_size,
+                multiplier_init=self.op_multiplier_init,
+                seed=self.seed,
             )
         )
 
