@@ -34,8 +34,17 @@ from eval.inputs import check_labeled_images, positive_int_arg
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
+from manifold_defense.metrics import accuracy
 
-__all__ = ["AutoAttackResult", "add_parsers", "autoattack_accuracy", "load_checkpoint_classifier", "main"]
+__all__ = [
+    "AutoAttackResult",
+    "add_parsers",
+    "autoattack_accuracy",
+    "figure_key",
+    "load_checkpoint_classifier",
+    "main",
+    "record_figure",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +170,52 @@ def load_checkpoint_classifier(path: Path, name: str, device: torch.device) -> n
     return model.to(device).eval()
 
 
+def figure_key(norm: str, eps: float) -> str:
+    """Key of an AutoAttack figure in a zoo record's ``figures``: ``autoattack_linf_0.3``."""
+    return f"autoattack_{norm}_{eps:g}"
+
+
+def record_figure(
+    model: str,
+    report: dict[str, Any],
+    weights_dir: Path | None,
+    clean_test_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """Merge an ``autoattack`` report into the zoo record of ``model`` (``figures.autoattack_<norm>_<eps>``),
+    keeping the record's other figures; the weights' SHA-256 must still match the record.
+
+    ``clean_test_accuracy``: the accuracy on the whole MNIST test split (10k), recorded as ``figures.clean_accuracy``
+    with ``n``, ``device`` and ``command`` (the same fields ``measure-zoo`` writes for ``mnist-classifier``).
+    """
+    rec = zoo.record(model, weights_dir)
+    folder = Path(weights_dir) if weights_dir is not None else zoo.WEIGHTS_DIR
+    actual = zoo.sha256_file(folder / f"{model}.safetensors")
+    if rec.get("sha256") != actual:
+        raise zoo.ZooIntegrityError(f"weights of {model!r} in {folder} do not match their record's SHA-256")
+    threat = report["threat_model"]
+    figures = dict(rec.get("figures", {}))
+    figures[figure_key(threat["norm"], threat["eps"])] = {
+        key: report[key] for key in ("n", "clean_accuracy", "robust_accuracy", "version", "seconds")
+    } | {
+        "command": report["settings"]["command"],
+        "device": report["settings"]["device"],
+        "threads": report["settings"]["threads"],
+        "data": report["settings"]["data"],
+    }
+    if clean_test_accuracy is not None:
+        figures.update(
+            {
+                "clean_accuracy": clean_test_accuracy,
+                "n": 10_000,
+                "data": "MNIST test split",
+                "device": report["settings"]["device"],
+                "command": report["settings"]["command"],
+                "torch": report["settings"]["torch"],
+            }
+        )
+    return zoo.update_record(model, {"figures": figures}, weights_dir)
+
+
 def add_parsers(sub: Any) -> None:
     """Register the ``autoattack`` command."""
     p = sub.add_parser(
@@ -190,6 +245,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--threads", type=positive_int_arg, default=None)
     p.add_argument("--data-dir", type=Path, default=None, help="torchvision MNIST folder (default: bundle)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="also merge the result into the model's zoo record (in --weights-dir) as figures.autoattack_<norm>_<eps>",
+    )
     p.set_defaults(func=main)
 
 
@@ -199,6 +259,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not args.eps > 0:
         raise ValueError(f"expected --eps > 0, got {args.eps}")
+    if args.write and args.checkpoint is not None:
+        raise ValueError("--write records a zoo model's figure: it cannot be used with --checkpoint")
     device = resolve_device(args.device)
     if args.checkpoint is not None:
         model = load_checkpoint_classifier(args.checkpoint, args.model, device)
@@ -240,6 +302,14 @@ def main(args: argparse.Namespace) -> int:
         },
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.write:
+        test = load_mnist("test", args.data_dir)
+        with torch.no_grad():
+            clean = accuracy(model, test.images, test.labels)
+        record_figure(args.model, report, args.weights_dir, clean_test_accuracy=clean)
+        print(
+            f"clean accuracy on the 10k test images {clean:.4f}; recorded in the zoo record of {args.model}"
+        )
     print(
         f"{args.model} ({report['source']}), n {result.n}: clean {result.clean_accuracy:.4f}, AutoAttack "
         f"({args.version}, {args.norm} {args.eps}) {result.robust_accuracy:.4f}; max perturbation "

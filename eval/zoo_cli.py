@@ -260,6 +260,14 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                 " ".join(str(c) for c in samples["class_histogram"]),
                 samples["n"],
             )
+        for key in sorted(k for k in fig if k.startswith("autoattack_")):
+            aa = fig[key]
+            add(
+                f"AutoAttack ({aa['version']}) {key.removeprefix('autoattack_').replace('_', ' ')}: "
+                "clean / robust accuracy",
+                f"{aa['clean_accuracy']:.4f} / {aa['robust_accuracy']:.4f}",
+                aa["n"],
+            )
         if "mse_G_of_E" in fig:
             add(
                 "per-pixel MSE of G(E(x)) mean / median",

@@ -11,7 +11,7 @@ from test_attacks_fixtures import make_data, train_classifier
 from torch import nn
 
 from attacks import PGD, Norm, PGDConfig, ThreatModel
-from eval.autoattack import autoattack_accuracy, load_checkpoint_classifier
+from eval.autoattack import autoattack_accuracy, load_checkpoint_classifier, record_figure
 from eval.cli import main
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
@@ -84,3 +84,34 @@ def test_checkpoint_classifier_and_command(tmp_path: Path) -> None:
     assert report["n"] == 6 and report["source"] == str(ckpt) and report["version"] == "standard"
     assert 0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1
     assert report["audit"]["max_perturbation"] <= 0.1 + 1e-6 and report["audit"]["nan_count"] == 0
+
+
+def test_write_records_the_figure_in_the_zoo_record(tmp_path: Path) -> None:
+    """``--write`` merges the AutoAttack result and the 10k clean accuracy into the record, keeping its other
+    fields; the README table shows it; a modified weights file or ``--checkpoint`` is refused."""
+    from eval.zoo_cli import markdown_table
+    from manifold_defense.metrics import accuracy
+
+    torch.manual_seed(0)
+    net = zoo.build("mnist-classifier")
+    zoo.save(net, "mnist-pgd-at", tmp_path, {"training": {"note": "test"}})
+    args = ["autoattack", "--model", "mnist-pgd-at", "--weights-dir", str(tmp_path), "--n", "4", "--eps", "0.1",
+            "--out", str(tmp_path / "aa"), "--no-progress", "--threads", "1", "--write"]  # fmt: skip
+    assert main(args) == 0
+    rec = zoo.record("mnist-pgd-at", tmp_path)
+    fig = rec["figures"]["autoattack_linf_0.1"]
+    report = json.loads((tmp_path / "aa" / "results.json").read_text())
+    assert (
+        fig["n"] == 4 and fig["robust_accuracy"] == report["robust_accuracy"] and fig["version"] == "standard"
+    )
+    test = load_mnist("test")
+    assert rec["figures"]["clean_accuracy"] == accuracy(net.eval(), test.images, test.labels)
+    assert rec["figures"]["n"] == 10_000 and rec["training"] == {"note": "test"}
+    assert "| `mnist-pgd-at` | AutoAttack (standard) linf 0.1: clean / robust accuracy |" in markdown_table(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="cannot be used with --checkpoint"):
+        main([*args, "--checkpoint", str(tmp_path / "x.pt")])
+    (tmp_path / "mnist-pgd-at.safetensors").write_bytes(b"tampered")
+    with pytest.raises(zoo.ZooIntegrityError):
+        record_figure("mnist-pgd-at", report, tmp_path)
