@@ -801,6 +801,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--draws", type=int, default=None, help="final evaluation draws (default 3; quick 2)")
     p.add_argument("--op-steps", type=int, default=None, help="overpowered attack steps (default 300)")
     p.add_argument("--latent-steps", type=int, default=None, help="on-manifold attack steps (default 200)")
+    p.add_argument("--latent-eps", type=float, default=None, help="on-manifold pixel l2 budget (default 3)")
+    p.add_argument("--op-eps", type=float, default=None, help="overpowered pair l2 budget (default 4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -838,6 +840,8 @@ def settings_from_args(args: argparse.Namespace) -> DefenseEvalSettings:
         ("draws", "draws"),
         ("op_steps", "op_steps"),
         ("latent_steps", "latent_steps"),
+        ("latent_eps", "latent_eps"),
+        ("op_eps", "op_eps"),
     ):
         value = getattr(args, arg)
         if value is not None:

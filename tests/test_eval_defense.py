@@ -150,6 +150,11 @@ def test_schedules_and_bad_settings() -> None:
         DefenseEvalSettings(op_multiplier_init=0.0)
     parsed = settings_from_args(build_parser().parse_args(["defense", "--l2-eps", "4", "--n", "7"]))
     assert parsed.l2_eps == (4.0,) and parsed.n == 7 and not parsed.quick
+    budgets = ["defense", "--latent-eps", "1.5", "--op-eps", "2", "--classifier", "mnist-rmd"]
+    parsed = settings_from_args(build_parser().parse_args(budgets))
+    assert (parsed.latent_eps, parsed.op_eps) == (1.5, 2.0)
+    with pytest.raises(ValueError, match="latent_eps"):
+        settings_from_args(build_parser().parse_args(["defense", "--latent-eps", "-1"]))
     args = build_parser().parse_args(["defense", "--quick", "--schedule", "defense-gan"])
     with pytest.raises(ValueError, match="expected --quick with the fast schedule"):
         settings_from_args(args)
