@@ -179,19 +179,16 @@ def record_figure(
     model: str,
     report: dict[str, Any],
     weights_dir: Path | None,
-    clean_test_accuracy: float | None = None,
+    clean_test: tuple[float, int] | None = None,
 ) -> dict[str, Any]:
     """Merge an ``autoattack`` report into the zoo record of ``model`` (``figures.autoattack_<norm>_<eps>``),
     keeping the record's other figures; the weights' SHA-256 must still match the record.
 
-    ``clean_test_accuracy``: the accuracy on the whole MNIST test split (10k), recorded as ``figures.clean_accuracy``
-    with ``n``, ``device`` and ``command`` (the same fields ``measure-zoo`` writes for ``mnist-classifier``).
+    ``clean_test``: ``(accuracy, n)`` on the whole MNIST test split, recorded as ``figures.clean_accuracy`` with
+    ``n``, ``device`` and ``command`` (the same fields ``measure-zoo`` writes for ``mnist-classifier``).
     """
+    zoo.verify(model, weights_dir)
     rec = zoo.record(model, weights_dir)
-    folder = Path(weights_dir) if weights_dir is not None else zoo.WEIGHTS_DIR
-    actual = zoo.sha256_file(folder / f"{model}.safetensors")
-    if rec.get("sha256") != actual:
-        raise zoo.ZooIntegrityError(f"weights of {model!r} in {folder} do not match their record's SHA-256")
     threat = report["threat_model"]
     figures = dict(rec.get("figures", {}))
     figures[figure_key(threat["norm"], threat["eps"])] = {
@@ -202,11 +199,11 @@ def record_figure(
         "threads": report["settings"]["threads"],
         "data": report["settings"]["data"],
     }
-    if clean_test_accuracy is not None:
+    if clean_test is not None:
         figures.update(
             {
-                "clean_accuracy": clean_test_accuracy,
-                "n": 10_000,
+                "clean_accuracy": clean_test[0],
+                "n": clean_test[1],
                 "data": "MNIST test split",
                 "device": report["settings"]["device"],
                 "command": report["settings"]["command"],
@@ -304,11 +301,10 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.write:
         test = load_mnist("test", args.data_dir)
-        with torch.no_grad():
-            clean = accuracy(model, test.images, test.labels)
-        record_figure(args.model, report, args.weights_dir, clean_test_accuracy=clean)
+        clean = accuracy(model, test.images, test.labels)
+        record_figure(args.model, report, args.weights_dir, clean_test=(clean, len(test)))
         print(
-            f"clean accuracy on the 10k test images {clean:.4f}; recorded in the zoo record of {args.model}"
+            f"clean accuracy on the {len(test)} test images {clean:.4f}; recorded in the zoo record of {args.model}"
         )
     print(
         f"{args.model} ({report['source']}), n {result.n}: clean {result.clean_accuracy:.4f}, AutoAttack "

@@ -59,6 +59,7 @@ from eval.defense_figures import (
     schedule_config,
 )
 from eval.inputs import check_labeled_images
+from manifold_defense import zoo
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 #: Zoo classifiers the evaluation commands can defend or attack (``--classifier``).
-CLASSIFIERS: tuple[str, ...] = ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
+CLASSIFIERS: tuple[str, ...] = zoo.CLASSIFIERS
 
 #: Figure groups, in the order they are computed (``--figures`` selects a subset).
 FIGURES: tuple[str, ...] = ("undefended", "defended-clean", "naive", "bpda", "onmanifold", "overpowered")
@@ -218,8 +219,6 @@ def load_zoo_models(
             ``mnist-pgd-at`` and ``mnist-rmd`` are the robustly trained ones).
         classifier_dir: folder of the classifier's weights if not ``weights_dir`` (e.g. a training run's ``--out``).
     """
-    from manifold_defense import zoo
-
     if classifier not in CLASSIFIERS:
         raise ValueError(f"unknown classifier {classifier!r}: expected one of {list(CLASSIFIERS)}")
     return DefenseModels(

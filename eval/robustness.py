@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from eval.defense_eval import add_classifier_args
+from eval.defense_eval import add_classifier_args, load_zoo_models
 from eval.robustness_core import (
     ATTACKS,
     DEFAULT_THREATS,
@@ -75,7 +75,6 @@ def zoo_defenses(
     Every defense wraps the zoo classifier ``classifier`` (:data:`eval.defense_eval.CLASSIFIERS`, weights from
     ``classifier_dir`` or ``weights_dir``): ``undefended`` is that classifier alone.
     """
-    from eval.defense_eval import load_zoo_models
     from eval.defense_figures import schedule_config
 
     unknown = [n for n in names if n not in DEFENSES]

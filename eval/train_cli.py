@@ -48,7 +48,7 @@ from manifold_defense.training import (
 log = logging.getLogger(__name__)
 MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd")
 #: Zoo classifiers a robust training run may start from (``--init``).
-INIT_MODELS = ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
+INIT_MODELS = zoo.CLASSIFIERS
 
 
 def add_parsers(sub: Any) -> None:

@@ -84,6 +84,7 @@ def test_registered_but_not_shipped_models_say_how_to_get_them() -> None:
         "mnist-pgd-at",
     }
     assert "mnist-rmd" in zoo.registered()
+    assert zoo.CLASSIFIERS == ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
     with pytest.raises(FileNotFoundError, match=r"python -m eval train"):
         zoo.load("mnist-rmd")
 

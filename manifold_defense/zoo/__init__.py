@@ -62,6 +62,10 @@ REGISTRY: dict[str, ZooEntry] = {
 }
 
 
+#: Zoo entries that are MNIST classifiers (the standard one and the robustly trained ones).
+CLASSIFIERS: tuple[str, ...] = tuple(n for n, e in REGISTRY.items() if e.build is MNISTClassifier)
+
+
 class ZooIntegrityError(ValueError):
     """The weights on disk do not match the SHA-256 recorded for them."""
 
@@ -112,6 +116,31 @@ def build(name: str) -> nn.Module:
     return entry.build(**entry.kwargs)
 
 
+def verify(name: str, weights_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of a zoo model's weights after checking their SHA-256 against the model's record.
+
+    Raises:
+        ValueError: unknown name. FileNotFoundError: the weights or record are missing.
+        ZooIntegrityError: the weights' SHA-256 differs from the record's.
+    """
+    _entry(name)
+    folder = Path(weights_dir or WEIGHTS_DIR)
+    weights = folder / f"{name}.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"no weights for zoo model {name!r} at {weights} (present: {available(folder)}); "
+            "train them with `python -m eval train ... --out DIR` and pass weights_dir=DIR"
+        )
+    rec = record(name, folder)
+    actual = sha256_file(weights)
+    if rec.get("sha256") != actual:
+        raise ZooIntegrityError(
+            f"weights of {name!r} at {weights} have SHA-256 {actual}, expected {rec.get('sha256')} from its record: "
+            "the file was modified or replaced"
+        )
+    return weights
+
+
 def load(
     name: str, device: str | torch.device = "cpu", *, weights_dir: str | os.PathLike[str] | None = None
 ) -> nn.Module:
@@ -128,20 +157,7 @@ def load(
     """
     dev = resolve_device(device)
     entry = _entry(name)
-    folder = Path(weights_dir or WEIGHTS_DIR)
-    weights = folder / f"{name}.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"no weights for zoo model {name!r} at {weights} (present: {available(folder)}); "
-            "train them with `python -m eval train ... --out DIR` and pass weights_dir=DIR"
-        )
-    rec = record(name, folder)
-    actual = sha256_file(weights)
-    if rec.get("sha256") != actual:
-        raise ZooIntegrityError(
-            f"weights of {name!r} at {weights} have SHA-256 {actual}, expected {rec.get('sha256')} from its record: "
-            "the file was modified or replaced"
-        )
+    weights = verify(name, weights_dir)
     model = entry.build(**entry.kwargs)
     state = load_file(str(weights))
     model.load_state_dict(state, strict=True)
@@ -183,6 +199,7 @@ def update_record(
 
 
 __all__ = [
+    "CLASSIFIERS",
     "REGISTRY",
     "WEIGHTS_DIR",
     "ZooEntry",
@@ -195,4 +212,5 @@ __all__ = [
     "save",
     "sha256_file",
     "update_record",
+    "verify",
 ]
