@@ -23,7 +23,10 @@ Schedules: ``defense-gan`` = Defense-GAN's own (SGD momentum 0.7, lr 10, L = 200
 per image per evaluation); ``fast`` = Adam lr 0.05, 50 steps, 2 restarts from the encoder's E(x) (102 passes).
 ``--quick`` = n 20, fast schedule, fewer steps: a smoke run, not the figures.
 
-Writes ``DIR/results.json``, ``DIR/results.md`` (a table) and ``DIR/onmanifold_grid.png``.
+Writes ``DIR/results.json``, ``DIR/results.md`` (a table) and ``DIR/onmanifold_grid.png``. ``--write`` also merges
+the figures that belong to the classifier alone (5 and 6: on-manifold and overpowered, which do not involve the
+projection) into the classifier's zoo record (``figures.onmanifold_l2_<eps>``, ``figures.overpowered_l2_<eps>``),
+after checking the weights' SHA-256; ``python -m eval zoo --markdown`` shows them.
 """
 
 from __future__ import annotations
@@ -806,8 +809,55 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--weights-dir", type=Path, default=None, help="zoo folder (default: the package's)")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="merge the on-manifold and overpowered figures into the --classifier's zoo record",
+    )
     add_classifier_args(p)
     p.set_defaults(func=run_command)
+
+
+#: Figures of :func:`run_defense_eval` that measure the classifier alone (no projection): ``--write`` records them.
+CLASSIFIER_FIGURES = ("onmanifold", "overpowered")
+
+
+def record_classifier_figures(
+    classifier: str, record: dict[str, Any], weights_dir: Path | None
+) -> dict[str, Any]:
+    """Merge the on-manifold and overpowered figures of a ``run_defense_eval`` ``record`` into the zoo record of
+    ``classifier`` (in ``weights_dir``, default the package's zoo), keeping its other figures; the weights' SHA-256
+    must match the record (:func:`manifold_defense.zoo.verify`). Returns the new record.
+
+    Each figure keeps its headline number (on-manifold: ``success_rate`` with ``eligible`` and ``successes``;
+    overpowered: ``accuracy``), ``n``, the threat, the attack's steps and step size, and the run's command, device,
+    threads and seconds. Raises ``ValueError`` for a quick (smoke) record or one without either figure.
+    """
+    if record.get("quick"):
+        raise ValueError("--write records measured figures: expected a full run, got a --quick smoke run")
+    found = {k: v for k, v in record["figures"].items() if k.startswith(CLASSIFIER_FIGURES)}
+    if not found:
+        raise ValueError(
+            f"--write records the {' and '.join(CLASSIFIER_FIGURES)} figures: expected --figures to include "
+            f"one of them, got {sorted(record['figures'])}"
+        )
+    zoo.verify(classifier, weights_dir)
+    figures = dict(zoo.record(classifier, weights_dir).get("figures", {}))
+    for key, fig in found.items():
+        headline = (
+            ("success_rate", "eligible", "successes") if key.startswith("onmanifold") else ("accuracy",)
+        )
+        figures[key] = {name: fig[name] for name in headline} | {
+            "n": fig["n"],
+            "threat": fig["threat"],
+            "attack": {name: fig["attack"][name] for name in ("name", "steps", "step_size")},
+            "data": record["data"],
+            "command": record["command"],
+            "device": record["device"],
+            "threads": record["threads"],
+            "seconds": fig["seconds"],
+        }
+    return zoo.update_record(classifier, {"figures": figures}, weights_dir)
 
 
 def add_classifier_args(p: argparse.ArgumentParser) -> None:
@@ -860,6 +910,15 @@ def run_command(args: argparse.Namespace) -> int:
     from manifold_defense.devices import resolve_device
 
     settings = settings_from_args(args)
+    if args.write:  # refuse before the long run, not after it
+        if settings.quick:
+            raise ValueError("--write records measured figures: it cannot be used with --quick")
+        if not set(CLASSIFIER_FIGURES) & set(settings.figures):
+            raise ValueError(
+                f"--write records the {' and '.join(CLASSIFIER_FIGURES)} figures: expected --figures to include "
+                f"one of them, got {','.join(settings.figures)}"
+            )
+        zoo.verify(args.classifier, args.classifier_dir or args.weights_dir)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -890,4 +949,8 @@ def run_command(args: argparse.Namespace) -> int:
     )
     print(write_markdown(record))
     log.info("wrote %s", out / "results.json")
+    if args.write:
+        folder = args.classifier_dir or args.weights_dir
+        record_classifier_figures(args.classifier, record, folder)
+        log.info("wrote the %s figures into the %s record", "/".join(CLASSIFIER_FIGURES), args.classifier)
     return 0

@@ -268,6 +268,24 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                 f"{aa['clean_accuracy']:.4f} / {aa['robust_accuracy']:.4f}",
                 aa["n"],
             )
+        for key in sorted(k for k in fig if k.startswith("onmanifold_")):
+            onm = fig[key]
+            add(
+                f"on-manifold attack success rate, pixel l2 <= {onm['threat']['eps']:g} "
+                f"({onm['attack']['steps']} steps; of the images G(z) it labels correctly)",
+                "-"
+                if onm["success_rate"] is None
+                else f"{onm['success_rate']:.4f} ({onm['successes']} of {onm['eligible']})",
+                onm["n"],
+            )
+        for key in sorted(k for k in fig if k.startswith("overpowered_")):
+            op = fig[key]
+            add(
+                f"overpowered attack accuracy (pairs consistent), pair l2 <= {op['threat']['eps']:g} "
+                f"({op['attack']['steps']} steps)",
+                f"{op['accuracy']:.4f}",
+                op["n"],
+            )
         if "mse_G_of_E" in fig:
             add(
                 "per-pixel MSE of G(E(x)) mean / median",

@@ -269,3 +269,36 @@ def test_load_zoo_models_picks_the_named_classifier(tmp_path: Path) -> None:
         load_zoo_models(torch.device("cpu"), classifier="resnet")
     with pytest.raises(FileNotFoundError, match="no weights for zoo model 'mnist-pgd-at'"):
         load_zoo_models(torch.device("cpu"), classifier="mnist-pgd-at", classifier_dir=tmp_path)
+
+
+def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
+    """``--write`` merges the on-manifold and overpowered figures into the classifier's record (other fields kept,
+    README table shows them); a smoke run, a run without those figures and modified weights are refused before
+    any attack runs."""
+    from eval.zoo_cli import markdown_table
+    from manifold_defense import zoo
+
+    zoo.save(zoo.load("mnist-classifier"), "mnist-rmd", tmp_path, {"training": {"note": "test weights"}})
+    base = ["defense", "--n", "2", "--latent-steps", "2", "--op-steps", "2", "--classifier", "mnist-rmd",
+            "--classifier-dir", str(tmp_path), "--device", "cpu", "--threads", "1", "--write"]  # fmt: skip
+    out = tmp_path / "run"
+    assert main([*base, "--figures", "onmanifold,overpowered", "--latent-eps", "1.5", "--out", str(out)]) == 0
+    written = json.loads((out / "results.json").read_text())
+    result = written["figures"]
+    rec = zoo.record("mnist-rmd", tmp_path)
+    onm, op = rec["figures"]["onmanifold_l2_1.5"], rec["figures"]["overpowered_l2_4"]
+    assert onm["success_rate"] == result["onmanifold_l2_1.5"]["success_rate"]
+    assert onm["eligible"] == result["onmanifold_l2_1.5"]["eligible"] == 2 and onm["n"] == 2
+    assert op["accuracy"] == result["overpowered_l2_4"]["accuracy"] and op["attack"]["steps"] == 2
+    assert onm["command"] == written["command"] and rec["training"] == {"note": "test weights"}
+    table = markdown_table(tmp_path)
+    assert "| `mnist-rmd` | on-manifold attack success rate, pixel l2 <= 1.5 (2 steps;" in table
+    assert "| `mnist-rmd` | overpowered attack accuracy (pairs consistent), pair l2 <= 4 (2 steps) |" in table
+    with pytest.raises(ValueError, match="cannot be used with --quick"):
+        main([*base, "--quick", "--out", str(tmp_path / "q")])
+    with pytest.raises(ValueError, match="expected --figures to include one of them, got undefended"):
+        main([*base, "--figures", "undefended", "--out", str(tmp_path / "u")])
+    (tmp_path / "mnist-rmd.safetensors").write_bytes(b"tampered")
+    with pytest.raises(zoo.ZooIntegrityError):
+        main([*base, "--out", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
