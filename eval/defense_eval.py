@@ -109,6 +109,8 @@ class DefenseEvalSettings:
         op_multiplier_init: initial Lagrange multiplier of the pair-distance constraint. The library default
             (1.0) pulls the pair together before the divergence term separates it (the pairs collapse to
             distance ~0.04, where the symmetric divergence is stationary); 1e-3 lets the pair separate first.
+        op_temperature: the OP divergence is taken of ``logits / op_temperature`` (default 1, the paper's loss;
+            see :class:`attacks.OverpoweredConfig`: > 1 keeps the loss from saturating on a confident classifier).
         op_check_pairs: found pairs projected with the defense to check they stay apart.
         grid_pairs: pairs shown in ``onmanifold_grid.png``.
     """
@@ -135,6 +137,7 @@ class DefenseEvalSettings:
     op_steps: int = 300
     op_step_size: float = 0.05
     op_multiplier_init: float = 0.001
+    op_temperature: float = 1.0
     op_check_pairs: int = 10
     grid_pairs: int = 8
 
@@ -172,6 +175,7 @@ class DefenseEvalSettings:
             "op_eps",
             "op_step_size",
             "op_multiplier_init",
+            "op_temperature",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -553,6 +557,7 @@ class _Runner:
             step_size=s.op_step_size,
             multiplier_init=s.op_multiplier_init,
             seed=s.seed,
+            temperature=s.op_temperature,
         )
         res = evaluate_overpowered(
             self.m.classifier,
@@ -805,6 +810,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--latent-steps", type=int, default=None, help="on-manifold attack steps (default 200)")
     p.add_argument("--latent-eps", type=float, default=None, help="on-manifold pixel l2 budget (default 3)")
     p.add_argument("--op-eps", type=float, default=None, help="overpowered pair l2 budget (default 4)")
+    p.add_argument(
+        "--op-temperature",
+        type=float,
+        default=None,
+        help="divide the logits by this in the OP loss (default 1; > 1 against saturated softmax)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -891,6 +902,7 @@ def settings_from_args(args: argparse.Namespace) -> DefenseEvalSettings:
         ("latent_steps", "latent_steps"),
         ("latent_eps", "latent_eps"),
         ("op_eps", "op_eps"),
+        ("op_temperature", "op_temperature"),
     ):
         value = getattr(args, arg)
         if value is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_attacks_fixtures import LATENT_DIM, tiny_generator, trained_classifier
@@ -56,6 +58,32 @@ def test_larger_eps_finds_more(setup: tuple[nn.Module, nn.Module, Tensor]) -> No
     assert rates[0] < rates[1]
 
 
+class _Scaled(nn.Module):
+    """The same labels as ``model`` with logits multiplied by ``scale``: a nearly one-hot softmax."""
+
+    def __init__(self, model: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x) * self.scale
+
+
+def test_temperature_divides_the_logits_of_the_loss(setup: tuple[nn.Module, nn.Module, Tensor]) -> None:
+    """With logits scaled by 1000 (same labels, nearly one-hot softmax), temperature 1000 gives exactly the
+    attack on the unscaled classifier, and the loss at temperature 1 takes a different path."""
+    model, generator, z = setup
+    saturated = _Scaled(model, 1000.0).eval()
+    config = OverpoweredConfig(eps=0.1, steps=100, step_size=0.05)
+    plain = OverpoweredAttack(config)(model, generator, z)
+    tempered = OverpoweredAttack(dataclasses.replace(config, temperature=1000.0))(saturated, generator, z)
+    untempered = OverpoweredAttack(config)(saturated, generator, z)
+    assert float(plain.success.float().mean()) > 0.5
+    assert torch.equal(tempered.success, plain.success)
+    torch.testing.assert_close(tempered.z2, plain.z2, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(untempered.z2, plain.z2)
+
+
 def test_seeded_start_and_explicit_z2(setup: tuple[nn.Module, nn.Module, Tensor]) -> None:
     model, generator, z = setup
     state = torch.get_rng_state()
@@ -93,6 +121,7 @@ def test_pair_divergence() -> None:
         ({"eps": 1.0, "init_noise": 0.0}, r"expected init_noise > 0, got 0.0"),
         ({"eps": 1.0, "steps": 1.5}, r"expected steps to be an int >= 0, got 1.5"),
         ({"eps": 1.0, "multiplier_bounds": (1.0, 0.1)}, r"expected multiplier_bounds \(low, high\)"),
+        ({"eps": 1.0, "temperature": 0.0}, r"expected temperature > 0, got 0.0"),
     ],
 )
 def test_config_validation(kwargs: dict[str, object], match: str) -> None:
