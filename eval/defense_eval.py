@@ -841,7 +841,7 @@ def record_classifier_figures(
     must match the record (:func:`manifold_defense.zoo.verify`). Returns the new record.
 
     Each figure keeps its headline number (on-manifold: ``success_rate`` with ``eligible`` and ``successes``;
-    overpowered: ``accuracy``), ``n``, the threat, the attack's steps and step size, and the run's command, device,
+    overpowered: ``accuracy``; an OP figure at a temperature other than 1 is recorded as ``..._t<T>``), ``n``, the threat, the attack's steps and step size, and the run's command, device,
     threads and seconds. Raises ``ValueError`` for a quick (smoke) record or one without either figure.
     """
     if record.get("quick"):
@@ -854,14 +854,20 @@ def record_classifier_figures(
         )
     zoo.verify(classifier, weights_dir)
     figures = dict(zoo.record(classifier, weights_dir).get("figures", {}))
-    for key, fig in found.items():
+    for name_in_run, fig in found.items():
+        temperature = fig["attack"].get("temperature", 1.0)  # OP only; records before it existed lack it
+        key = name_in_run if temperature == 1.0 else f"{name_in_run}_t{temperature:g}"
         headline = (
             ("success_rate", "eligible", "successes") if key.startswith("onmanifold") else ("accuracy",)
         )
         figures[key] = {name: fig[name] for name in headline} | {
             "n": fig["n"],
             "threat": fig["threat"],
-            "attack": {name: fig["attack"][name] for name in ("name", "steps", "step_size")},
+            "attack": {
+                name: fig["attack"][name]
+                for name in ("name", "steps", "step_size", "temperature")
+                if name in fig["attack"]
+            },
             "data": record["data"],
             "command": record["command"],
             "device": record["device"],

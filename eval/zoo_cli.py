@@ -282,7 +282,13 @@ def markdown_table(weights_dir: Path | None = None) -> str:
             op = fig[key]
             add(
                 f"overpowered attack accuracy (pairs consistent), pair l2 <= {op['threat']['eps']:g} "
-                f"({op['attack']['steps']} steps)",
+                f"({op['attack']['steps']} steps"
+                + (
+                    f", logits / {op['attack']['temperature']:g}"
+                    if op["attack"].get("temperature", 1.0) != 1.0
+                    else ""
+                )
+                + ")",
                 f"{op['accuracy']:.4f}",
                 op["n"],
             )

@@ -294,6 +294,14 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     table = markdown_table(tmp_path)
     assert "| `mnist-rmd` | on-manifold attack success rate, pixel l2 <= 1.5 (2 steps;" in table
     assert "| `mnist-rmd` | overpowered attack accuracy (pairs consistent), pair l2 <= 4 (2 steps) |" in table
+    assert (
+        main([*base, "--figures", "overpowered", "--op-temperature", "10", "--out", str(tmp_path / "t10")])
+        == 0
+    )
+    rec = zoo.record("mnist-rmd", tmp_path)
+    assert rec["figures"]["overpowered_l2_4_t10"]["attack"]["temperature"] == 10.0
+    assert rec["figures"]["overpowered_l2_4"] == op  # the temperature-1 figure is kept beside it
+    assert "pair l2 <= 4 (2 steps, logits / 10) |" in markdown_table(tmp_path)
     with pytest.raises(ValueError, match="cannot be used with --quick"):
         main([*base, "--quick", "--out", str(tmp_path / "q")])
     with pytest.raises(ValueError, match="expected --figures to include one of them, got undefended"):
