@@ -124,7 +124,7 @@ def measure(args: argparse.Namespace) -> int:
         "clean_accuracy": accuracy(clf, test.images, test.labels),
     }
     if args.write:
-        zoo.update_record("mnist-classifier", {"figures": results["mnist-classifier"]}, folder)
+        _merge_figures("mnist-classifier", results["mnist-classifier"], folder)
     feats_test = features(clf, test.images)
     feats_train = features(clf, load_mnist("train", args.data_dir, limit=10_000).images)
     floor = frechet_distance(feats_train, feats_test)
@@ -176,7 +176,7 @@ def measure(args: argparse.Namespace) -> int:
         results[name] = fig
         log.info("%s: %s", name, json.dumps(fig))
         if args.write:  # as each model is done, so an interrupted run keeps what it measured
-            zoo.update_record(name, {"figures": fig}, folder)
+            _merge_figures(name, fig, folder)
     gen = zoo.load("mnist-gan", dev, weights_dir=wd)
     enc = zoo.load("mnist-encoder", dev, weights_dir=wd)
     with torch.no_grad():
@@ -210,9 +210,15 @@ def measure(args: argparse.Namespace) -> int:
     results["mnist-encoder"] = enc_fig
     log.info("mnist-encoder: %s", json.dumps(enc_fig))
     if args.write:
-        zoo.update_record("mnist-encoder", {"figures": enc_fig}, folder)
+        _merge_figures("mnist-encoder", enc_fig, folder)
     print(json.dumps(results, indent=1))
     return 0
+
+
+def _merge_figures(name: str, figures: dict[str, Any], folder: Path) -> None:
+    """Write ``figures`` into the record of ``name``, keeping figures other commands recorded there (e.g. the
+    on-manifold ones of ``eval defense --write`` or AutoAttack's)."""
+    zoo.update_record(name, {"figures": {**zoo.record(name, folder).get("figures", {}), **figures}}, folder)
 
 
 def markdown_table(weights_dir: Path | None = None) -> str:

