@@ -841,8 +841,10 @@ def record_classifier_figures(
     must match the record (:func:`manifold_defense.zoo.verify`). Returns the new record.
 
     Each figure keeps its headline number (on-manifold: ``success_rate`` with ``eligible`` and ``successes``;
-    overpowered: ``accuracy``; an OP figure at a temperature other than 1 is recorded as ``..._t<T>``), ``n``, the threat, the attack's steps and step size, and the run's command, device,
-    threads and seconds. Raises ``ValueError`` for a quick (smoke) record or one without either figure.
+    overpowered: ``accuracy``), ``n``, the threat, the attack's steps, step size and (OP) temperature, and the run's
+    command, device, threads and seconds; an OP figure at a temperature other than 1 is recorded beside the
+    temperature-1 one, as ``overpowered_l2_<eps>_t<T>``. Raises ``ValueError`` for a quick (smoke) record or one
+    without either figure.
     """
     if record.get("quick"):
         raise ValueError("--write records measured figures: expected a full run, got a --quick smoke run")
