@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import Norm, ThreatModel, TorchattacksAttack
+from eval.cli import command_line
 from eval.inputs import check_labeled_images, positive_int_arg
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
@@ -295,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": command_line(args),
         },
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")

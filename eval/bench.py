@@ -36,8 +36,6 @@ import json
 import logging
 import math
 import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +58,7 @@ from eval.bench_core import (
     project,
     project_loop,
 )
+from eval.cli import command_line
 from eval.defense_eval import DefenseModels, load_zoo_models
 from eval.defense_figures import defended_model, evaluate_pgd, schedule_config
 from eval.inputs import check_labeled_images
@@ -573,7 +572,7 @@ def run_command(args: argparse.Namespace) -> int:
             settings.bpda_n,
         )
     meta = {
-        "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line(args),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "threads": torch.get_num_threads(),

@@ -19,8 +19,6 @@ import argparse
 import itertools
 import json
 import logging
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import PGD, Attack, FoolboxAttack, Norm, PGDConfig, ThreatModel, TorchattacksAttack
+from eval.cli import command_line
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +230,7 @@ def run_command(args: argparse.Namespace) -> int:
         progress=True,
     )
     record = {
-        "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line(args),
         "model": "zoo mnist-classifier",
         "data": f"MNIST test split, first {args.n} images",
         "device": str(device),

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from eval.cli import command_line
 from eval.cs_core import (
     GENERATORS,
     METHODS,
@@ -501,7 +501,7 @@ def main(args: argparse.Namespace) -> int:
         overrides["dip_n"] = args.dip_n
     protocol = quick_protocol(**overrides) if args.quick else full_protocol(**overrides)
     methods = check_methods(args.methods)
-    command = "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line(args)
     if protocol.quick:
         reduced = "; ".join(f"{k}: {v['quick']} (full {v['full']})" for k, v in quick_reductions().items())
         print(f"QUICK protocol (reduced settings, not the paper's protocol): {reduced}", flush=True)

@@ -37,8 +37,6 @@ import enum
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import LatentAttackConfig, Norm, OverpoweredConfig, PGDConfig, ThreatModel, per_sample_norm
+from eval.cli import command_line
 from eval.defense_figures import (
     SCHEDULES,
     correct_in_every_draw,
@@ -951,7 +950,7 @@ def run_command(args: argparse.Namespace) -> int:
     if settings.quick:
         log.info("QUICK smoke run: n=%d, fast schedule, fewer steps; not the reported figures", settings.n)
     meta = {
-        "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line(args),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

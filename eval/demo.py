@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
+from eval.cli import command_line
 from manifold_defense import zoo
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import latent_dim_of
@@ -87,7 +88,9 @@ def _robustness(out: Path, args: argparse.Namespace) -> list[str]:
     from eval.robustness_core import ATTACKS, RobustnessSettings
 
     settings = RobustnessSettings.quick_preset(n=args.n)
-    ns = argparse.Namespace(threads=None, device=args.device, weights_dir=None, fresh=True)
+    ns = argparse.Namespace(
+        threads=None, device=args.device, weights_dir=None, fresh=True, command_line=command_line(args)
+    )
     record = run_evaluation(ns, settings, QUICK_DEFENSES, out, progress=not args.no_progress)
     print("\n".join(summary_lines(record)))
     reduced = "; ".join(

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eval.cli import command_line
 from eval.defense_eval import add_classifier_args, load_zoo_models
 from eval.robustness_core import (
     ATTACKS,
@@ -198,7 +197,7 @@ def run_evaluation(
         classifier_dir=getattr(args, "classifier_dir", None),
     )
     meta = {
-        "command": "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line(args),
         "device": str(ctx.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from attacks import PGD
+from eval.cli import command_line
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -142,11 +141,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    command = (
-        "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if sys.argv[1:]
-        else "python -m eval"
-    )
+    command = command_line(args)
     train = load_mnist("train", args.data_dir).dataset()
     progress = not args.no_progress
     models = ("classifier", "gan", "encoder", "vae") if args.model == "zoo" else (args.model,)
@@ -211,10 +206,18 @@ class _Trained:
     init: dict[str, Any] | None = None
 
 
-def _initial_classifier(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
-    """A fresh ``mnist-classifier`` network, or the zoo classifier ``--init`` (checked against its record)."""
+def _initial_classifier(name: str, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A fresh network of zoo entry ``name``'s architecture, or the zoo classifier ``--init`` (checked against its
+    record; it must have that architecture, or the trained weights could not be saved as ``name``)."""
     if args.init is None:
-        return zoo.build("mnist-classifier"), None
+        return zoo.build(name), None
+    target = zoo.REGISTRY[name].build
+    source = zoo.REGISTRY[args.init].build
+    if source is not target:
+        raise ValueError(
+            f"--init {args.init} is a {getattr(source, '__name__', source)}, but {name} is a "
+            f"{getattr(target, '__name__', target)}: pick an --init of the same architecture"
+        )
     model = zoo.load(args.init, "cpu", weights_dir=args.init_dir)
     rec = zoo.record(args.init, args.init_dir)
     return model, {
@@ -238,7 +241,7 @@ def _train_robust(
     """
     train = load_mnist("train", args.data_dir, limit=args.limit).dataset()
     val = load_mnist("val", args.data_dir, limit=args.val_n).dataset()
-    model, init = _initial_classifier(args)
+    model, init = _initial_classifier(f"mnist-{name}", args)
     config: Any
     if name == "pgd-at":
         config = _override(AdversarialTrainConfig(seed=args.seed), args.steps, sets)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from eval.cli import command_line
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -106,7 +105,7 @@ def measure(args: argparse.Namespace) -> int:
     dev = resolve_device(args.device)
     wd = args.weights_dir
     folder = Path(wd) if wd is not None else zoo.WEIGHTS_DIR
-    command = "python -m eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line(args)
     device_name = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
     test = load_mnist("test", args.data_dir)
     x, y = test.images[: args.n], test.labels[: args.n]

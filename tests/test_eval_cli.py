@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,9 @@ def test_train_pgd_at_writes_a_loadable_zoo_model(tmp_path: Path) -> None:
     assert main([*args, "--no-progress", "--set", "batch_size=32"]) == 0
     rec = zoo.record("mnist-pgd-at", tmp_path)
     assert rec["training"]["config"]["steps"] == 2 and rec["training"]["config"]["batch_size"] == 32
+    # the record's command is the one main() parsed, not the test runner's sys.argv
+    expected = "python -m eval " + " ".join([*args[:3], shlex.quote(args[3]), *args[4:]])
+    assert rec["training"]["command"] == expected + " --no-progress --set batch_size=32"
     assert "mnist-pgd-at" in zoo.available(tmp_path)
     model = zoo.load("mnist-pgd-at", weights_dir=tmp_path)
     assert not model.training

@@ -462,3 +462,40 @@ def test_other_bad_arguments() -> None:
     with pytest.raises(ValueError, match="expected int64 labels"):
         x, y = _data()
         adversarial_train(model, (x, y.float()), _train_attack(), progress=False)
+
+
+class _RecordingPGD(PGD):
+    """PGD that logs the budget and step size it was run with (the log is shared by the trainer's copies)."""
+
+    def __init__(self, threat: ThreatModel, config: PGDConfig, log: list[tuple[float, float]]) -> None:
+        super().__init__(threat, config)
+        self.log = log
+
+    def run(self, model: Any, x: Tensor, y: Tensor) -> Tensor:
+        assert self.config.step_size is not None
+        self.log.append((self.threat.eps, self.config.step_size))
+        return super().run(model, x, y)
+
+
+def test_eps_warmup_scales_budget_and_step_size_then_holds() -> None:
+    """``eps_warmup=0.4`` of 10 steps: the budget (and PGD's step) grow over the first 4 steps, then stay full."""
+    model, _, _ = _models()
+    log: list[tuple[float, float]] = []
+    attack = _RecordingPGD(ThreatModel(Norm.LINF, 0.2), PGDConfig(steps=2, step_size=0.08), log)
+    config = AdversarialTrainConfig(steps=10, batch_size=32, log_every=5, eps_warmup=0.4)
+    adversarial_train(model, _data(), attack, config, progress=False)
+    factors = [0.25, 0.5, 0.75] + [1.0] * 7
+    assert [config.budget_factor(s) for s in range(10)] == factors
+    assert len(log) == 10
+    for (eps, step), f in zip(log, factors, strict=True):
+        assert eps == pytest.approx(0.2 * f) and step == pytest.approx(0.08 * f)
+    assert attack.threat.eps == 0.2 and attack.config.step_size == 0.08  # the caller's attack is untouched
+    assert AdversarialTrainConfig(steps=10).budget_factor(0) == 1.0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan"), True])
+def test_bad_eps_warmup_is_refused(value: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"AdversarialTrainConfig.eps_warmup: expected a fraction in \[0, 1\)"
+    ):
+        AdversarialTrainConfig(eps_warmup=value)

@@ -50,6 +50,29 @@ def test_tampered_weights_are_refused(tmp_path: Path) -> None:
         zoo.load("mnist-classifier", weights_dir=tmp_path)
 
 
+def test_save_refuses_a_model_of_another_architecture(tmp_path: Path) -> None:
+    """A model saved under an entry of another architecture could not be loaded back: refused before writing."""
+    from manifold_defense.models import CompactMNISTClassifier, MNISTClassifier
+
+    with pytest.raises(TypeError, match=r"zoo model 'mnist-classifier' is a MNISTClassifier, got a Compact"):
+        zoo.save(CompactMNISTClassifier(), "mnist-classifier", tmp_path, {})
+    assert list(tmp_path.iterdir()) == []
+    zoo.save(MNISTClassifier(), "mnist-classifier", tmp_path, {"note": "untrained"})
+    assert zoo.record("mnist-classifier", tmp_path)["architecture"]["class"] == "MNISTClassifier"
+
+
+def test_compact_classifier_shapes_and_bad_widths() -> None:
+    from manifold_defense.models import CompactMNISTClassifier
+
+    model = CompactMNISTClassifier(channels=(8, 16), hidden=32).eval()
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert model(x).shape == (5, 10) and model.features(x).shape == (5, 32)
+    torch.testing.assert_close(model(x), model.head(model.features(x)))
+    for bad in [(8,), (8, 0), (8.0, 16)]:
+        with pytest.raises(ValueError, match=r"expected channels as two positive ints"):
+            CompactMNISTClassifier(channels=bad)  # type: ignore[arg-type]
+
+
 def test_bad_names_and_devices() -> None:
     with pytest.raises(ValueError, match=r"unknown zoo model 'mnist-cnn'.*mnist-classifier"):
         zoo.load("mnist-cnn")

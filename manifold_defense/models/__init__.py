@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from manifold_defense.models.classifier import MNISTClassifier
+from manifold_defense.models.classifier import CompactMNISTClassifier, MNISTClassifier
 from manifold_defense.models.gan import Critic, Encoder, Generator
 from manifold_defense.models.vae import VAE
 
@@ -17,4 +17,12 @@ def latent_dim_of(generator: nn.Module) -> int:
     return k
 
 
-__all__ = ["VAE", "Critic", "Encoder", "Generator", "MNISTClassifier", "latent_dim_of"]
+__all__ = [
+    "VAE",
+    "CompactMNISTClassifier",
+    "Critic",
+    "Encoder",
+    "Generator",
+    "MNISTClassifier",
+    "latent_dim_of",
+]

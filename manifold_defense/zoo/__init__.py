@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from manifold_defense.devices import resolve_device
-from manifold_defense.models import VAE, Encoder, Generator, MNISTClassifier
+from manifold_defense.models import VAE, CompactMNISTClassifier, Encoder, Generator, MNISTClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -62,8 +62,11 @@ REGISTRY: dict[str, ZooEntry] = {
 }
 
 
+#: Architectures of the zoo's MNIST classifiers.
+CLASSIFIER_TYPES: tuple[type[nn.Module], ...] = (MNISTClassifier, CompactMNISTClassifier)
+
 #: Zoo entries that are MNIST classifiers (the standard one and the robustly trained ones).
-CLASSIFIERS: tuple[str, ...] = tuple(n for n, e in REGISTRY.items() if e.build is MNISTClassifier)
+CLASSIFIERS: tuple[str, ...] = tuple(n for n, e in REGISTRY.items() if e.build in CLASSIFIER_TYPES)
 
 
 class ZooIntegrityError(ValueError):
@@ -165,8 +168,18 @@ def load(
 
 
 def save(model: nn.Module, name: str, folder: str | os.PathLike[str], info: dict[str, Any]) -> Path:
-    """Write ``<name>.safetensors`` and ``<name>.json`` (``info`` plus the SHA-256) into ``folder``; return the weights path."""
-    _entry(name)
+    """Write ``<name>.safetensors`` and ``<name>.json`` (``info`` plus the SHA-256) into ``folder``; return the weights path.
+
+    Raises:
+        ValueError: unknown name. TypeError: ``model`` is not of the entry's architecture (then :func:`load`
+            could not read the weights back).
+    """
+    entry = _entry(name)
+    if isinstance(entry.build, type) and type(model) is not entry.build:
+        raise TypeError(
+            f"zoo model {name!r} is a {entry.build.__name__}, got a {type(model).__name__}: "
+            "save it under an entry of its own architecture"
+        )
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{name}.safetensors"
@@ -200,6 +213,7 @@ def update_record(
 
 __all__ = [
     "CLASSIFIERS",
+    "CLASSIFIER_TYPES",
     "REGISTRY",
     "WEIGHTS_DIR",
     "ZooEntry",
