@@ -138,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--init/--init-dir apply to pgd-at and rmd only, got model {args.model!r}")
     if args.init_dir is not None and args.init is None:
         raise ValueError("--init-dir names where the --init weights live: pass --init MODEL with it")
+    if args.init is not None and args.model in ("pgd-at", "rmd"):
+        _check_init_architecture(f"mnist-{args.model}", args.init)
     device = resolve_device(args.device)
+    # --seed also fixes the initial weights (the training loop seeds its own RNG only after they exist)
+    torch.manual_seed(args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(args)
@@ -206,18 +210,23 @@ class _Trained:
     init: dict[str, Any] | None = None
 
 
+def _check_init_architecture(name: str, init: str) -> None:
+    """Refuse an ``--init`` whose architecture is not zoo entry ``name``'s (its weights could not be saved as it)."""
+    target, source = zoo.REGISTRY[name], zoo.REGISTRY[init]
+    if source.build is not target.build or source.kwargs != target.kwargs:
+        raise ValueError(
+            f"--init {init} is a {getattr(source.build, '__name__', source.build)}{source.kwargs or ''}, but {name} "
+            f"is a {getattr(target.build, '__name__', target.build)}{target.kwargs or ''}: pick an --init of the "
+            "same architecture"
+        )
+
+
 def _initial_classifier(name: str, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
     """A fresh network of zoo entry ``name``'s architecture, or the zoo classifier ``--init`` (checked against its
     record; it must have that architecture, or the trained weights could not be saved as ``name``)."""
     if args.init is None:
         return zoo.build(name), None
-    target = zoo.REGISTRY[name].build
-    source = zoo.REGISTRY[args.init].build
-    if source is not target:
-        raise ValueError(
-            f"--init {args.init} is a {getattr(source, '__name__', source)}, but {name} is a "
-            f"{getattr(target, '__name__', target)}: pick an --init of the same architecture"
-        )
+    _check_init_architecture(name, args.init)
     model = zoo.load(args.init, "cpu", weights_dir=args.init_dir)
     rec = zoo.record(args.init, args.init_dir)
     return model, {

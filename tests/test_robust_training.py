@@ -443,10 +443,22 @@ def test_negative_budgets_and_weights_are_refused(field: str, value: Any) -> Non
 
 
 def test_op_settings_reach_the_overpowered_attack() -> None:
-    config = RobustManifoldConfig(op_eps=4.0, op_steps=7, op_step_size=0.05, op_multiplier_init=0.002, seed=3)
+    config = RobustManifoldConfig(
+        op_eps=4.0, op_steps=7, op_step_size=0.05, op_multiplier_init=0.002, op_temperature=10.0, seed=3
+    )
     op = config.op_attack().config
-    assert (op.eps, op.steps, op.step_size, op.multiplier_init, op.seed) == (4.0, 7, 0.05, 0.002, 3)
-    assert RobustManifoldConfig().op_attack().config.multiplier_init == 0.001
+    assert (op.eps, op.steps, op.step_size, op.multiplier_init, op.temperature, op.seed) == (
+        4.0,
+        7,
+        0.05,
+        0.002,
+        10.0,
+        3,
+    )
+    default = RobustManifoldConfig().op_attack().config
+    assert default.multiplier_init == 0.001 and default.temperature == 1.0
+    with pytest.raises(ValueError, match=r"RobustManifoldConfig.op_temperature: expected a finite float > 0"):
+        RobustManifoldConfig(op_temperature=0.0)
 
 
 def test_other_bad_arguments() -> None:

@@ -259,6 +259,9 @@ class RobustManifoldConfig(RobustTrainConfig):
         op_steps: OP attack steps (default 100; Jalal et al. use up to 1000 for evaluation).
         op_step_size: OP Adam learning rate on the latents (default 0.01).
         op_init_noise: std > 0 of the per-sample seeded Gaussian noise that starts ``z2`` (default 0.1).
+        op_temperature: the training OP attack maximizes the divergence of ``logits / op_temperature`` (default 1,
+            the paper's; see :class:`attacks.OverpoweredConfig`: at 1 the attack stalls between confidently
+            classified points). The consistency loss itself is always taken at temperature 1.
         op_multiplier_init: initial Lagrange multiplier > 0 of the OP pair-distance constraint (default 1e-3:
             with the attack library's 1.0 the pair is pulled together before the divergence term separates it, and
             the pairs collapse to distance ~0.04 where the divergence is stationary; measured in ``eval defense``).
@@ -283,6 +286,7 @@ class RobustManifoldConfig(RobustTrainConfig):
     op_steps: int = 100
     op_step_size: float = 0.01
     op_init_noise: float = 0.1
+    op_temperature: float = 1.0
     op_multiplier_init: float = 0.001
     inversion: InversionConfig = field(default_factory=_default_inversion)
 
@@ -301,7 +305,7 @@ class RobustManifoldConfig(RobustTrainConfig):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value > 0):
                 raise ValueError(f"RobustManifoldConfig.{name}: expected None or a float > 0, got {value!r}")
-        for name in ("op_step_size", "op_init_noise", "op_multiplier_init"):
+        for name in ("op_step_size", "op_init_noise", "op_temperature", "op_multiplier_init"):
             value = getattr(self, name)
             if not (_is_number(value) and value > 0):
                 raise ValueError(f"RobustManifoldConfig.{name}: expected a finite float > 0, got {value!r}")
@@ -349,6 +353,7 @@ class RobustManifoldConfig(RobustTrainConfig):
                 steps=self.op_steps,
                 step_size=self.op_step_size,
                 multiplier_init=self.op_multiplier_init,
+                temperature=self.op_temperature,
                 seed=self.seed,
             )
         )

@@ -55,7 +55,10 @@ REGISTRY: dict[str, ZooEntry] = {
             "mnist-encoder", Encoder, {"latent_dim": 64, "width": 32}, "encoder of mnist-gan (warm starts)"
         ),
         ZooEntry(
-            "mnist-pgd-at", MNISTClassifier, {}, "classifier, Madry PGD adversarial training (Linf 0.3)"
+            "mnist-pgd-at",
+            CompactMNISTClassifier,
+            {"channels": (32, 64), "hidden": 512},
+            "compact classifier, Madry PGD adversarial training (Linf 0.3)",
         ),
         ZooEntry("mnist-rmd", MNISTClassifier, {}, "classifier, robust manifold adversarial training"),
     )
