@@ -9,13 +9,14 @@ caller's tensors.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, NamedTuple, final
+from typing import Any, NamedTuple, Self, final
 
 import torch
 from torch import Tensor, nn
@@ -250,6 +251,17 @@ class Attack(ABC):
     def threat(self) -> ThreatModel:
         """The attack's threat model."""
         return self._threat
+
+    def with_eps(self, eps: float) -> Self:
+        """A shallow copy of this attack whose threat model has budget ``eps`` (same norm, same settings).
+
+        The copy's results are projected onto the new ball by :meth:`__call__`. An attack that keeps its own
+        copy of the budget (a torchattacks/foolbox adapter built with ``eps``) still searches its original
+        ball before that projection; :class:`attacks.PGD` reads the budget from :attr:`threat` and so follows.
+        """
+        new = copy.copy(self)
+        new._threat = ThreatModel(self._threat.norm, eps)
+        return new
 
     @abstractmethod
     def run(self, model: Model, x: Tensor, y: Tensor) -> Tensor:

@@ -136,6 +136,18 @@ def test_success_is_recomputed_from_the_projected_point() -> None:
     assert not bool(result.success.any())
 
 
+def test_with_eps_copies_the_attack_into_a_smaller_ball() -> None:
+    x, y = _inputs()
+    attack = Cheater(ThreatModel(Norm.L2, 1.0))
+    small = attack.with_eps(0.25)
+    assert type(small) is Cheater and small is not attack
+    assert small.threat == ThreatModel(Norm.L2, 0.25) and attack.threat == ThreatModel(Norm.L2, 1.0)
+    result = small(Linear((1, 4, 4)), x, y)
+    assert float(result.distance.max()) <= 0.25 * (1 + 1e-5)
+    with pytest.raises(ValueError, match="expected eps to be finite and >= 0"):
+        attack.with_eps(-1.0)
+
+
 def test_project_onto_threat_l2_scales_radially() -> None:
     x = torch.full((1, 1, 2, 2), 0.5)
     x_adv = x + torch.tensor([0.3, 0.4, 0.0, 0.0]).view(1, 1, 2, 2)  # norm 0.5

@@ -431,9 +431,7 @@ def _scaled_budget(attack: Attack, factor: float) -> Attack:
     """A shallow copy of ``attack`` with its threat model's ``eps`` (and a ``config.step_size``) times ``factor``."""
     if factor == 1.0:
         return attack
-    new = copy.copy(attack)
-    threat = attack.threat
-    new._threat = replace(threat, eps=threat.eps * factor)
+    new = attack.with_eps(attack.threat.eps * factor)
     cfg = getattr(attack, "config", None)
     if cfg is not None and is_dataclass(cfg) and not isinstance(cfg, type):
         step_size = getattr(cfg, "step_size", None)
