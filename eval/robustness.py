@@ -135,6 +135,12 @@ def add_parsers(sub: Any) -> None:
     ):
         p.add_argument(flag, dest=field_name, type=int, default=None, help=f"override {field_name}")
     p.add_argument(
+        "--op-temperature",
+        type=float,
+        default=None,
+        help="overpowered attack loss on logits / T (default 10; runs saved before the option existed used 1)",
+    )
+    p.add_argument(
         "--fresh", action="store_true", help="discard this harness's saved state in --out and start over"
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -160,6 +166,8 @@ def settings_from_args(args: argparse.Namespace) -> RobustnessSettings:
     for name in _FIELDS:
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
+    if getattr(args, "op_temperature", None) is not None:
+        overrides["op_temperature"] = args.op_temperature
     if args.n is not None:
         overrides["n"] = args.n
     if args.batch is not None:

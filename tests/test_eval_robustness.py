@@ -360,6 +360,42 @@ def test_output_folder_of_another_run_is_refused(tmp_path: Path) -> None:
         _run(setup, [undefended_defense(setup["classifier"])], tmp_path / "other", **kw)
 
 
+def test_state_saved_before_a_new_setting_resumes_only_at_its_legacy_value(tmp_path: Path) -> None:
+    """A state written before ``op_temperature`` existed ran the OP attack at temperature 1: it resumes with
+    ``op_temperature=1`` (every stage reused) and is refused at the new default 10."""
+    setup = tiny_setup()
+    kw: dict[str, Any] = {"attacks": ("clean", "pgd"), "threats": ("linf-0.3",)}
+    _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=1.0, **kw)
+    state_path = tmp_path / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["fingerprint"]["settings"]["op_temperature"]  # as written by the harness before the setting
+    torch.save(state, state_path)
+    with pytest.raises(StateMismatchError, match=r"op_temperature: saved 1\.0, now 10\.0"):
+        _run(setup, [undefended_defense(setup["classifier"])], tmp_path, **kw)
+    resumed = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=1.0, **kw)
+    assert resumed["resumed_stages"] == len(state["stages"]) > 0
+    assert tiny_settings().op_temperature == 10.0
+    with pytest.raises(ValueError, match="op_temperature"):
+        tiny_settings(op_temperature=0.0)
+
+
+def test_op_temperature_reaches_the_overpowered_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import eval.robustness_core as core
+
+    seen: list[float] = []
+    original = core.evaluate_overpowered
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[4].temperature)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core, "evaluate_overpowered", spy)
+    setup = tiny_setup()
+    kw: dict[str, Any] = {"attacks": ("clean", "overpowered"), "threats": ("l2-2",)}
+    _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=3.0, **kw)
+    assert seen and set(seen) == {3.0}
+
+
 def test_bad_names_and_bad_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"unknown attack \['pgd2'\]: expected a non-empty subset of \['clean'"
