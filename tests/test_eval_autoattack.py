@@ -93,7 +93,7 @@ def test_write_records_the_figure_in_the_zoo_record(tmp_path: Path) -> None:
     from manifold_defense.metrics import accuracy
 
     torch.manual_seed(0)
-    net = zoo.build("mnist-classifier")
+    net = zoo.build("mnist-pgd-at")
     zoo.save(net, "mnist-pgd-at", tmp_path, {"training": {"note": "test"}})
     args = ["autoattack", "--model", "mnist-pgd-at", "--weights-dir", str(tmp_path), "--n", "4", "--eps", "0.1",
             "--out", str(tmp_path / "aa"), "--no-progress", "--threads", "1", "--write"]  # fmt: skip

@@ -379,7 +379,9 @@ def test_state_saved_before_a_new_setting_resumes_only_at_its_legacy_value(tmp_p
         tiny_settings(op_temperature=0.0)
 
 
-def test_op_temperature_reaches_the_overpowered_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_op_temperature_reaches_the_overpowered_attack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import eval.robustness_core as core
 
     seen: list[float] = []

@@ -349,6 +349,13 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     )
     result = _ddp_runs(Path(out) / "ckpt", interrupt=True)
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    # tear the group down together: a rank exiting while its peer is still inside gloo can abort the peer
+    # (seen once as SIGABRT "terminate called without an active exception" in a loaded full run)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
