@@ -223,10 +223,9 @@ def _check_init_architecture(name: str, init: str) -> None:
 
 def _initial_classifier(name: str, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
     """A fresh network of zoo entry ``name``'s architecture, or the zoo classifier ``--init`` (checked against its
-    record; it must have that architecture, or the trained weights could not be saved as ``name``)."""
+    record; :func:`run` has already refused an ``--init`` of another architecture)."""
     if args.init is None:
         return zoo.build(name), None
-    _check_init_architecture(name, args.init)
     model = zoo.load(args.init, "cpu", weights_dir=args.init_dir)
     rec = zoo.record(args.init, args.init_dir)
     return model, {
