@@ -82,7 +82,9 @@ class CompactMNISTClassifier(nn.Module):
         self, num_classes: int = 10, channels: tuple[int, int] = (32, 64), hidden: int = 512
     ) -> None:
         super().__init__()
-        if len(channels) != 2 or not all(isinstance(c, int) and c > 0 for c in channels):
+        if len(channels) != 2 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels
+        ):
             raise ValueError(f"expected channels as two positive ints, got {channels!r}")
         self.num_classes = num_classes
         self.register_buffer("mean", torch.tensor(MNIST_MEAN))
