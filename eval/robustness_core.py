@@ -592,7 +592,12 @@ class _Runner:
         self.generator, self.encoder, self.latent_config = generator, encoder, latent_config
         self.state = state
         self.on_stage = on_stage
-        self.latents: dict[int, Tensor] = {}
+        # Latents of the points, kept in the state so that a resumed run reuses the very latents the
+        # interrupted one computed (a later stage would otherwise invert them in another batch composition).
+        self.latents: dict[int, Tensor] = state.setdefault("latents", {})
+        # Results of the finished chunks of the stage in progress (``{key: {chunk: {...}}}``), saved after
+        # every chunk: a long stage (the Defense-GAN schedule on a CPU) resumes at its first missing chunk.
+        state.setdefault("partial", {})
         self.bar = tqdm(total=self._count_stages(), disable=not (progress and ctx.is_main), unit="stage")
         self.bar.update(sum(1 for k in state["stages"] if not k.endswith("|info")))
 
@@ -616,6 +621,7 @@ class _Runner:
 
     def _finish(self, key: str, record: dict[str, Any]) -> None:
         self.state["stages"][key] = record
+        self.state["partial"].pop(key, None)
         self._save()
         self.bar.update(1)
         if self.on_stage is not None:
@@ -629,16 +635,29 @@ class _Runner:
         size: int,
         fn: Callable[[Tensor], dict[str, Tensor]],
     ) -> dict[str, Tensor]:
-        """Split ``indices`` into chunks of ``size``, run this rank's share under per-chunk seeds, gather."""
+        """Split ``indices`` into chunks of ``size``, run this rank's share under per-chunk seeds, gather.
+
+        A chunk finished by an interrupted run (saved in ``state["partial"]`` with the same point indices) is
+        reused instead of recomputed; every chunk runs under its own seed, so reuse changes no other chunk.
+        Rank 0 saves its chunks after each one; under ``torchrun`` other ranks' unfinished stages are redone.
+        """
         chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        saved: dict[int, dict[str, Any]] = self.state["partial"].setdefault(key, {})
         mine: list[tuple[int, dict[str, Tensor]]] = []
         for j, chunk in enumerate(chunks):
             if j % self.ctx.world_size != self.ctx.rank:
                 continue
             self.bar.set_postfix_str(f"{key} chunk {j + 1}/{len(chunks)}")
+            done = saved.get(j)
+            if done is not None and torch.equal(done["indices"], chunk.cpu()):
+                mine.append((j, done["result"]))
+                continue
             with _seeded(_chunk_seed(self.s.seed, key, int(chunk[0])), defense, self.x.device):
                 result = fn(chunk)
             mine.append((j, {k: v.detach().cpu() for k, v in result.items()}))
+            if len(chunks) > 1:
+                saved[j] = {"indices": chunk.cpu(), "result": mine[-1][1]}
+                self._save()
         if self.ctx.distributed:
             import torch.distributed as dist
 

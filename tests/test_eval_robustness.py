@@ -348,6 +348,51 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path: Path) -> None
     assert _strip_times(resumed["defenses"]) == _strip_times(full["defenses"])
 
 
+def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of an unfinished stage are saved as they finish; a resumed run reuses them (and the saved latents)
+    and gives the uninterrupted run's result, and the finished stage leaves no partial results behind."""
+    import eval.robustness_core as core
+
+    setup = tiny_setup()
+    kw: dict[str, Any] = {"attacks": ("clean", "pgd", "bpda-pgd", "onmanifold"), "batch_size": 3}
+    full = _run(setup, tiny_defenses(setup), tmp_path / "a", **kw)
+
+    class Stop(Exception):
+        pass
+
+    original = core._chunk_seed
+    computed: list[tuple[str, int]] = []
+
+    def counting(seed: int, stage: str, first: int) -> int:
+        computed.append((stage, first))
+        if stop_at is not None and len(computed) == stop_at:
+            raise Stop(stage)
+        return original(seed, stage, first)
+
+    monkeypatch.setattr(core, "_chunk_seed", counting)
+    # interrupt at the third chunk of the first multi-chunk stage of the projection defense
+    stop_at: int | None = None
+    _run(setup, tiny_defenses(setup), tmp_path / "count", **kw)
+    total = len(computed)
+    stages = [st for st, _ in computed]
+    target = next(st for st in stages if st.startswith("projection-tiny|") and stages.count(st) >= 3)
+    stop_at = [i for i, st in enumerate(stages) if st == target][2] + 1
+    computed.clear()
+    with pytest.raises(Stop):
+        _run(setup, tiny_defenses(setup), tmp_path / "b", **kw)
+    saved = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    assert sorted(saved["partial"][target]) == [0, 1]  # the two chunks finished before the interruption
+    computed.clear()
+    resumed = _run(setup, tiny_defenses(setup), tmp_path / "b", **kw)
+    assert (target, int(saved["partial"][target][0]["indices"][0])) not in computed  # reused, not redone
+    assert len(computed) < total - 2
+    assert _strip_times(resumed["defenses"]) == _strip_times(full["defenses"])
+    final = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    assert all(not chunks for chunks in final["partial"].values()) and len(final["latents"]) > 0
+
+
 def test_output_folder_of_another_run_is_refused(tmp_path: Path) -> None:
     setup = tiny_setup()
     kw: dict[str, Any] = {"attacks": ("clean", "pgd"), "threats": ("linf-0.3",)}
