@@ -51,7 +51,9 @@ CUDA), so ``W`` processes give exactly the table of one process with the same se
 
 Resume: after every ``(defense, threat, attack)`` stage rank 0 writes ``DIR/state.pt`` (atomic replace), keyed by a
 fingerprint of the settings, the data and the models' parameters; a later call with the same fingerprint skips
-the finished stages, one with a different fingerprint is refused (never mixed).
+the finished stages, one with a different fingerprint is refused (never mixed). Within a stage rank 0 also saves
+each chunk it finishes (and the starting latents of the latent attacks), so a long stage resumes at its first
+missing chunk; chunks of other ranks are redone.
 """
 
 from __future__ import annotations
