@@ -102,6 +102,10 @@ class OverpoweredResult(NamedTuple):
         success: ``(B,)`` bool, ``disagree & (distance <= eps)``: a valid OP pair.
         robust: ``(B,)`` bool, ``~success``: the classifier stayed consistent within ``eps`` near this start.
             Accuracy under the OP attack is, e.g., ``(robust & (pred1 == y)).float().mean()``.
+        found_step: ``(B,)`` int64, the step ``t`` (0 to ``steps``) at which the pair first became valid and was
+            frozen, -1 if never. Pairs run independently (Adam is element-wise, frozen pairs stop), so
+            ``found_step <= t`` is exactly the success of a ``t``-step attack from the same starts: one long run
+            gives the whole accuracy-vs-steps curve.
     """
 
     z1: Tensor
@@ -114,6 +118,7 @@ class OverpoweredResult(NamedTuple):
     disagree: Tensor
     success: Tensor
     robust: Tensor
+    found_step: Tensor
 
 
 class OverpoweredAttack:
@@ -173,7 +178,7 @@ class OverpoweredAttack:
             x_pair = generate(generator, torch.cat([z1_0, z2_0]), check=True)
             check_logits(classifier(x_pair), 2 * batch, None, "classifier")
 
-        z1_adv, z2_adv = self._run(classifier, generator, z1_0, z2_0)
+        z1_adv, z2_adv, found_step = self._run(classifier, generator, z1_0, z2_0)
         with torch.no_grad():
             x_pair = generator(torch.cat([z1_adv, z2_adv]))
             pred = classifier(x_pair).argmax(dim=1)
@@ -182,11 +187,13 @@ class OverpoweredAttack:
         distance = per_sample_norm(x1 - x2, "l2")
         disagree = pred1 != pred2
         success = disagree & (distance <= cfg.eps)
-        return OverpoweredResult(z1_adv, z2_adv, x1, x2, pred1, pred2, distance, disagree, success, ~success)
+        return OverpoweredResult(
+            z1_adv, z2_adv, x1, x2, pred1, pred2, distance, disagree, success, ~success, found_step
+        )
 
     def _run(
         self, classifier: Model, generator: Generator, z1_0: Tensor, z2_0: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
         batch = z1_0.shape[0]
         z1 = z1_0.clone().requires_grad_(True)
@@ -194,6 +201,7 @@ class OverpoweredAttack:
         optimizer = torch.optim.Adam([z1, z2], lr=cfg.step_size)
         multiplier = torch.full((batch,), cfg.multiplier_init, dtype=z1_0.dtype, device=z1_0.device)
         found = torch.zeros(batch, dtype=torch.bool, device=z1_0.device)
+        found_step = torch.full((batch,), -1, dtype=torch.int64, device=z1_0.device)
         kept1, kept2 = z1_0.clone(), z2_0.clone()
         for t in range(cfg.steps + 1):
             with torch.enable_grad():
@@ -204,6 +212,7 @@ class OverpoweredAttack:
                 valid = (l1.argmax(1) != l2.argmax(1)) & (per_sample_norm(x1 - x2, "l2") <= cfg.eps)
                 new = valid & ~found
                 kept1[new], kept2[new] = z1[new], z2[new]
+                found_step[new] = t
                 found |= new
             if t == cfg.steps or bool(found.all()):
                 break
@@ -228,7 +237,7 @@ class OverpoweredAttack:
         with torch.no_grad():
             out1 = torch.where(found[:, None], kept1, z1)
             out2 = torch.where(found[:, None], kept2, z2)
-        return out1.detach(), out2.detach()
+        return out1.detach(), out2.detach(), found_step
 
     def __repr__(self) -> str:
         return f"OverpoweredAttack({self.config})"

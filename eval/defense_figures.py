@@ -37,6 +37,7 @@ __all__ = [
     "OnManifoldEval",
     "OverpoweredEval",
     "RobustEval",
+    "consistency_at_steps",
     "correct_in_every_draw",
     "defended_model",
     "evaluate_onmanifold",
@@ -354,6 +355,8 @@ class OverpoweredEval(NamedTuple):
         accuracy: fraction of points that are consistent *and* whose first point gets the true label.
         x1, x2: ``(N, C, H, W)`` the pairs; pred1, pred2: ``(N,)`` labels; distance: ``(N,)`` ``||x1 - x2||``.
         success: ``(N,)`` bool, valid pair (labels differ, distance <= eps).
+        found_step: ``(N,)`` int64, the attack step at which the pair became valid, -1 if never
+            (:class:`attacks.OverpoweredResult`); :func:`consistency_at_steps` reads the accuracy-vs-steps curve.
         seconds: wall time.
     """
 
@@ -365,7 +368,32 @@ class OverpoweredEval(NamedTuple):
     pred2: Tensor
     distance: Tensor
     success: Tensor
+    found_step: Tensor
     seconds: float
+
+
+def consistency_at_steps(found_step: Tensor, steps: int) -> dict[int, float]:
+    """Accuracy under the overpowered attack (fraction of starts without a valid pair) after ``t`` steps.
+
+    ``t`` runs over 10, 30, 100, 300, 1000, ... below ``steps``, and ``steps`` itself. Exact, not re-run: a pair is
+    frozen when found and pairs do not interact, so a ``t``-step attack finds exactly the pairs with
+    ``0 <= found_step <= t`` (:class:`attacks.OverpoweredResult`). An attack whose curve still falls at its last
+    step has not converged, and its accuracy is an upper bound that more steps would lower.
+
+    Args:
+        found_step: ``(N,)`` int64 steps (-1: never found), N >= 1.
+        steps: the attack's step count.
+    """
+    if found_step.ndim != 1 or found_step.numel() == 0 or found_step.is_floating_point():
+        raise ValueError(
+            f"expected a non-empty 1-D integer found_step, got {found_step.dtype} {tuple(found_step.shape)}"
+        )
+    marks = [t for base in (10, 30) for t in (base * 10**e for e in range(7)) if t < steps]
+    found = found_step.cpu()
+    return {
+        t: round(1.0 - float(((found >= 0) & (found <= t)).float().mean()), 4)
+        for t in sorted({*marks, steps})
+    }
 
 
 def evaluate_overpowered(
@@ -411,6 +439,7 @@ def evaluate_overpowered(
         pred2=cat("pred2"),
         distance=cat("distance"),
         success=cat("success"),
+        found_step=cat("found_step"),
         seconds=time.perf_counter() - start,
     )
 

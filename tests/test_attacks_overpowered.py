@@ -142,3 +142,28 @@ def test_bad_inputs(setup: tuple[nn.Module, nn.Module, Tensor]) -> None:
         ValueError, match=r"expected classifier to return float logits of shape \(64, num_classes\)"
     ):
         attack(lambda x: x.sum(), generator, z)
+
+
+def test_found_step_gives_the_success_of_every_shorter_run(
+    setup: tuple[nn.Module, nn.Module, Tensor],
+) -> None:
+    """One long run's ``found_step`` is the success of each shorter run from the same starts (pairs are frozen when
+    found and do not interact), which is what ``consistency_at_steps`` reports as an accuracy-vs-steps curve."""
+    from eval.defense_figures import consistency_at_steps
+
+    model, generator, z = setup
+    config = OverpoweredConfig(eps=0.1, steps=60, step_size=0.05)
+    long = OverpoweredAttack(config)(model, generator, z)
+    assert long.found_step.dtype == torch.int64 and tuple(long.found_step.shape) == (z.shape[0],)
+    assert torch.equal(long.found_step >= 0, long.success)
+    assert int(long.found_step.max()) <= 60 and len(set(long.found_step[long.success].tolist())) > 2
+    curve = consistency_at_steps(long.found_step, 60)
+    assert list(curve) == [10, 30, 60]
+    for t in (5, 10, 30):
+        short = OverpoweredAttack(dataclasses.replace(config, steps=t))(model, generator, z)
+        assert torch.equal(short.success, (long.found_step >= 0) & (long.found_step <= t))
+        if t in curve:
+            assert curve[t] == round(1 - float(short.success.float().mean()), 4)
+    assert curve[60] == round(float(long.robust.float().mean()), 4)
+    with pytest.raises(ValueError, match="integer found_step"):
+        consistency_at_steps(torch.zeros(3), 10)

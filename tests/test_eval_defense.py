@@ -218,6 +218,12 @@ def test_run_defense_eval_end_to_end_tiny(tmp_path: Path) -> None:
     assert bpda["attack"]["eot_samples"] == 2 and bpda["attack"]["draws"] == 2
     assert bpda["threat"] == {"norm": "l2", "eps": 4.0}
     assert saved["figures"]["defended_clean"]["accuracy"] == 1.0  # the zoo models on 4 easy digits
+    op = saved["figures"]["overpowered_l2_4"]
+    steps = op["attack"]["steps"]
+    assert (
+        list(op["accuracy_at_steps"])[-1] == str(steps)
+        and op["accuracy_at_steps"][str(steps)] == op["accuracy"]
+    )
     md = (tmp_path / "results.md").read_text()
     assert "| bpda_eot_l2_4 |" in md and "QUICK" not in md
     assert (tmp_path / "onmanifold_grid.png").read_bytes()[:4] == b"\x89PNG"
