@@ -384,6 +384,10 @@ def consistency_at_steps(found_step: Tensor, steps: int) -> dict[int, float]:
         found_step: ``(N,)`` int64 steps (-1: never found), N >= 1.
         steps: the attack's step count.
     """
+    if not isinstance(found_step, Tensor):
+        raise TypeError(f"expected found_step as a torch.Tensor, got {type(found_step).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"expected steps as an int >= 0, got {steps!r}")
     if found_step.ndim != 1 or found_step.numel() == 0 or found_step.is_floating_point():
         raise ValueError(
             f"expected a non-empty 1-D integer found_step, got {found_step.dtype} {tuple(found_step.shape)}"

@@ -167,3 +167,7 @@ def test_found_step_gives_the_success_of_every_shorter_run(
     assert curve[60] == round(float(long.robust.float().mean()), 4)
     with pytest.raises(ValueError, match="integer found_step"):
         consistency_at_steps(torch.zeros(3), 10)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        consistency_at_steps([1, 2], 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps as an int"):
+        consistency_at_steps(long.found_step, -1)
