@@ -25,12 +25,17 @@ __all__ = [
     "Attack",
     "AttackResult",
     "Model",
+    "NonFiniteLogitsError",
     "Norm",
     "ThreatModel",
+    "check_finite_logits",
     "check_images",
     "check_labels",
     "check_logits",
+    "model_name",
     "per_sample_norm",
+    "predict",
+    "prepare_inputs",
     "project_onto_threat",
     "warn_if_training",
 ]
@@ -40,6 +45,10 @@ Model = Callable[[Tensor], Tensor]
 
 #: Tolerance on the [0, 1] range of input images.
 RANGE_TOLERANCE = 1e-6
+
+
+class NonFiniteLogitsError(ValueError):
+    """A model returned NaN or inf logits: an argmax of them, and every accuracy computed from it, is wrong."""
 
 
 class Norm(str, Enum):
@@ -169,8 +178,13 @@ def check_labels(y: Any, batch_size: int, device: torch.device, name: str = "y")
     return y
 
 
-def check_logits(logits: Any, batch_size: int, y: Tensor | None = None, name: str = "model") -> Tensor:
-    """Raise unless ``logits`` is a float ``(batch_size, K)`` tensor and ``y`` (if given) lies in ``[0, K)``.
+def check_logits(
+    logits: Any, batch_size: int, y: Tensor | None = None, name: str = "model", *, label: str | None = None
+) -> Tensor:
+    """Raise unless ``logits`` is a finite float ``(batch_size, K)`` tensor and ``y`` (if given) lies in ``[0, K)``.
+
+    Non-finite logits raise :class:`NonFiniteLogitsError` (see :func:`check_finite_logits`), naming the model
+    as ``label`` (default ``name``) and the check as being on the clean images.
 
     Warns (``UserWarning``) when the rows look like probabilities (all values in [0, 1], rows summing to 1):
     attacks expect logits, and softmax outputs saturate the cross-entropy gradient.
@@ -188,9 +202,9 @@ def check_logits(logits: Any, batch_size: int, y: Tensor | None = None, name: st
             f"expected labels in [0, {num_classes}) (num_classes from the {name}'s output), "
             f"got range [{int(y.min())}, {int(y.max())}]"
         )
+    check_finite_logits(logits, label or name, "on the clean images")
     with torch.no_grad():
-        finite = torch.isfinite(logits).all()
-        in_unit = bool(finite) and bool(((logits >= 0) & (logits <= 1)).all())
+        in_unit = bool(((logits >= 0) & (logits <= 1)).all())
         if (
             in_unit
             and num_classes > 1
@@ -203,6 +217,71 @@ def check_logits(logits: Any, batch_size: int, y: Tensor | None = None, name: st
                 stacklevel=3,
             )
     return logits
+
+
+def model_name(model: Any) -> str:
+    """A short name of a model for messages: its class (``nn.Module``) or its qualified name (a function)."""
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    return str(getattr(model, "__qualname__", type(model).__name__))
+
+
+def check_finite_logits(logits: Tensor, name: str = "model", where: str = "") -> Tensor:
+    """Raise :class:`NonFiniteLogitsError` unless every entry of ``logits`` ``(B, K)`` is finite.
+
+    The one check behind every place that turns logits into a verdict (attacks, harnesses, AutoAttack,
+    training): ``argmax`` of a NaN row is an arbitrary class, so a model with NaN or inf logits would be
+    reported as fooled or robust at random. The message names ``name`` (the model), ``where`` (the batch or
+    step) and the offending rows.
+    """
+    with torch.no_grad():
+        flat = logits.detach().reshape(logits.shape[0], -1) if logits.dim() else logits.detach().reshape(1, 1)
+        bad = ~torch.isfinite(flat).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            shown = ", ".join(str(r) for r in rows[:8]) + (" ..." if len(rows) > 8 else "")
+            at = f" {where}" if where else ""
+            raise NonFiniteLogitsError(
+                f"expected finite logits from the {name}{at}, got NaN or inf in {len(rows)} of "
+                f"{flat.shape[0]} rows (rows {shown}): a verdict computed from them would be wrong"
+            )
+    return logits
+
+
+def predict(model: Callable[[Tensor], Tensor], x: Tensor, name: str = "model", where: str = "") -> Tensor:
+    """``(B,)`` predicted classes ``model(x).argmax(1)`` without gradients, after :func:`check_finite_logits`."""
+    with torch.no_grad():
+        logits = model(x)
+        return check_finite_logits(logits, name, where).argmax(dim=1)
+
+
+def _first_float_tensor(model: Any) -> Tensor | None:
+    if not isinstance(model, nn.Module):
+        return None
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def prepare_inputs(x: Tensor, model: Any, name: str = "x", model_label: str = "model") -> Tensor:
+    """``x`` checked against an ``nn.Module`` model's device and cast to its floating dtype.
+
+    The library's one dtype rule, applied wherever images (or latents) enter a model (attacks, the defended
+    model, :func:`manifold_defense.inversion.invert`): floating inputs of another dtype than the model's first
+    floating parameter (float64 images for a float32 model, say) are **cast to the model's dtype**, and what
+    comes back is in that dtype. Inputs on another device than the model raise ``ValueError`` before the
+    first layer runs. A plain callable (no parameters) gets ``x`` unchanged.
+    """
+    ref = _first_float_tensor(model)
+    if ref is None:
+        return x
+    if ref.device != x.device:
+        raise ValueError(
+            f"expected {name} on the {model_label}'s device {ref.device}, got {x.device}; "
+            f"move it with .to({str(ref.device)!r})"
+        )
+    return x.to(ref.dtype) if x.is_floating_point() and x.dtype != ref.dtype else x
 
 
 def warn_if_training(model: Any, name: str = "model") -> None:
@@ -221,12 +300,15 @@ class Attack(ABC):
 
     ``attack(model, x, y)``:
 
-    1. validates ``x`` (float ``(B, C, H, W)`` in [0, 1] within 1e-6, finite), ``y`` (int64 ``(B,)`` on the
-       same device, in ``[0, num_classes)`` with ``num_classes`` read from the model's output) and the threat
-       model; warns when the model is an ``nn.Module`` in training mode or returns probabilities;
+    1. validates ``x`` (float ``(B, C, H, W)`` in [0, 1] within 1e-6, finite, on an ``nn.Module`` model's
+       device; cast to the model's dtype, see :func:`prepare_inputs`), ``y`` (int64 ``(B,)`` on the same
+       device, in ``[0, num_classes)`` with ``num_classes`` read from the model's output), the model's logits
+       (finite, else :class:`NonFiniteLogitsError`) and the threat model; warns when the model is an
+       ``nn.Module`` in training mode or returns probabilities;
     2. calls ``run(model, x.clone(), y.clone())`` (the caller's tensors are never touched);
     3. projects the returned images onto the eps-ball around ``x`` and onto [0, 1];
-    4. evaluates ``success = model(x_adv).argmax(1) != y`` under ``torch.no_grad()``.
+    4. evaluates ``success = model(x_adv).argmax(1) != y`` under ``torch.no_grad()`` (non-finite logits on
+       ``x_adv`` raise :class:`NonFiniteLogitsError`: a NaN row would otherwise count as fooled).
 
     Subclasses implement :meth:`run` only; defining ``__call__`` in a subclass raises ``TypeError``.
 
@@ -290,10 +372,11 @@ class Attack(ABC):
         check_images(x)
         y = check_labels(y, x.shape[0], x.device)
         warn_if_training(model)
-        x0 = x.detach().clone()
+        label = f"model {model_name(model)}"
+        x0 = prepare_inputs(x.detach(), model).clone()
         y0 = y.detach().clone()
         with torch.no_grad():
-            check_logits(model(x0), x0.shape[0], y0)
+            check_logits(model(x0), x0.shape[0], y0, label=label)
 
         x_run = self.run(model, x0.clone(), y0.clone())
         if not isinstance(x_run, Tensor) or x_run.shape != x0.shape:
@@ -303,7 +386,7 @@ class Attack(ABC):
             )
         x_adv = project_onto_threat(x_run.detach().to(device=x0.device, dtype=x0.dtype), x0, threat)
         with torch.no_grad():
-            logits = model(x_adv)
+            logits = check_finite_logits(model(x_adv), label, f"on the adversarial images of {self!r}")
         success = logits.argmax(dim=1) != y0
         return AttackResult(x_adv, success, logits.detach(), per_sample_norm(x_adv - x0, threat.norm))
 

@@ -20,7 +20,16 @@ from typing import Any, NamedTuple, final
 import torch
 from torch import Tensor
 
-from attacks.base import Model, check_labels, check_logits, per_sample_norm, warn_if_training
+from attacks.base import (
+    Model,
+    check_finite_logits,
+    check_labels,
+    check_logits,
+    model_name,
+    per_sample_norm,
+    prepare_inputs,
+    warn_if_training,
+)
 from attacks.losses import LossFn, get_loss
 
 __all__ = [
@@ -218,17 +227,18 @@ class LatentAttack:
         """Attack ``classifier`` on the range of ``generator`` around ``z``; see the class docstring."""
         if not callable(classifier) or not callable(generator):
             raise TypeError("expected classifier and generator to be callable")
-        z0 = check_latents(z, generator).detach().clone()
+        z0 = prepare_inputs(check_latents(z, generator).detach(), generator, "z", "generator").clone()
         y0 = check_labels(y, z0.shape[0], z0.device).detach().clone()
         warn_if_training(classifier, "classifier")
         warn_if_training(generator, "generator")
+        label = f"classifier {model_name(classifier)}"
         with torch.no_grad():
-            x0 = generate(generator, z0, check=True)
-            check_logits(classifier(x0), z0.shape[0], y0, "classifier")
+            x0 = prepare_inputs(generate(generator, z0, check=True), classifier, "G(z)", "classifier")
+            check_logits(classifier(x0), z0.shape[0], y0, "classifier", label=label)
         z_adv = self._run(classifier, generator, z0, x0, y0)
         with torch.no_grad():
-            x_adv = generator(z_adv)
-            logits = classifier(x_adv)
+            x_adv = generate(generator, z_adv, check=True)
+            logits = check_finite_logits(classifier(x_adv), label, f"on the adversarial images of {self!r}")
         return LatentAttackResult(
             z_adv=z_adv,
             x_adv=x_adv,
@@ -263,6 +273,9 @@ class LatentAttack:
                     feasible = per_sample_norm(z_param - z0, "l2") <= cfg.eps
                 else:
                     feasible = per_sample_norm(x - x0, "l2") <= cfg.eps
+                check_finite_logits(
+                    logits, f"classifier {model_name(classifier)}", f"at latent attack step {t}"
+                )
                 success = logits.argmax(dim=1) != y
                 better = feasible & (
                     (success & ~best_success) | ((success == best_success) & (loss > best_loss))

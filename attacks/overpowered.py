@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.base import Model, check_logits, per_sample_norm, warn_if_training
+from attacks.base import (
+    Model,
+    check_finite_logits,
+    check_logits,
+    model_name,
+    per_sample_norm,
+    prepare_inputs,
+    warn_if_training,
+)
 from attacks.latent import Generator, _pixel_distance, check_latents, generate, update_multiplier
 
 __all__ = ["OverpoweredAttack", "OverpoweredConfig", "OverpoweredResult", "pair_divergence"]
@@ -159,13 +167,17 @@ class OverpoweredAttack:
         cfg = self.config
         if not callable(classifier) or not callable(generator):
             raise TypeError("expected classifier and generator to be callable")
-        z1_0 = check_latents(z1, generator, "z1").detach().clone()
+        z1_0 = prepare_inputs(
+            check_latents(z1, generator, "z1").detach(), generator, "z1", "generator"
+        ).clone()
         if z2 is None:
             gen = torch.Generator(device=z1_0.device).manual_seed(cfg.seed)
             noise = torch.randn(z1_0.shape, generator=gen, device=z1_0.device, dtype=z1_0.dtype)
             z2_0 = z1_0 + cfg.init_noise * noise
         else:
-            z2_0 = check_latents(z2, generator, "z2").detach().clone()
+            z2_0 = prepare_inputs(
+                check_latents(z2, generator, "z2").detach(), generator, "z2", "generator"
+            ).clone()
             if z2_0.shape != z1_0.shape or z2_0.device != z1_0.device:
                 raise ValueError(
                     f"expected z2 like z1 {tuple(z1_0.shape)} on {z1_0.device}, "
@@ -174,14 +186,18 @@ class OverpoweredAttack:
         warn_if_training(classifier, "classifier")
         warn_if_training(generator, "generator")
         batch = z1_0.shape[0]
+        label = f"classifier {model_name(classifier)}"
         with torch.no_grad():
-            x_pair = generate(generator, torch.cat([z1_0, z2_0]), check=True)
-            check_logits(classifier(x_pair), 2 * batch, None, "classifier")
+            x_pair = prepare_inputs(
+                generate(generator, torch.cat([z1_0, z2_0]), check=True), classifier, "G(z)", "classifier"
+            )
+            check_logits(classifier(x_pair), 2 * batch, None, "classifier", label=label)
 
         z1_adv, z2_adv, found_step = self._run(classifier, generator, z1_0, z2_0)
         with torch.no_grad():
-            x_pair = generator(torch.cat([z1_adv, z2_adv]))
-            pred = classifier(x_pair).argmax(dim=1)
+            x_pair = generate(generator, torch.cat([z1_adv, z2_adv]), check=True)
+            logits = check_finite_logits(classifier(x_pair), label, f"on the final pairs of {self!r}")
+            pred = logits.argmax(dim=1)
         x1, x2 = x_pair[:batch], x_pair[batch:]
         pred1, pred2 = pred[:batch], pred[batch:]
         distance = per_sample_norm(x1 - x2, "l2")
@@ -209,6 +225,9 @@ class OverpoweredAttack:
                 logits = classifier(x)
                 x1, x2, l1, l2 = x[:batch], x[batch:], logits[:batch], logits[batch:]
             with torch.no_grad():
+                check_finite_logits(
+                    logits, f"classifier {model_name(classifier)}", f"at overpowered step {t}"
+                )
                 valid = (l1.argmax(1) != l2.argmax(1)) & (per_sample_norm(x1 - x2, "l2") <= cfg.eps)
                 new = valid & ~found
                 kept1[new], kept2[new] = z1[new], z2[new]

@@ -22,7 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attacks.base import Attack, Model, Norm, ThreatModel, per_sample_norm, project_onto_threat
+from attacks.base import (
+    Attack,
+    Model,
+    Norm,
+    ThreatModel,
+    check_finite_logits,
+    model_name,
+    per_sample_norm,
+    project_onto_threat,
+)
 from attacks.losses import LossFn, get_loss
 
 __all__ = ["MADRY_MNIST", "MADRY_MNIST_THREAT", "PGD", "PGDConfig", "StepSchedule"]
@@ -222,7 +231,10 @@ class PGD(Attack):
         best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         best_loss = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
 
-        def keep_best(idx: Tensor, x_cur: Tensor, loss: Tensor, logits: Tensor) -> None:
+        label = f"model {model_name(model)}"
+
+        def keep_best(idx: Tensor, x_cur: Tensor, loss: Tensor, logits: Tensor, where: str) -> None:
+            check_finite_logits(logits, label, where)
             success = logits.argmax(dim=1) != y[idx]
             old_success, old_loss = best_success[idx], best_loss[idx]
             better = (success & ~old_success) | ((success == old_success) & (loss > old_loss))
@@ -243,10 +255,10 @@ class PGD(Attack):
                 x_cur = x_r.clone()
             for t in range(cfg.steps):
                 loss, grad, logits = self.value_and_grad(model, x_cur, y_r)
-                keep_best(idx, x_cur, loss, logits)
+                keep_best(idx, x_cur, loss, logits, f"at PGD step {t} of restart {r}")
                 x_cur = self.project(x_cur + self.step_size_at(t) * self.normalize_gradient(grad), x_r)
             loss, logits = self.evaluate(model, x_cur, y_r)
-            keep_best(idx, x_cur, loss, logits)
+            keep_best(idx, x_cur, loss, logits, f"after the last PGD step of restart {r}")
         return best_x
 
     def __repr__(self) -> str:

@@ -20,12 +20,14 @@ optimization loop. Each sample's projection is independent of the rest of its ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from attacks.base import prepare_inputs
 from attacks.bpda import BPDA
 from manifold_defense.inversion import InversionConfig, invert
 
@@ -39,6 +41,8 @@ def _check_images(x: object, what: str = "input") -> Tensor:
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"{what}: expected float images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
     lo, hi = (float(x.detach().min()), float(x.detach().max())) if x.numel() else (0.0, 1.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what}: expected finite values, got NaN or inf")
     if lo < -1e-6 or hi > 1.0 + 1e-6:
         raise ValueError(f"{what}: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
     return x
@@ -69,7 +73,10 @@ class LatentProjector(nn.Module):
         randomize: draw fresh restarts on every call (per-call seeds from a generator seeded by ``seed``), which
             makes the defense randomized, as an evaluator wants for EOT; :meth:`reseed` restarts the stream.
 
-    Shapes: ``(B, C, H, W)`` in [0, 1] -> ``(B, C, H, W)`` in [0, 1].
+    Shapes: ``(B, C, H, W)`` in [0, 1] -> ``(B, C, H, W)`` in [0, 1]. Inputs must be finite and on the generator's
+    device; floating inputs of another dtype are cast to the generator's (float64 images for a float32 generator
+    give float32 outputs, and gradients flow back in float64), and images whose ``(C, H, W)`` differs from the
+    generator's are refused before any layer reads them.
 
     Example:
         >>> projector = LatentProjector(zoo.load("mnist-gan"), gradient="bpda")  # doctest: +SKIP
@@ -130,9 +137,13 @@ class LatentProjector(nn.Module):
             return self.seed
         return int(torch.randint(0, 2**62, (1,), generator=self._stream))
 
+    def _prepare(self, x: object) -> Tensor:
+        """Checked images on the generator's device, cast to its dtype (:func:`attacks.base.prepare_inputs`)."""
+        return prepare_inputs(_check_images(x), self.generator, "input", "generator")
+
     def project(self, x: Tensor, *, differentiable: bool = False) -> Tensor:
         """``G(z*)`` for images ``x`` ``(B, C, H, W)``; differentiable through the unrolled steps if asked."""
-        _check_images(x)
+        x = self._prepare(x)
         seed = self._call_seed()
         inv = invert(
             self.generator,
@@ -148,7 +159,7 @@ class LatentProjector(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gradient == "unrolled":
             return self.project(x, differentiable=torch.is_grad_enabled() and x.requires_grad)
-        return self._bpda(_check_images(x))
+        return self._bpda(self._prepare(x))
 
     def extra_repr(self) -> str:
         mode = self.gradient if isinstance(self.gradient, str) else "surrogate"

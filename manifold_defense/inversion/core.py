@@ -276,15 +276,32 @@ def _check_generated(x: Any, rows: int, operator: MeasurementOperator) -> None:
             f"expected generator images of shape {operator.input_shape} (the operator's input_shape), "
             f"got {tuple(x.shape[1:])}"
         )
-    low, high = float(x.detach().min()), float(x.detach().max())
-    if not (low >= -RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE):
+    _check_range(x.detach().min(), x.detach().max(), "at the first step")
+
+
+def _check_range(low: torch.Tensor, high: torch.Tensor, when: str) -> None:
+    """Raise unless the generator's outputs ``[low, high]`` (NaN included) lie in [0, 1] up to the tolerance."""
+    lo, hi = float(low), float(high)
+    if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
         raise ValueError(
-            "expected generator outputs in [0, 1] (e.g. a sigmoid output layer), "
-            f"got values in [{low:.4g}, {high:.4g}]"
+            "expected generator outputs in [0, 1] (e.g. a sigmoid output layer) on every step, "
+            f"got values in [{lo:.4g}, {hi:.4g}] {when}"
+        )
+
+
+def _probe_image_shape(generator: nn.Module, y: torch.Tensor, k: int) -> None:
+    """Before an encoder reads images ``y``: raise unless they have the generator's image shape ``(C, H, W)``."""
+    with torch.no_grad():
+        x = generator(torch.zeros(1, k, device=y.device, dtype=_working_dtype(generator, y)))
+    if isinstance(x, torch.Tensor) and x.ndim == 4 and tuple(x.shape[1:]) != tuple(y.shape[1:]):
+        raise ValueError(
+            f"expected images of the generator's shape {tuple(x.shape[1:])} (C, H, W), got "
+            f"{tuple(y.shape[1:])}: a {y.shape[1]}-channel batch cannot be projected onto this generator"
         )
 
 
 def _initial_latents(
+    generator: nn.Module,
     y: Measurements,
     operator: MeasurementOperator,
     config: InversionConfig,
@@ -309,6 +326,8 @@ def _initial_latents(
                 f"expected the Identity operator for init='encoder' (the encoder reads images), got "
                 f"{type(operator).__name__}; pass z_init instead"
             )
+        if isinstance(y, torch.Tensor):  # before the encoder's first layer sees y
+            _probe_image_shape(generator, y, k)
         with torch.set_grad_enabled(differentiable):
             z_init = encoder(y)
         if not isinstance(z_init, torch.Tensor) or tuple(z_init.shape) != (batch, k):
@@ -363,7 +382,7 @@ def invert(
         generator: ``nn.Module`` with int ``latent_dim``; ``(N, k) -> (N, C, H, W)`` in [0, 1].
         y: measurements ``(B, ...)`` as produced by ``operator`` (a tuple for :class:`Mixture`); for the
             default Identity operator, images ``(B, C, H, W)``. Floating entries are cast to the generator's
-            dtype.
+            dtype (the library's one dtype rule, :func:`attacks.base.prepare_inputs`); outputs are in it.
         operator: the measurement operator; default ``Identity(y.shape[1:])``.
         config: :class:`InversionConfig` (default ``InversionConfig()``: Adam lr 0.01, 1000 steps, 1 restart).
         encoder: ``nn.Module`` images ``(B, C, H, W) -> (B, k)`` for ``config.init == "encoder"``.
@@ -427,6 +446,7 @@ def invert(
 
     with frozen(generator, operator, encoder), torch.enable_grad():
         z0 = _initial_latents(
+            generator,
             y,
             operator,
             config,
@@ -661,10 +681,14 @@ def _optimize(
             x_gen = generator(z)
             if step == 0:
                 _check_generated(x_gen, n_rows, operator)
+                low, high = x_gen.detach().min(), x_gen.detach().max()
                 dev = _start_deviation(x_gen, config)
                 out.x = torch.zeros_like(x_gen, requires_grad=False)
                 out.v = None if dev is None else torch.zeros_like(x_gen, requires_grad=False)
                 opt_state = _initial_state([z], config)
+            else:  # every step's range, reduced on the device and checked once at the end (no sync per step)
+                low = torch.minimum(low, x_gen.detach().min())
+                high = torch.maximum(high, x_gen.detach().max())
             v, x, meas, objective = _objective(operator, x_gen, z, dev, y_rows, config)
             if step == 0:  # a Nonlinear operator learns its output shape on its first call
                 operator.check_measurements(y, batch)
@@ -706,6 +730,12 @@ def _optimize(
             z = _project_ball(params[0], config.z_radius)
         step += 1
 
+    _check_range(
+        low,
+        high,
+        f"over the {step + 1} steps (the first step was in range: z left the generator's "
+        "valid region; returning these images would hand out-of-range inputs to the classifier)",
+    )
     losses = torch.nan_to_num(out.loss.detach(), nan=math.inf).reshape(batch, restarts)
     best = losses.argmin(dim=1)
     rows = torch.arange(batch, device=device) * restarts + best
