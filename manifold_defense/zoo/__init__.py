@@ -76,6 +76,10 @@ class ZooIntegrityError(ValueError):
     """The weights on disk do not match the SHA-256 recorded for them."""
 
 
+class ZooRecordError(ValueError):
+    """A zoo record or weights file is unreadable, or does not describe the entry's architecture."""
+
+
 def registered() -> list[str]:
     """Names of every zoo architecture, shipped with weights or not yet."""
     return sorted(REGISTRY)
@@ -112,8 +116,42 @@ def record(name: str, weights_dir: str | os.PathLike[str] | None = None) -> dict
     path = Path(weights_dir or WEIGHTS_DIR) / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no record for zoo model {name!r} at {path}")
-    data: dict[str, Any] = json.loads(path.read_text())
+    return _read_record(name, path)
+
+
+def _read_record(name: str, path: Path) -> dict[str, Any]:
+    """The record at ``path`` as a dict; :class:`ZooRecordError` naming the file and the model otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ZooRecordError(
+            f"record of zoo model {name!r} at {path} is not valid JSON ({err}): restore the file"
+        ) from err
+    if not isinstance(data, dict):
+        raise ZooRecordError(
+            f"record of zoo model {name!r} at {path}: expected a JSON object, got {type(data).__name__}"
+        )
     return data
+
+
+def _check_architecture(name: str, rec: dict[str, Any], path: Path) -> None:
+    """Raise :class:`ZooRecordError` when the record names another architecture than the zoo entry's."""
+    entry = _entry(name)
+    recorded = rec.get("architecture")
+    expected = {"class": getattr(entry.build, "__name__", str(entry.build)), **entry.kwargs}
+    if recorded is None:
+        return  # records written before the field existed
+    recorded_cmp = (
+        {k: list(v) if isinstance(v, tuple) else v for k, v in recorded.items()}
+        if isinstance(recorded, dict)
+        else recorded
+    )
+    expected_cmp = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()}
+    if recorded_cmp != expected_cmp:
+        raise ZooRecordError(
+            f"record of zoo model {name!r} at {path} describes architecture {recorded}, expected {expected} "
+            "(the zoo entry's): the weights cannot be loaded into this model"
+        )
 
 
 def build(name: str) -> nn.Module:
@@ -159,14 +197,24 @@ def load(
 
     Raises:
         ValueError: unknown name or device. ZooIntegrityError: the weights' SHA-256 differs from the record's.
+        ZooRecordError: the record is not valid JSON, names another architecture, or the weights do not fit
+            the architecture (each message names the file and the model).
         FileNotFoundError: the weights or record are missing.
     """
     dev = resolve_device(device)
     entry = _entry(name)
     weights = verify(name, weights_dir)
+    _check_architecture(name, record(name, weights.parent), weights.with_suffix(".json"))
     model = entry.build(**entry.kwargs)
-    state = load_file(str(weights))
-    model.load_state_dict(state, strict=True)
+    try:
+        state = load_file(str(weights))
+        model.load_state_dict(state, strict=True)
+    except Exception as err:  # safetensors' header errors, load_state_dict's key / shape errors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ZooRecordError(
+            f"weights of zoo model {name!r} at {weights} do not fit its architecture "
+            f"{type(model).__name__}({', '.join(f'{k}={v}' for k, v in entry.kwargs.items())}): {first}"
+        ) from err
     return model.to(dev).eval()
 
 
@@ -191,7 +239,7 @@ def save(model: nn.Module, name: str, folder: str | os.PathLike[str], info: dict
     save_file(state, str(tmp))
     os.replace(tmp, weights)
     rec_path = out / f"{name}.json"
-    previous: dict[str, Any] = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    previous: dict[str, Any] = _read_record(name, rec_path) if rec_path.is_file() else {}
     rec = {
         **previous,
         **info,
@@ -221,6 +269,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "ZooEntry",
     "ZooIntegrityError",
+    "ZooRecordError",
     "available",
     "build",
     "load",
