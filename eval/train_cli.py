@@ -1,7 +1,7 @@
 """``python -m eval train <model> --out DIR``: train a zoo model and write its safetensors + JSON record into DIR.
 
-Models: ``classifier``, ``gan`` (generator + encoder trained jointly with a critic), ``encoder`` (fine-tunes the
-encoder for the generator found in DIR), ``vae``, ``zoo`` (those four in that order), ``pgd-at`` (Madry PGD adversarial
+Models: ``classifier``, ``gan`` (generator trained against a discriminator, weights averaged), ``encoder`` (a new
+encoder for the generator found in DIR, trained on real images and on the generator's samples), ``vae``, ``zoo`` (those four in that order), ``pgd-at`` (Madry PGD adversarial
 training of a new classifier, Linf 0.3) or ``rmd`` (robust manifold training with the zoo's GAN and encoder). Checkpoints go to
 ``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there.
 
@@ -28,7 +28,8 @@ from eval.cli import command_line
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
-from manifold_defense.models import Critic
+from manifold_defense.metrics import features, frechet_distance, predict
+from manifold_defense.models import Critic, latent_dim_of
 from manifold_defense.training import (
     AdversarialTrainConfig,
     ClassifierTrainConfig,
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd")
 #: Zoo classifiers a robust training run may start from (``--init``).
 INIT_MODELS = zoo.CLASSIFIERS
+#: The GAN's discriminator: three strided convolutions of 32-64-128 channels and a linear logit.
+GAN_DISCRIMINATOR_WIDTH = 32
 
 
 def add_parsers(sub: Any) -> None:
@@ -74,6 +77,12 @@ def add_parsers(sub: Any) -> None:
         help="override a field of the model's training config, e.g. --set adv_weight=5 (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=1000,
+        help="gan: steps between sample-quality checks (Fréchet distance of 2000 samples; 0 disables)",
+    )
     p.add_argument(
         "--limit", type=int, default=None, help="use only the first N training images (pgd-at, rmd)"
     )
@@ -170,17 +179,26 @@ def run(args: argparse.Namespace) -> int:
             )
         elif name == "gan":
             config = _override(GANTrainConfig(seed=args.seed), args.steps, sets)
-            gen, enc = zoo.build("mnist-gan"), zoo.build("mnist-encoder")
+            gen = zoo.build("mnist-gan")
             hist = train_gan(
-                gen, Critic(), enc, train, config, device=device, checkpoint_dir=ckpt, progress=progress
+                gen,
+                Critic(width=GAN_DISCRIMINATOR_WIDTH),
+                train,
+                config,
+                device=device,
+                checkpoint_dir=ckpt,
+                progress=progress,
+                validate=_sample_quality_monitor(args.data_dir, device) if args.val_every else None,
+                validate_every=args.val_every or None,
+                encoder=zoo.build("mnist-encoder") if config.rec_weight > 0 else None,
             )
             info = _info(command, config, time.perf_counter() - start, device, hist)
+            info["training"]["discriminator"] = f"Critic(width={GAN_DISCRIMINATOR_WIDTH})"
             zoo.save(gen, "mnist-gan", out, info)
-            zoo.save(enc, "mnist-encoder", out, {"joint_training": info["training"]})
         elif name == "encoder":
             config = _override(EncoderTrainConfig(seed=args.seed), args.steps, sets)
             gen = zoo.load("mnist-gan", device, weights_dir=out)
-            enc = zoo.load("mnist-encoder", device, weights_dir=out)
+            enc = zoo.build("mnist-encoder").to(device)
             hist = train_encoder(
                 enc, gen, train, config, device=device, checkpoint_dir=ckpt, progress=progress
             )
@@ -201,6 +219,25 @@ def run(args: argparse.Namespace) -> int:
             zoo.save(vae, "mnist-vae", out, _info(command, config, time.perf_counter() - start, device, hist))
         log.info("%s: trained in %.1f s on %s; written to %s", name, time.perf_counter() - start, device, out)
     return 0
+
+
+def _sample_quality_monitor(data_dir: Path | None, device: torch.device) -> Any:
+    """A GAN validation hook: the Fréchet feature distance of 2000 samples to 2000 validation images, and the
+    histogram's min/max ratio, both on the zoo classifier (a progress curve in the history, not a reported figure)."""
+    clf = zoo.load("mnist-classifier", device)
+    real = features(clf, load_mnist("val", data_dir, limit=2000).images)
+
+    def monitor(generator: nn.Module, step: int) -> dict[str, float]:
+        z = torch.randn(2000, latent_dim_of(generator), generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            samples = torch.cat([generator(c.to(device)).cpu() for c in z.split(500)])
+        counts = torch.bincount(predict(clf, samples), minlength=10).float()
+        return {
+            "val_frechet": frechet_distance(features(clf, samples), real),
+            "val_hist_ratio": float(counts.min() / counts.max()),
+        }
+
+    return monitor
 
 
 @dataclass(frozen=True)

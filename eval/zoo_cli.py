@@ -6,9 +6,11 @@ into the records (``--write``) together with the exact command, ``n`` and the de
 - classifier: clean accuracy on the 10k test images;
 - each generator (``mnist-gan``, ``mnist-vae``): projection with the Defense-GAN schedule (SGD momentum 0.7, lr 10,
   L = 200, R = 10, lr x0.1 at 0.8 L, z ~ N(0, 1/k)) on ``--n`` test images: per-pixel MSE (mean, median, 90th
-  percentile) and the classifier's accuracy on the projections; the Fréchet distance between the classifier's
-  penultimate features of 10k samples and of the 10k test images, next to the train-vs-test floor; the class
-  histogram of the samples; a sample grid PNG next to the weights;
+  percentile) and the classifier's accuracy on the projections (the GAN also with the fast schedule from the
+  encoder's E(x)); sample quality of ``--samples`` samples against as many test images
+  (:func:`manifold_defense.metrics.sample_quality`: Fréchet distances on the classifier's features and on its
+  logits, TF-GAN's MNIST score, the share of confident samples, the class histogram), each next to the same figure
+  for as many training images (the real-data floor at that sample count); a sample grid PNG next to the weights;
 - the VAE also with CSGM's schedule (Adam lr 0.01, 1000 steps, 10 restarts) on ``--csgm-n`` images, without CSGM's
   z-prior (its weight 0.1 is scaled for unnormalized Gaussian measurements and dominates a per-pixel loss);
 - encoder: per-pixel MSE of G(E(x)), and the inversion steps an encoder warm start needs to reach the median MSE of
@@ -29,11 +31,12 @@ from torch import nn
 from torchvision.utils import save_image
 
 from eval.cli import command_line
+from eval.defense_figures import schedule_config
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.inversion import InversionConfig, invert
-from manifold_defense.metrics import accuracy, features, frechet_distance, predict
+from manifold_defense.metrics import accuracy, sample_quality
 from manifold_defense.models import latent_dim_of
 
 log = logging.getLogger(__name__)
@@ -124,9 +127,9 @@ def measure(args: argparse.Namespace) -> int:
     }
     if args.write:
         _merge_figures("mnist-classifier", results["mnist-classifier"], folder)
-    feats_test = features(clf, test.images)
-    feats_train = features(clf, load_mnist("train", args.data_dir, limit=10_000).images)
-    floor = frechet_distance(feats_train, feats_test)
+    n_samples = min(args.samples, len(test))
+    reference = test.images[:n_samples]
+    real_floor = sample_quality(clf, load_mnist("train", args.data_dir, limit=n_samples).images, reference)
     dgan = InversionConfig.defense_gan()
     reference_median = None
     for name in ("mnist-gan", "mnist-vae"):
@@ -146,6 +149,13 @@ def measure(args: argparse.Namespace) -> int:
         }
         if name == "mnist-gan":
             reference_median = float(mse.median())
+            enc = zoo.load("mnist-encoder", dev, weights_dir=wd)
+            x_f, mse_f = _project(gen, x, schedule_config("fast"), args.batch, dev, encoder=enc)
+            fig["fast_projection"] = {
+                "schedule": "fast: Adam lr 0.05, 50 steps, 2 restarts from E(x) (mnist-encoder)",
+                "mse": _mse_stats(mse_f),
+                "accuracy_on_projections": accuracy(clf, x_f, y),
+            }
         if name == "mnist-vae":
             n_c = min(args.csgm_n, args.n)
             x_c, mse_c = _project(gen, x[:n_c], InversionConfig.csgm(z_prior_weight=0.0), args.batch, dev)
@@ -159,15 +169,14 @@ def measure(args: argparse.Namespace) -> int:
         with torch.no_grad():
             samples = torch.cat(
                 [
-                    gen(torch.randn(1000, latent_dim_of(gen), generator=gen_seed).to(dev)).cpu()
-                    for _ in range(args.samples // 1000 or 1)
+                    gen(torch.randn(min(1000, n_samples - i), latent_dim_of(gen), generator=gen_seed).to(dev)).cpu()
+                    for i in range(0, n_samples, 1000)
                 ]
             )
         fig["samples"] = {
-            "n": len(samples),
-            "frechet_distance": round(frechet_distance(features(clf, samples), feats_test), 3),
-            "frechet_floor_train_vs_test": round(floor, 3),
-            "class_histogram": torch.bincount(predict(clf, samples), minlength=10).tolist(),
+            **sample_quality(clf, samples, reference),
+            "reference": f"the first {n_samples} test images",
+            "floor_train_vs_test": real_floor,
             "grid": f"{name}-samples.png",
         }
         if args.write:
@@ -253,8 +262,25 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                     f"{proj['accuracy_on_projections']:.4f}",
                     proj.get("n", n),
                 )
+        if "fast_projection" in fig:
+            fast = fig["fast_projection"]
+            add(
+                "fast schedule (E(x) start, 50 Adam steps): MSE mean / median; accuracy on projections",
+                f"{fast['mse']['mean']:.4f} / {fast['mse']['median']:.4f}; {fast['accuracy_on_projections']:.4f}",
+            )
         samples = fig.get("samples")
-        if samples:
+        if samples and "frechet_features" in samples:
+            floor = samples["floor_train_vs_test"]
+            for key, label in (
+                ("frechet_features", "Fréchet distance, classifier features (train-vs-test floor)"),
+                ("frechet_logits", "Fréchet distance, classifier logits (TF-GAN; floor)"),
+                ("mnist_score", "MNIST score (TF-GAN; train images)"),
+                ("confident_fraction", "share of samples classified with confidence >= 0.9 (train images)"),
+                ("histogram_min_max", "class histogram min/max (train images)"),
+            ):
+                add(label, f"{samples[key]} ({floor[key]})", samples["n"])
+            add("class histogram of samples", " ".join(str(c) for c in samples["class_histogram"]), samples["n"])
+        elif samples:
             add(
                 "Fréchet feature distance of samples (train-vs-test floor)",
                 f"{samples['frechet_distance']} ({samples['frechet_floor_train_vs_test']})",

@@ -1,9 +1,13 @@
-"""Figures of merit: the Fréchet feature distance of samples (an MNIST analogue of FID) and batched accuracy."""
+"""Figures of merit: sample quality of a generator (Fréchet distances, MNIST score, confidence, class balance) and
+batched accuracy."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.linalg
+import scipy.special
 import torch
 from torch import nn
 
@@ -40,6 +44,52 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     if np.iscomplexobj(covmean):
         covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """The classifier's logits ``(N, classes)`` float64 of ``images`` ``(N, C, H, W)``."""
+    dev = next(model.parameters()).device
+    out = torch.cat([model(images[i : i + batch_size].to(dev)).double().cpu() for i in range(0, len(images), batch_size)])
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{type(model).__name__} returned non-finite logits")
+    return out.numpy()
+
+
+def mnist_score(logit: np.ndarray) -> float:
+    """TF-GAN's "MNIST score" (the inception score on an MNIST classifier): ``exp E_x KL(p(y|x) || p(y))``.
+
+    ``logit`` ``(N, classes)``; ``p(y)`` is the mean of ``p(y|x)`` over the set. Ranges from 1 (every image gets
+    the same distribution) to the number of classes (confident predictions, classes balanced).
+    """
+    if logit.ndim != 2 or len(logit) < 1:
+        raise ValueError(f"expected logits (N, classes) with N >= 1, got shape {logit.shape}")
+    log_p = logit - scipy.special.logsumexp(logit, axis=1, keepdims=True)
+    p = np.exp(log_p)
+    log_marginal = np.log(p.mean(0) + 1e-300)
+    return float(np.exp((p * (log_p - log_marginal)).sum(1).mean()))
+
+
+def sample_quality(classifier: nn.Module, samples: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    """Sample-quality figures of ``samples`` against real ``reference`` images, all on ``classifier``.
+
+    Returns a dict: ``frechet_features`` (Fréchet distance of the penultimate features, :func:`features`),
+    ``frechet_logits`` and ``mnist_score`` (TF-GAN's MNIST protocol on the logits), ``confident_fraction`` (share of
+    samples whose top softmax probability is >= 0.9), ``class_histogram`` and its ``histogram_min_max`` ratio.
+    Compute the same figures for a second real set against ``reference`` to get the floors at this sample count.
+    """
+    logit_s, logit_r = logits(classifier, samples), logits(classifier, reference)
+    probs = np.exp(logit_s - scipy.special.logsumexp(logit_s, axis=1, keepdims=True))
+    hist = np.bincount(probs.argmax(1), minlength=logit_s.shape[1])
+    return {
+        "n": len(samples),
+        "frechet_features": round(frechet_distance(features(classifier, samples), features(classifier, reference)), 3),
+        "frechet_logits": round(frechet_distance(logit_s, logit_r), 3),
+        "mnist_score": round(mnist_score(logit_s), 3),
+        "confident_fraction": round(float((probs.max(1) >= 0.9).mean()), 4),
+        "class_histogram": hist.tolist(),
+        "histogram_min_max": round(float(hist.min() / max(hist.max(), 1)), 3),
+    }
 
 
 @torch.no_grad()

@@ -9,14 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from manifold_defense.models import VAE, Critic, Encoder, Generator
+from manifold_defense.models import VAE
 from manifold_defense.training import (
     ClassifierTrainConfig,
-    GANTrainConfig,
     LoopConfig,
     run_loop,
     train_classifier,
-    train_gan,
 )
 
 
@@ -122,35 +120,6 @@ def test_global_rng_untouched() -> None:
     before = torch.get_rng_state()
     train_classifier(model, _toy_data(), ClassifierTrainConfig(steps=2, batch_size=32), progress=False)
     assert torch.equal(before, torch.get_rng_state())
-
-
-def test_gan_steps_reduce_reconstruction_and_check_latents() -> None:
-    torch.manual_seed(0)
-    gen, enc = Generator(latent_dim=8, width=8), Encoder(latent_dim=8, width=8)
-    g = torch.Generator().manual_seed(0)
-    x = torch.zeros(128, 1, 28, 28)
-    for i, (r, c) in enumerate(torch.randint(0, 20, (128, 2), generator=g).tolist()):
-        x[i, :, r : r + 8, c : c + 8] = 1.0
-    data = TensorDataset(x, torch.zeros(128, dtype=torch.int64))
-
-    def rec_mse() -> float:
-        gen.eval(), enc.eval()
-        with torch.no_grad():
-            return float((gen(enc(x)) - x).pow(2).mean())
-
-    before = rec_mse()
-    hist = train_gan(
-        gen,
-        Critic(width=8),
-        enc,
-        data,
-        GANTrainConfig(steps=30, batch_size=32, lr=2e-3, n_critic=1),
-        progress=False,
-    )
-    assert rec_mse() < 0.5 * before
-    assert len(hist) == 1
-    with pytest.raises(ValueError, match="does not match the generator's latent_dim 8"):
-        train_gan(gen, Critic(width=8), Encoder(latent_dim=4, width=8), data, GANTrainConfig(steps=1))
 
 
 def test_bad_images_and_configs_are_refused() -> None:

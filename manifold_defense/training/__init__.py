@@ -9,15 +9,14 @@ from manifold_defense.training.adversarial import (
     robust_manifold_train,
 )
 from manifold_defense.training.distributed import DistContext, setup_distributed
+from manifold_defense.training.gan import GANTrainConfig, WeightAverage, recalibrate_batchnorm, train_gan
 from manifold_defense.training.loop import LoopConfig, run_loop
 from manifold_defense.training.models import (
     ClassifierTrainConfig,
     EncoderTrainConfig,
-    GANTrainConfig,
     VAETrainConfig,
     train_classifier,
     train_encoder,
-    train_gan,
     train_vae,
 )
 
@@ -31,8 +30,10 @@ __all__ = [
     "RobustManifoldConfig",
     "RobustTrainConfig",
     "VAETrainConfig",
+    "WeightAverage",
     "adversarial_train",
     "attack_mode",
+    "recalibrate_batchnorm",
     "robust_manifold_train",
     "run_loop",
     "setup_distributed",

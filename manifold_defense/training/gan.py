@@ -1,0 +1,347 @@
+"""GAN training for the generator prior: non-saturating DCGAN or WGAN-GP, with an EMA of the generator's weights.
+
+Papers: Radford et al. 2016 (DCGAN; the non-saturating loss of Goodfellow et al. 2014), Gulrajani et al. 2017
+(WGAN-GP, Defense-GAN's objective), Yazici et al. 2019 (an exponential moving average of the generator's weights
+gives better samples than the last iterate). No encoder or reconstruction term: the generator is decided by the
+adversarial game alone, so that its samples are digits; the encoder for warm starts is trained afterwards against
+the frozen generator (:func:`manifold_defense.training.train_encoder`).
+
+The trainer runs on :func:`manifold_defense.training.loop.run_loop` (seeded batches, atomic checkpoints, exact
+resume); the EMA copy is part of the checkpoint. When ``ema_decay`` is set, the generator passed in ends holding the
+EMA weights (the raw last iterate stays in the checkpoint under ``"generator"``), with batch-norm statistics
+re-estimated for those weights on ``bn_batches`` fresh prior batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from manifold_defense.devices import resolve_device
+from manifold_defense.models import latent_dim_of
+from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
+
+PathLike = str | os.PathLike[str]
+Objective = Literal["ns", "wgan-gp"]
+
+
+@dataclass(frozen=True)
+class GANTrainConfig:
+    """Schedule and objective of :func:`train_gan`.
+
+    Attributes:
+        steps: generator updates.
+        batch_size: real images per step (and as many prior samples).
+        objective: ``"ns"`` (non-saturating DCGAN loss, one discriminator step per generator step) or
+            ``"wgan-gp"`` (Wasserstein loss with gradient penalty ``gp_weight``, ``n_critic`` critic steps).
+        lr, beta1, beta2: Adam for both networks (DCGAN: 2e-4, 0.5, 0.999; WGAN-GP: 1e-4, 0.5, 0.9).
+        n_critic: discriminator steps per generator step.
+        gp_weight: gradient-penalty weight (``wgan-gp`` only).
+        ema_decay: decay of the generator's weight average (``None``: no average, the last iterate is kept).
+        rec_weight: weight of an optional coverage term ``||G(E(x)) - x||^2`` (per image, summed over pixels)
+            through an auxiliary encoder trained with the generator (0: pure adversarial training). Latents
+            ``E(x)`` are not pulled towards the prior, so the term widens the range of ``G`` over all of latent
+            space (what projection needs) while prior samples stay decided by the adversarial loss.
+        bn_batches: prior batches of 256 used to re-estimate batch-norm statistics of the averaged weights.
+        seed: batch order and latent noise.
+        checkpoint_every: steps between checkpoints.
+    """
+
+    steps: int = 30000
+    batch_size: int = 64
+    objective: str = "ns"
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    n_critic: int = 1
+    gp_weight: float = 10.0
+    ema_decay: float | None = 0.999
+    rec_weight: float = 0.0
+    bn_batches: int = 40
+    seed: int = 0
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("ns", "wgan-gp"):
+            raise ValueError(f"GANTrainConfig.objective must be 'ns' or 'wgan-gp', got {self.objective!r}")
+        for name in ("lr", "gp_weight", "rec_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"GANTrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"GANTrainConfig.{name} must be in [0, 1), got {value!r}")
+        if self.ema_decay is not None and not (
+            isinstance(self.ema_decay, int | float) and 0.0 < self.ema_decay < 1.0
+        ):
+            raise ValueError(f"GANTrainConfig.ema_decay must be None or in (0, 1), got {self.ema_decay!r}")
+        for name in ("n_critic", "bn_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_critic" else 0):
+                raise ValueError(f"GANTrainConfig.{name} must be an int >= {int(name == 'n_critic')}, got {value!r}")
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every)
+
+
+class WeightAverage(nn.Module):
+    """An exponential moving average of a module's parameters; buffers (batch-norm statistics) are copied.
+
+    ``update()`` after each optimizer step: ``avg = decay * avg + (1 - decay) * current``, with the effective decay
+    ``min(decay, (1 + t) / (10 + t))`` at update ``t`` so that the early average is not dominated by the random
+    initialization. Its ``state_dict`` holds the averaged module and the update count, so it checkpoints and resumes.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._source = [module]  # a list, so the source is not registered as a submodule
+
+    @torch.no_grad()
+    def update(self) -> None:
+        source = self._source[0]
+        t = int(self.count)
+        d = min(self.decay, (1.0 + t) / (10.0 + t))
+        for avg, cur in zip(self.module.parameters(), source.parameters(), strict=True):
+            avg.lerp_(cur.detach(), 1.0 - d)
+        for avg_b, cur_b in zip(self.module.buffers(), source.buffers(), strict=True):
+            avg_b.copy_(cur_b)
+        self.count += 1
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    generator: nn.Module, batches: int, batch_size: int = 256, *, seed: int = 0
+) -> None:
+    """Re-estimate the batch-norm running statistics of ``generator`` on ``batches`` prior batches ``z ~ N(0, I)``.
+
+    Each batch-norm layer's statistics become the plain average over the batches (momentum ``None``); the
+    generator is left in eval mode. Averaged weights need this: the running statistics copied from the last
+    iterate belong to other weights.
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches == 0:
+        generator.eval()
+        return
+    k = latent_dim_of(generator)
+    dev = next(generator.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    generator.train()
+    try:
+        for _ in range(batches):
+            generator(torch.randn(batch_size, k, generator=rng).to(dev))
+    finally:
+        for m, mom in zip(norms, saved, strict=True):
+            m.momentum = mom
+        generator.eval()
+
+
+@contextlib.contextmanager
+def _batchnorm_eval(module: nn.Module) -> Iterator[None]:
+    """Batch-norm layers of ``module`` in eval mode for the block (gradients still flow), then restored."""
+    norms = [(m, m.training) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        for m, _ in norms:
+            m.eval()
+        yield
+    finally:
+        for m, mode in norms:
+            m.train(mode)
+
+
+def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    mix = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mix).sum(), mix, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
+
+
+def _check_generator(generator: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
+    """The latent size, after one probe batch shows images of the data's shape in [0, 1]."""
+    k = latent_dim_of(generator)
+    was = generator.training
+    generator.eval()
+    with torch.no_grad():
+        probe = generator(torch.randn(4, k, generator=torch.Generator().manual_seed(0)).to(device))
+    generator.train(was)
+    if not isinstance(probe, torch.Tensor) or tuple(probe.shape[1:]) != image_shape:
+        got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise ValueError(f"generator: expected images (B, {', '.join(map(str, image_shape))}) like the data, got {got}")
+    if not torch.isfinite(probe).all() or float(probe.min()) < 0.0 or float(probe.max()) > 1.0:
+        raise ValueError(
+            f"generator: expected finite outputs in [0, 1] (end it with a sigmoid), got range "
+            f"[{float(probe.min()):.4g}, {float(probe.max()):.4g}]"
+        )
+    return k
+
+
+def _finite(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"GAN training diverged at step {step}: {name} is {float(value)}")
+    return value
+
+
+def train_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    dataset: Dataset[Any],
+    config: GANTrainConfig = GANTrainConfig(),
+    *,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: PathLike | None = None,
+    progress: bool = True,
+    validate: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+    validate_every: int | None = None,
+    encoder: nn.Module | None = None,
+) -> list[dict[str, float]]:
+    """Train ``generator`` against ``discriminator`` on the images of ``dataset`` (see :class:`GANTrainConfig`).
+
+    Args:
+        generator: latents ``(B, latent_dim)`` to images ``(B, C, H, W)`` in [0, 1]; must carry ``latent_dim``.
+        discriminator: images ``(B, C, H, W)`` to one logit (or critic score) each, ``(B,)``.
+        dataset: ``(image, ...)`` examples, images float in [0, 1] (labels, if any, are ignored).
+        config: objective and schedule.
+        device: where to train.
+        checkpoint_dir: checkpoints and ``history.json``; an interrupted run resumes from there.
+        progress: show a progress bar.
+        validate: optional ``validate(sample_generator, step) -> metrics`` called every ``validate_every`` steps
+            with the generator that will be saved (the average, its batch norm re-estimated, when
+            ``ema_decay`` is set); its metrics join the history.
+        validate_every: steps between validations (required with ``validate``).
+        encoder: images to latents ``(B, latent_dim)``, trained jointly for the ``rec_weight`` term (required
+            when ``rec_weight > 0``, refused otherwise).
+
+    Returns:
+        The history: mean losses and discriminator outputs every 100 steps, and the validation metrics.
+        Both networks end in eval mode; ``generator`` holds the averaged weights when ``ema_decay`` is set.
+    """
+    dev = resolve_device(device)
+    images = dataset_tensors(dataset)[0]
+    check_images(images)
+    generator.to(dev)
+    discriminator.to(dev)
+    k = _check_generator(generator, tuple(images.shape[1:]), dev)
+    if (config.rec_weight > 0) != (encoder is not None):
+        raise ValueError(
+            f"expected an encoder exactly when rec_weight > 0, got rec_weight {config.rec_weight} and "
+            f"encoder {type(encoder).__name__ if encoder is not None else None}"
+        )
+    g_params = list(generator.parameters())
+    if encoder is not None:
+        if getattr(encoder, "latent_dim", None) != k:
+            raise ValueError(
+                f"encoder latent size {getattr(encoder, 'latent_dim', None)} does not match the generator's "
+                f"latent_dim {k}"
+            )
+        encoder.to(dev).train()
+        g_params += list(encoder.parameters())
+    generator.train()
+    discriminator.train()
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    opt_g = torch.optim.Adam(g_params, lr=config.lr, betas=(config.beta1, config.beta2))
+    ema = WeightAverage(generator, config.ema_decay) if config.ema_decay is not None else None
+    wgan = config.objective == "wgan-gp"
+
+    def d_loss(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out_real, out_fake = discriminator(real), discriminator(fake)
+        if wgan:
+            loss = out_fake.mean() - out_real.mean() + config.gp_weight * _gradient_penalty(discriminator, real, fake)
+        else:
+            loss = F.softplus(-out_real).mean() + F.softplus(out_fake).mean()
+        return loss, out_real, out_fake
+
+    def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        x = batch[0]
+        b = x.shape[0]
+        for _ in range(config.n_critic):
+            with torch.no_grad():
+                fake = generator(torch.randn(b, k, device=dev))
+            loss_d, out_real, out_fake = d_loss(x, fake)
+            opt_d.zero_grad(set_to_none=True)
+            _finite("the discriminator loss", step, loss_d).backward()
+            opt_d.step()
+        discriminator.requires_grad_(False)
+        out_gen = discriminator(generator(torch.randn(b, k, device=dev)))
+        if encoder is not None:
+            # batch norm on running statistics, as the projection will use the generator, and left unchanged
+            # by the encoded latents (the statistics stay those of prior samples)
+            with _batchnorm_eval(generator):
+                rec = (generator(encoder(x)) - x).pow(2).flatten(1).sum(1).mean()
+        loss_g = -out_gen.mean() if wgan else F.softplus(-out_gen).mean()
+        if encoder is not None:
+            loss_g = loss_g + config.rec_weight * rec
+        opt_g.zero_grad(set_to_none=True)
+        _finite("the generator loss", step, loss_g).backward()
+        opt_g.step()
+        discriminator.requires_grad_(True)
+        if ema is not None:
+            ema.update()
+        extra = {"rec_mse": rec.item() / x[0].numel()} if encoder is not None else {}
+        return {
+            **extra,
+            "loss_d": loss_d.item(),
+            "loss_g": loss_g.item(),
+            "d_real": out_real.mean().item() if wgan else torch.sigmoid(out_real).mean().item(),
+            "d_fake": out_fake.mean().item() if wgan else torch.sigmoid(out_fake).mean().item(),
+        }
+
+    def final_generator() -> nn.Module:
+        """The generator that is saved: the average (batch norm re-estimated) or the last iterate (eval mode)."""
+        if ema is None:
+            return generator
+        sample_gen = copy.deepcopy(ema.module)
+        recalibrate_batchnorm(sample_gen, config.bn_batches, seed=config.seed)
+        return sample_gen
+
+    hook = None
+    if validate is not None:
+
+        def hook(done: int) -> Mapping[str, float]:
+            was = generator.training
+            sample_gen = final_generator()
+            sample_gen.eval()
+            try:
+                return validate(sample_gen, done)
+            finally:
+                generator.train(was)
+
+    state: dict[str, Any] = {"generator": generator, "discriminator": discriminator, "opt_d": opt_d, "opt_g": opt_g}
+    if ema is not None:
+        state["ema"] = ema
+    if encoder is not None:
+        state["encoder"] = encoder
+    history = run_loop(
+        step_fn,
+        (images,),
+        config.loop(),
+        state,
+        device=dev,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        desc=f"gan ({config.objective})",
+        validate=hook,
+        validate_every=validate_every,
+    )
+    if ema is not None:
+        generator.load_state_dict(final_generator().state_dict())
+    for m in (generator, discriminator, encoder):
+        if m is not None:
+            m.eval()
+    return history
