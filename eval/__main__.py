@@ -1,5 +1,5 @@
 """``python -m eval <command> ...``: see ``python -m eval --help``."""
 
-from eval.cli import main
+from eval.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

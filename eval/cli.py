@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Modules that define commands, in the order --help lists them.
 COMMAND_MODULES = (
@@ -27,8 +29,20 @@ COMMAND_MODULES = (
 )
 
 
+#: Errors a command reports as one line on stderr with exit status 2 (bad arguments, files, data, models,
+#: non-finite logits, an output folder holding another run); anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``PROG: error: MESSAGE (see PROG --help)``, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    parser = _Parser(prog="python -m eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -56,6 +70,24 @@ def command_line(args: argparse.Namespace) -> str:
 
 def _format(argv: Sequence[str]) -> str:
     return " ".join(["python -m eval", *(shlex.quote(a) for a in argv)])
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """``python -m eval``: :func:`main`, with every error of :data:`USER_ERRORS` printed as one line on stderr
+    (``python -m eval COMMAND: error: MESSAGE``) and exit status 2 instead of a traceback.
+
+    ``MANIFOLD_DEFENSE_TRACEBACK=1`` in the environment re-raises them (the full traceback, for debugging).
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(arguments)
+    except USER_ERRORS as err:
+        if os.environ.get("MANIFOLD_DEFENSE_TRACEBACK"):
+            raise
+        prog = " ".join(["python -m eval", *arguments[:1]])
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
