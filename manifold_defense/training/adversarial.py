@@ -51,10 +51,17 @@ from attacks import (
     ThreatModel,
     pair_divergence,
 )
+from attacks.base import check_finite_logits, model_name, predict
 from manifold_defense.inversion import InversionConfig, invert
 from manifold_defense.modes import frozen
 from manifold_defense.training.distributed import DistContext, setup_distributed
-from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
+from manifold_defense.training.loop import (
+    LoopConfig,
+    check_finite_metrics,
+    check_images,
+    dataset_tensors,
+    run_loop,
+)
 
 __all__ = [
     "AdversarialTrainConfig",
@@ -445,8 +452,9 @@ def _attack_targets(
 ) -> torch.Tensor:
     if config.attack_labels == "true":
         return y
-    with torch.no_grad():
-        return model(x).argmax(dim=1)
+    return predict(
+        model, x, f"classifier {model_name(model)}", "on the batch whose predicted labels are attacked"
+    )
 
 
 def _validation(
@@ -467,7 +475,9 @@ def _validation(
                 idx = rows[start : start + batch_size]
                 x, y = images[idx].to(ctx.device), labels[idx].to(ctx.device)
                 with torch.no_grad():
-                    clean = model(x)
+                    clean = check_finite_logits(
+                        model(x), f"classifier {model_name(model)}", f"on validation rows {start}+"
+                    )
                 adv = attack(model, x, y)
                 totals += torch.tensor(
                     [
@@ -546,6 +556,10 @@ def _train(
             def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
                 x, y, idx = ctx.shard(batch)
                 loss, metrics = step_loss(step, ddp, x, y, idx)
+                check_finite_metrics(  # before backward: NaN logits must not reach the weights
+                    {"loss": loss.detach()},
+                    f"of classifier {type(classifier).__name__} at step {step} (examples {idx[:8].tolist()} ...)",
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

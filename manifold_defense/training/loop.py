@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,25 @@ def check_images(images: torch.Tensor, what: str = "training images") -> None:
     lo, hi = float(images.min()), float(images.max())
     if lo < 0.0 or hi > 1.0 or images.isnan().any():
         raise ValueError(f"{what}: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+class NonFiniteMetricError(ValueError):
+    """A training step reported a NaN or inf metric (its loss, usually from non-finite logits)."""
+
+
+def check_finite_metrics(metrics: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`NonFiniteMetricError` naming ``where`` (model, step, batch) unless every metric is finite.
+
+    The one check behind every training loop (:func:`run_loop` calls it after each step, before anything is
+    logged or checkpointed): a NaN loss means NaN weights from here on, and a checkpoint of them would be
+    silently wrong.
+    """
+    bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
+    if bad:
+        raise NonFiniteMetricError(
+            f"expected finite training metrics {where}, got {bad}: the model (or its data) produced NaN or inf "
+            "values; training stops before they reach a checkpoint"
+        )
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -187,6 +207,9 @@ def run_loop(
             idx = _batch_indices(n, step, config.batch_size, config.seed)
             batch = tuple(t[idx].to(dev, non_blocking=True) for t in tensors)
             metrics = step_fn(step, batch)
+            check_finite_metrics(
+                metrics, f"in {desc!r} at step {step} (batch of examples {idx[:8].tolist()} ...)"
+            )
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
                 counts[k] = counts.get(k, 0) + 1
