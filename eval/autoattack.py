@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import Norm, ThreatModel, TorchattacksAttack
+from attacks.base import check_finite_logits, model_name, predict
 from eval.cli import command_line
 from eval.inputs import check_labeled_images, positive_int_arg
+from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -122,6 +124,7 @@ def autoattack_accuracy(
     if not isinstance(out, Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"expected the model to return logits (B, K), got {got}")
+    check_finite_logits(out, f"model {model_name(model)}", "on image 0")
     num_classes = int(out.shape[1])
     if version != "rand" and num_classes < 4:
         raise ValueError(
@@ -136,9 +139,9 @@ def autoattack_accuracy(
         x, y = images[i : i + batch_size], labels[i : i + batch_size]
         result = attack(model, x, y)
         x_adv = result.x_adv
-        with torch.no_grad():
-            clean_ok.append((model(x).argmax(1) == y).cpu())
-            robust_ok.append((model(x_adv).argmax(1) == y).cpu())
+        name, where = f"model {model_name(model)}", f"images {i}-{i + x.shape[0] - 1}"
+        clean_ok.append((predict(model, x, name, f"on clean {where}") == y).cpu())
+        robust_ok.append((predict(model, x_adv, name, f"on adversarial {where}") == y).cpu())
         delta = (x_adv - x).flatten(1)
         norms = delta.abs().amax(1) if threat.norm is Norm.LINF else delta.norm(dim=1)
         max_pert = max(max_pert, float(norms.max()))
@@ -259,6 +262,8 @@ def main(args: argparse.Namespace) -> int:
     if args.write and args.checkpoint is not None:
         raise ValueError("--write records a zoo model's figure: it cannot be used with --checkpoint")
     device = resolve_device(args.device)
+    protocol = ("model", "checkpoint", "weights_dir", "n", "norm", "eps", "version", "seed", "data_dir")
+    claim_run_folder(args.out, "autoattack", {k: getattr(args, k, None) for k in protocol})
     if args.checkpoint is not None:
         model = load_checkpoint_classifier(args.checkpoint, args.model, device)
     else:
@@ -275,7 +280,6 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     body = asdict(result)
     report = {
         "model": args.model,

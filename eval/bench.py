@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from attacks import Norm, PGDConfig, ThreatModel
+from attacks.base import predict
 from eval.bench_core import (
     MEMORY_FORMATS,
     FlopRate,
@@ -62,6 +63,7 @@ from eval.cli import command_line
 from eval.defense_eval import DefenseModels, load_zoo_models
 from eval.defense_figures import defended_model, evaluate_pgd, schedule_config
 from eval.inputs import check_labeled_images
+from eval.run_folder import claim_run_folder
 from manifold_defense.inversion import InversionConfig
 
 log = logging.getLogger(__name__)
@@ -225,7 +227,9 @@ class _Bench:
         with torch.no_grad():
             preds = torch.cat(
                 [
-                    m.classifier(res.x_hat[i : i + 256].to(self.x.device)).argmax(1).cpu()
+                    predict(
+                        m.classifier, res.x_hat[i : i + 256].to(self.x.device), "classifier", f"batch {i}"
+                    ).cpu()
                     for i in range(0, s.n, 256)
                 ]
             )
@@ -367,8 +371,7 @@ def run_bench(
         raise TypeError(f"expected settings as BenchSettings, got {type(settings).__name__}")
     check_labeled_images(x, y, settings.n)
     say = progress if progress is not None else log.info
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_run_folder(out, "bench", dataclasses.asdict(settings))
     start = time.perf_counter()
     bench = _Bench(settings, models, x[: settings.n], y[: settings.n])
     blocks = {name: bench.config_block(name, say) for name in ("reference", "fast")}

@@ -29,7 +29,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import PGD, Attack, FoolboxAttack, Norm, PGDConfig, ThreatModel, TorchattacksAttack
+from attacks.base import predict
 from eval.cli import command_line
+from eval.run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,15 @@ def crosscheck(
     _check_settings(x.shape[0], eps, steps, step_size, batch_size)
     n = x.shape[0]
     with torch.no_grad():
-        clean = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)]) == y
+        clean = (
+            torch.cat(
+                [
+                    predict(model, x[i : i + batch_size], "model", f"batch {i}")
+                    for i in range(0, n, batch_size)
+                ]
+            )
+            == y
+        )
     attacks = peer_attacks(eps, steps, step_size, seed)
     masks: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
@@ -214,6 +224,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    protocol = ("n", "eps", "steps", "step_size", "seed", "weights_dir")
+    claim_run_folder(args.out, "crosscheck", {k: getattr(args, k, None) for k in protocol})
     test = load_mnist("test", limit=args.n)
     if len(test) < args.n:
         raise ValueError(f"expected --n <= {len(test)} test images, got {args.n}")
@@ -238,7 +250,6 @@ def run_command(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         **result.to_json(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "crosscheck.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     acc = result.robust_accuracy

@@ -59,6 +59,7 @@ from eval.cs_core import (
 )
 from eval.cs_figures import draw_panels, operator_grids, plot_mse, write_markdown
 from eval.inputs import positive_int_arg
+from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -307,8 +308,9 @@ def run_benchmark(
     """
     chosen = check_methods(methods)
     dev = resolve_device(device) if isinstance(device, str) else device
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the m grid may grow between runs: (method, m) results are cached per m (see ResultCache)
+    settings = {k: v for k, v in protocol.to_json().items() if k != "m_grid"}
+    out_dir = claim_run_folder(out_dir, "cs", settings)
     started = time.perf_counter()
     x_test = load_mnist("test", data_dir, limit=protocol.n_images).images
     x_val = load_mnist("val", data_dir, limit=protocol.n_val).images

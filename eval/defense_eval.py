@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import LatentAttackConfig, Norm, OverpoweredConfig, PGDConfig, ThreatModel, per_sample_norm
+from attacks.base import predict
 from eval.cli import command_line
 from eval.defense_figures import (
     SCHEDULES,
@@ -62,6 +63,7 @@ from eval.defense_figures import (
     schedule_config,
 )
 from eval.inputs import check_labeled_images
+from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 
 log = logging.getLogger(__name__)
@@ -341,7 +343,9 @@ class _Runner:
             for i in range(0, self.x.shape[0], s.batch_size):
                 xh = projector(self.x[i : i + s.batch_size])
                 x_hat.append(xh.cpu())
-                preds.append(self.m.classifier(xh).argmax(1).cpu())
+                preds.append(
+                    predict(self.m.classifier, xh, "classifier", f"on projections of batch {i}").cpu()
+                )
                 evals = getattr(projector, "last_generator_evals", None)
                 if isinstance(evals, Tensor):
                     passes.append(evals.float().cpu())
@@ -580,7 +584,7 @@ class _Runner:
                 p = torch.cat(
                     [projector(both[i : i + s.batch_size]) for i in range(0, len(both), s.batch_size)]
                 )
-                pred = self.m.classifier(p).argmax(1).cpu()
+                pred = predict(self.m.classifier, p, "classifier", "on projected overpowered pairs").cpu()
             p = p.cpu()
             k = len(found)
             move = per_sample_norm(p - both.cpu(), Norm.L2)
@@ -664,8 +668,7 @@ def run_defense_eval(
         raise TypeError(f"expected settings as DefenseEvalSettings, got {type(settings).__name__}")
     check_labeled_images(x, y, settings.n)
     x, y = x[: settings.n], y[: settings.n]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_run_folder(out, "defense", dataclasses.asdict(settings))
     figs = set(settings.figures)
     if figs & {"naive", "bpda"}:
         figs.add("defended-clean")
@@ -953,6 +956,7 @@ def run_command(args: argparse.Namespace) -> int:
     out = (
         args.out if args.out is not None else Path("runs/defense-quick" if settings.quick else "runs/defense")
     )
+    claim_run_folder(out, "defense", dataclasses.asdict(settings))  # refuse before the long run
     test = load_mnist("test", limit=settings.n)
     if len(test) < settings.n:
         raise ValueError(f"expected --n <= {len(test)} test images, got {settings.n}")

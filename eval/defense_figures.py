@@ -29,6 +29,7 @@ from attacks import (
     PGDConfig,
     ThreatModel,
 )
+from attacks.base import model_name, predict
 from manifold_defense.defense import LatentProjector, ProjectedClassifier
 from manifold_defense.inversion import InversionConfig, invert
 
@@ -128,8 +129,12 @@ def correct_in_every_draw(
     draws: int = 1,
     batch_size: int = 100,
     on_batch: OnBatch = None,
+    name: str | None = None,
 ) -> Tensor:
     """``(N,)`` bool on CPU: ``model(x)`` predicts ``y`` in each of ``draws`` forward passes (worst case).
+
+    Non-finite logits raise :class:`attacks.base.NonFiniteLogitsError` naming the model (``name``, default its
+    class) and the batch.
 
     For a randomized model (e.g. a projection with fresh restarts per call) one lucky pass is not enough:
     a point counts as correct only if every draw is correct (AutoAttack "rand" practice).
@@ -149,7 +154,8 @@ def correct_in_every_draw(
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         ok = torch.ones(xb.shape[0], dtype=torch.bool, device=xb.device)
         for _ in range(draws):
-            ok &= model(xb).argmax(1) == yb
+            where = f"on images {i}-{i + xb.shape[0] - 1} of {x.shape[0]}"
+            ok &= predict(model, xb, name or f"model {model_name(model)}", where) == yb
         out.append(ok.cpu())
         _tick(on_batch)
     return torch.cat(out)
@@ -324,7 +330,8 @@ def evaluate_onmanifold(
         zb, yb = z[i : i + batch_size], y[i : i + batch_size]
         with torch.no_grad():
             x0 = generator(zb)
-            eligible_parts.append((classifier(x0).argmax(1) == yb).cpu())
+            where = f"on G(z) of latents {i}-{i + zb.shape[0] - 1}"
+            eligible_parts.append((predict(classifier, x0, "classifier", where) == yb).cpu())
         result = attack(classifier, generator, zb, yb)
         results.append(result)
         x0_parts.append(x0.cpu())

@@ -27,6 +27,7 @@ import torch
 from torchvision.utils import save_image
 
 from eval.cli import command_line
+from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import latent_dim_of
@@ -144,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = claim_run_folder(args.out, "demo")
     dev = resolve_device(args.device)
     print("manifold-defense demo: the zoo's recorded figures")
     for name in zoo.available():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from eval.robustness_core import (
     run_robustness,
     undefended_defense,
 )
+from eval.run_folder import claim_run_folder
 
 __all__ = ["DEFENSES", "QUICK_DEFENSES", "add_parsers", "run_command", "zoo_defenses"]
 
@@ -265,6 +267,8 @@ def run_command(args: argparse.Namespace) -> int:
         if args.out is not None
         else Path("runs/robustness-quick" if settings.quick else "runs/robustness")
     )
+    if int(os.environ.get("RANK", "0")) == 0:  # refuse before loading data and models (torchrun: rank 0)
+        claim_run_folder(out, "robustness")
     start = time.perf_counter()
     record = run_evaluation(args, settings, tuple(defenses), out, progress=not args.no_progress)
     if record.get("world_size", 1) == 1 or _is_rank0():

@@ -85,7 +85,7 @@ from attacks import (
     per_sample_norm,
     project_onto_threat,
 )
-from attacks.base import check_logits
+from attacks.base import check_logits, predict
 from eval.defense_figures import (
     correct_in_every_draw,
     evaluate_onmanifold,
@@ -94,6 +94,8 @@ from eval.defense_figures import (
     invert_latents,
 )
 from eval.inputs import check_labeled_images
+from eval.run_folder import MARKER as RUN_MARKER
+from eval.run_folder import claim_run_folder
 from manifold_defense.defense import LatentProjector, ProjectedClassifier
 from manifold_defense.inversion import InversionConfig
 from manifold_defense.training.distributed import DistContext
@@ -675,7 +677,11 @@ class _Runner:
         self, d: Defense, draws: int, x_adv: Tensor, y: Tensor, base_ok: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``(robust, first_ok)``: correct in the attack's pass and every draw; and in the first draw only."""
-        oks = [correct_in_every_draw(d.model, x_adv, y, 1, max(1, x_adv.shape[0])) for _ in range(draws)]
+        name = f"model of defense {d.name!r}"
+        oks = [
+            correct_in_every_draw(d.model, x_adv, y, 1, max(1, x_adv.shape[0]), name=name)
+            for _ in range(draws)
+        ]
         first = base_ok.cpu() & oks[0]
         robust = first.clone()
         for ok in oks[1:]:
@@ -1071,7 +1077,8 @@ class _Runner:
             record["x_adv"] = x_adv
             with torch.no_grad():
                 adv_dev = x_adv.to(self.x.device)
-                record["pred"] = d.model(adv_dev).argmax(1).cpu()
+                where = "on the example images"
+                record["pred"] = predict(d.model, adv_dev, f"model of defense {d.name!r}", where).cpu()
                 if d.preprocess is not None:
                     with _seeded(self.s.seed, d, self.x.device):
                         record["projected"] = d.preprocess(adv_dev).cpu()
@@ -1339,7 +1346,7 @@ def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
     """The saved state in ``out`` if it matches ``fp``; a fresh one if there is none; refuse another run's."""
     path = out / STATE_FILE
     if not path.exists():
-        foreign = [p.name for p in out.iterdir()] if out.exists() else []
+        foreign = [p.name for p in out.iterdir() if p.name != RUN_MARKER] if out.exists() else []
         if foreign:
             raise StateMismatchError(
                 f"expected {out} to be empty or to hold a robustness run's {STATE_FILE}, got other files "
@@ -1430,6 +1437,7 @@ def run_robustness(
             _hash_tensor(h, p)
         fp["generator"] = h.hexdigest()[:16]
     if ctx.is_main:
+        claim_run_folder(out, "robustness")  # the settings are checked by the state's fingerprint
         if fresh and (out / STATE_FILE).exists():
             (out / STATE_FILE).unlink()
             for name in ("results.json", "report.md"):
