@@ -89,6 +89,7 @@ def _robustness(out: Path, args: argparse.Namespace) -> list[str]:
     from eval.robustness_core import ATTACKS, RobustnessSettings
 
     settings = RobustnessSettings.quick_preset(n=args.n)
+    claim_run_folder(out, "robustness", legacy_owners=("demo",))  # a demo folder from before run.json
     ns = argparse.Namespace(
         threads=None, device=args.device, weights_dir=None, fresh=True, command_line=command_line(args)
     )

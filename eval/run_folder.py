@@ -10,7 +10,7 @@ recognised by their ``results.json`` (its ``command`` field) or the robustness h
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,12 @@ def _differences(saved: Any, new: Any) -> str:
 
 
 def claim_run_folder(
-    out: str | Path, command: str, protocol: Mapping[str, Any] | None = None, *, replace: bool = False
+    out: str | Path,
+    command: str,
+    protocol: Mapping[str, Any] | None = None,
+    *,
+    replace: bool = False,
+    legacy_owners: Collection[str] = (),
 ) -> Path:
     """Create ``out`` (if needed) for a ``command`` run of ``protocol`` and record it in ``out/run.json``.
 
@@ -65,6 +70,8 @@ def claim_run_folder(
         protocol: JSON-able settings that decide the run's figures; ``None`` when the command checks its own
             (the robustness harness fingerprints its state).
         replace: accept the same command's run of another protocol (the caller discards it, e.g. ``--fresh``).
+        legacy_owners: other commands whose pre-``run.json`` runs count as this command's (the demo's robustness
+            sub-run recorded the ``demo`` command line).
 
     Returns:
         ``out`` as a ``Path``.
@@ -86,6 +93,7 @@ def claim_run_folder(
             raise RunFolderError(f"{marker} is unreadable ({err}): choose another --out") from err
     else:
         owner, saved = (_legacy_command(out) if out.is_dir() else None), None
+        owner = command if owner in legacy_owners else owner
     if owner is not None and owner != command:
         what = "a run of unknown origin" if owner == "?" else f"a `python -m eval {owner}` run"
         raise RunFolderError(

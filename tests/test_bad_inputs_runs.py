@@ -87,7 +87,7 @@ def test_non_finite_models_stop_harnesses_and_training(
 # --------------------------------------------------------------------------------------------- run folders
 def _folder(tmp_path: Path, command: str | None, protocol: Any = None, legacy: str | None = None) -> Path:
     out = tmp_path / "run"
-    out.mkdir()
+    out.mkdir(parents=True)
     if command is not None:
         (out / MARKER).write_text(json.dumps({"command": command, "protocol": protocol}))
     if legacy is not None:
@@ -126,6 +126,9 @@ def test_a_run_folder_accepts_its_own_rerun_and_refuses_a_file(tmp_path: Path) -
     assert claim_run_folder(out, "defense", {"n": 1, "eps": [0.1, 0.2]}) == out  # a resume
     assert claim_run_folder(out, "defense", {"n": 2}, replace=True) == out  # e.g. --fresh
     assert json.loads((out / MARKER).read_text())["protocol"] == {"n": 2}
+    demo = _folder(tmp_path / "demo", None, legacy="python -m eval demo --n 5")  # the demo's old sub-run
+    assert claim_run_folder(demo, "robustness", legacy_owners=("demo",)) == demo
+    assert json.loads((demo / MARKER).read_text())["command"] == "robustness"
     (tmp_path / "f").write_text("x")
     with pytest.raises(RunFolderError, match=r"expected --out .*f to be a folder, got a file"):
         claim_run_folder(tmp_path / "f", "cs")
