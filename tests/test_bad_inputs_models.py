@@ -190,7 +190,7 @@ DEFENSE_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "3-channel-invert-no-encoder",
         lambda: invert(TinyGenerator(), _x(channels=3), config=InversionConfig(steps=2)),
         ValueError,
-        r"expected generator images of shape \(3, 5, 5\)",
+        r"expected generator images of shape \(3, 5, 5\) .* the images y must have the generator's shape",
     ),
     (
         "generator-leaves-range-later",

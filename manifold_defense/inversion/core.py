@@ -275,6 +275,11 @@ def _check_generated(x: Any, rows: int, operator: MeasurementOperator) -> None:
         raise ValueError(
             f"expected generator images of shape {operator.input_shape} (the operator's input_shape), "
             f"got {tuple(x.shape[1:])}"
+            + (
+                ": with the Identity operator the images y must have the generator's shape"
+                if isinstance(operator, Identity)
+                else ""
+            )
         )
     _check_range(x.detach().min(), x.detach().max(), "at the first step")
 
