@@ -25,6 +25,7 @@ from torch import nn
 
 from attacks import PGD
 from eval.cli import command_line
+from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     # --seed also fixes the initial weights (the training loop seeds its own RNG only after they exist)
     torch.manual_seed(args.seed)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out, "train")  # one folder may hold several models; each checkpoint checks its own config
     command = command_line(args)
     train = load_mnist("train", args.data_dir).dataset()
     progress = not args.no_progress

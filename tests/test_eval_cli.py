@@ -21,14 +21,18 @@ def test_commands_are_registered() -> None:
 
 
 def test_set_overrides_parse_with_the_field_type() -> None:
-    cfg = _override(GANTrainConfig(), 10, _parse_sets(["adv_weight=5", "n_critic=3"]))
-    assert cfg.steps == 10 and cfg.adv_weight == 5.0 and cfg.n_critic == 3 and isinstance(cfg.n_critic, int)
-    with pytest.raises(ValueError, match=r"unknown field 'advweight' of GANTrainConfig: expected one of"):
-        _override(GANTrainConfig(), None, {"advweight": "1"})
+    cfg = _override(
+        GANTrainConfig(), 10, _parse_sets(["rec_weight=5", "n_critic=3", "ema_decay=none", "objective=wgan-gp"])
+    )
+    assert cfg.steps == 10 and cfg.rec_weight == 5.0 and cfg.n_critic == 3 and isinstance(cfg.n_critic, int)
+    assert cfg.ema_decay is None and cfg.objective == "wgan-gp"
+    assert _override(GANTrainConfig(), None, {"ema_decay": "0.99"}).ema_decay == 0.99
+    with pytest.raises(ValueError, match=r"unknown field 'recweight' of GANTrainConfig: expected one of"):
+        _override(GANTrainConfig(), None, {"recweight": "1"})
     with pytest.raises(ValueError, match=r"--set n_critic='two': expected a int"):
         _override(GANTrainConfig(), None, {"n_critic": "two"})
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        _parse_sets(["adv_weight"])
+        _parse_sets(["rec_weight"])
 
 
 def test_set_parses_bools_optional_numbers_and_refuses_tuples() -> None:

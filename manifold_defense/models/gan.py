@@ -1,9 +1,9 @@
-"""DCGAN-style generator and WGAN-GP critic for 28x28 MNIST, and the encoder that inverts the generator.
+"""DCGAN-style generator, discriminator (critic) and encoder for 28x28 MNIST.
 
-The generator is the decoder of the zoo's ``mnist-gan``: latents ``z ~ N(0, I_k)`` to images in [0, 1] (sigmoid
-output). It is trained by :func:`manifold_defense.training.train_gan` with the WGAN-GP objective of Defense-GAN
-(Gulrajani et al. 2017, gradient penalty 10) plus an encoder-reconstruction term, so that its range covers the test
-digits (what the projection defense needs) while its samples stay digits (what a prior needs).
+The generator is the zoo's ``mnist-gan``: latents ``z ~ N(0, I_k)`` to images in [0, 1] (sigmoid output). It is
+trained by :func:`manifold_defense.training.train_gan` against :class:`Critic` (as a DCGAN discriminator with the
+non-saturating loss, or as a WGAN-GP critic), its weights averaged over training; the :class:`Encoder` is trained
+afterwards against the frozen generator (:func:`manifold_defense.training.train_encoder`) for warm starts.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """WGAN-GP critic: ``(B, 1, 28, 28)`` images to ``(B,)`` scores (no batch norm, as the gradient penalty requires)."""
+    """Discriminator / critic: ``(B, 1, 28, 28)`` images to ``(B,)`` logits or scores.
+
+    Three strided convolutions (``width``, ``2 width``, ``4 width`` channels) with leaky ReLU and a linear output; no
+    batch norm, so it also serves as a WGAN-GP critic (the gradient penalty is per sample).
+    """
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()

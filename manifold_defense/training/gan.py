@@ -107,6 +107,7 @@ class WeightAverage(nn.Module):
         super().__init__()
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
         self.decay = decay
+        self.count: torch.Tensor
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._source = [module]  # a list, so the source is not registered as a submodule
 

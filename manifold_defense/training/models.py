@@ -119,7 +119,7 @@ class EncoderTrainConfig:
     the prior has mass), the middle one keeps the latents small. Adam with cosine decay.
     """
 
-    steps: int = 4000
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 5e-4
     latent_weight: float = 1e-3
