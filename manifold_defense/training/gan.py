@@ -10,6 +10,12 @@ The trainer runs on :func:`manifold_defense.training.loop.run_loop` (seeded batc
 resume); the EMA copy is part of the checkpoint. When ``ema_decay`` is set, the generator passed in ends holding the
 EMA weights (the raw last iterate stays in the checkpoint under ``"generator"``), with batch-norm statistics
 re-estimated for those weights on ``bn_batches`` fresh prior batches.
+
+AmbientGAN (Bora, Price, Dimakis, ICLR 2018): with ``measurement=f`` the dataset holds measurements
+``y = f_theta(x)`` only, and the discriminator compares them with ``f_theta'(G(z))``, the generator's output measured
+with a fresh random ``theta'`` per sample and call (:mod:`manifold_defense.ambient` has the measurement models).
+``theta'`` is drawn from the global torch RNG, which :func:`~manifold_defense.training.loop.run_loop` forks, seeds
+and checkpoints, so an ambient run resumes exactly like any other.
 """
 
 from __future__ import annotations
@@ -168,29 +174,52 @@ def _batchnorm_eval(module: nn.Module) -> Iterator[None]:
 
 
 def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    # one mixing weight per sample, broadcast over images (B, C, H, W) or measurement vectors (B, ...)
+    eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     mix = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(mix).sum(), mix, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
 
 
-def _check_generator(generator: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
-    """The latent size, after one probe batch shows images of the data's shape in [0, 1]."""
+def _check_generator(
+    generator: nn.Module, data_shape: tuple[int, ...], device: torch.device, measurement: nn.Module | None = None
+) -> int:
+    """The latent size, after one probe batch shows images in [0, 1] of the data's shape (measured, with a
+    ``measurement``: then the measured images must have the shape of the data's measurements)."""
     k = latent_dim_of(generator)
     was = generator.training
     generator.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probe = generator(torch.randn(4, k, generator=torch.Generator().manual_seed(0)).to(device))
+        measured = measurement(probe) if measurement is not None and isinstance(probe, torch.Tensor) else probe
     generator.train(was)
-    if not isinstance(probe, torch.Tensor) or tuple(probe.shape[1:]) != image_shape:
+    if not isinstance(probe, torch.Tensor) or probe.dim() != 4:
         got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-        raise ValueError(f"generator: expected images (B, {', '.join(map(str, image_shape))}) like the data, got {got}")
+        raise ValueError(f"generator: expected images (B, C, H, W), got {got}")
+    if measurement is None and tuple(probe.shape[1:]) != data_shape:
+        raise ValueError(
+            f"generator: expected images (B, {', '.join(map(str, data_shape))}) like the data, got {tuple(probe.shape)}"
+        )
     if not torch.isfinite(probe).all() or float(probe.min()) < 0.0 or float(probe.max()) > 1.0:
         raise ValueError(
             f"generator: expected finite outputs in [0, 1] (end it with a sigmoid), got range "
             f"[{float(probe.min()):.4g}, {float(probe.max()):.4g}]"
         )
+    if measurement is not None and (not isinstance(measured, torch.Tensor) or tuple(measured.shape[1:]) != data_shape):
+        got = tuple(measured.shape) if isinstance(measured, torch.Tensor) else type(measured).__name__
+        raise ValueError(
+            f"measurement: expected the measured generator output to have the shape of the dataset's measurements "
+            f"(B, {', '.join(map(str, data_shape))}), got {got}"
+        )
     return k
+
+
+def _check_measurements(data: torch.Tensor) -> None:
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() < 2:
+        got = f"{data.dtype} {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"measured training data: expected a float tensor (N, ...), got {got}")
+    if not torch.isfinite(data).all():
+        raise ValueError("measured training data: expected finite values, got NaN or inf")
 
 
 def _finite(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
@@ -211,6 +240,7 @@ def train_gan(
     validate: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
     validate_every: int | None = None,
     encoder: nn.Module | None = None,
+    measurement: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Train ``generator`` against ``discriminator`` on the images of ``dataset`` (see :class:`GANTrainConfig`).
 
@@ -228,6 +258,12 @@ def train_gan(
         validate_every: steps between validations (required with ``validate``).
         encoder: images to latents ``(B, latent_dim)``, trained jointly for the ``rec_weight`` term (required
             when ``rec_weight > 0``, refused otherwise).
+        measurement: AmbientGAN's random measurement model ``f_theta`` (images ``(B, C, H, W)`` to measurements
+            ``(B, ...)``, a fresh ``theta`` per sample and call from the global RNG, differentiable in the
+            images), e.g. :class:`manifold_defense.ambient.BlockPixels`. The dataset then holds measurements of
+            that shape (:func:`manifold_defense.ambient.measure_dataset`), any finite values, and the
+            discriminator sees only measurements, real and generated. Refused with an encoder (its
+            reconstruction term needs clean images).
 
     Returns:
         The history: mean losses and discriminator outputs every 100 steps, and the validation metrics.
@@ -235,10 +271,21 @@ def train_gan(
     """
     dev = resolve_device(device)
     images = dataset_tensors(dataset)[0]
-    check_images(images)
+    if measurement is not None:
+        if not isinstance(measurement, nn.Module):
+            raise TypeError(f"expected measurement to be an nn.Module or None, got {type(measurement).__name__}")
+        if encoder is not None:
+            raise ValueError("expected no encoder with a measurement: the reconstruction term needs clean images")
+        _check_measurements(images)
+        measurement.to(dev).requires_grad_(False)
+    else:
+        check_images(images)
     generator.to(dev)
     discriminator.to(dev)
-    k = _check_generator(generator, tuple(images.shape[1:]), dev)
+    k = _check_generator(generator, tuple(images.shape[1:]), dev, measurement)
+
+    def measured(x: torch.Tensor) -> torch.Tensor:
+        return x if measurement is None else measurement(x)
     if (config.rec_weight > 0) != (encoder is not None):
         raise ValueError(
             f"expected an encoder exactly when rec_weight > 0, got rec_weight {config.rec_weight} and "
@@ -273,13 +320,13 @@ def train_gan(
         b = x.shape[0]
         for _ in range(config.n_critic):
             with torch.no_grad():
-                fake = generator(torch.randn(b, k, device=dev))
+                fake = measured(generator(torch.randn(b, k, device=dev)))
             loss_d, out_real, out_fake = d_loss(x, fake)
             opt_d.zero_grad(set_to_none=True)
             _finite("the discriminator loss", step, loss_d).backward()
             opt_d.step()
         discriminator.requires_grad_(False)
-        out_gen = discriminator(generator(torch.randn(b, k, device=dev)))
+        out_gen = discriminator(measured(generator(torch.randn(b, k, device=dev))))
         if encoder is not None:
             # batch norm on running statistics, as the projection will use the generator, and left unchanged
             # by the encoded latents (the statistics stay those of prior samples)
@@ -336,7 +383,7 @@ def train_gan(
         device=dev,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
-        desc=f"gan ({config.objective})",
+        desc=f"gan ({config.objective}{', ambient' if measurement is not None else ''})",
         validate=hook,
         validate_every=validate_every,
     )
