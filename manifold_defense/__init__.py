@@ -8,6 +8,7 @@ Submodules are imported lazily so that ``import manifold_defense`` does no heavy
 - :mod:`manifold_defense.defense`: :class:`LatentProjector` and :class:`ProjectedClassifier` (Defense-GAN).
 - :mod:`manifold_defense.baselines`: Lasso and Deep Image Prior for compressed sensing.
 - :mod:`manifold_defense.training`: trainers with checkpoint/resume.
+- :mod:`manifold_defense.ambient`: AmbientGAN's random measurement models, measured datasets and baselines.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("baselines", "data", "defense", "devices", "inversion", "metrics", "models", "training", "zoo")
+_SUBMODULES = ("ambient", "baselines", "data", "defense", "devices", "inversion", "metrics", "models", "training", "zoo")
 _EXPORTS = {
     "LatentProjector": "manifold_defense.defense",
     "ProjectedClassifier": "manifold_defense.defense",
