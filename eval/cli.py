@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "eval.train_cli",
     "eval.zoo_cli",
     "eval.cs",
+    "eval.ambient",
     "eval.defense_eval",
     "eval.crosscheck",
     "eval.bench",

@@ -26,7 +26,7 @@ from torch import nn
 from attacks import PGD
 from eval.cli import command_line
 from eval.run_folder import claim_run_folder
-from manifold_defense import zoo
+from manifold_defense import ambient, zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.metrics import features, frechet_distance, predict
@@ -47,7 +47,7 @@ from manifold_defense.training import (
 )
 
 log = logging.getLogger(__name__)
-MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd")
+MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd", "ambient")
 #: Zoo classifiers a robust training run may start from (``--init``).
 INIT_MODELS = zoo.CLASSIFIERS
 #: The GAN's discriminator: three strided convolutions of 32-64-128 channels and a linear logit.
@@ -115,7 +115,113 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="folder holding the --init weights and record (default: the package's zoo)",
     )
+    add_measurement_arguments(p, "ambient: ")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        choices=("ignore", "unmeasure"),
+        help="ambient: train the paper's baseline instead of AmbientGAN (ignore: the measurements read as images; "
+        "unmeasure: restored measurements)",
+    )
     p.set_defaults(func=run)
+
+
+def add_measurement_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--measurement`` and its settings (shared by ``train ambient`` and ``python -m eval ambient``)."""
+    p.add_argument("--measurement", default=None, choices=sorted(ambient.MEASUREMENTS),
+                   help=f"{prefix}the random measurement model (AmbientGAN's)")  # fmt: skip
+    p.add_argument("--p", type=float, default=None, help=f"{prefix}block-pixels drop probability (default 0.9)")
+    p.add_argument("--sigma", type=float, default=None, help=f"{prefix}convolve-noise noise std (default 0.1)")
+    p.add_argument("--patch-size", type=int, default=None, help=f"{prefix}block-/keep-patch size (default 14)")
+    p.add_argument("--projections", type=int, default=None,
+                   help=f"{prefix}gaussian-projection: projections per image (default 1, the paper's)")  # fmt: skip
+    p.add_argument("--measure-seed", type=int, default=None, help=f"{prefix}seed of the measured copy (default 0)")
+    p.add_argument("--inpaint", default=None, choices=("biharmonic", "normalized-convolution"),
+                   help=f"{prefix}unmeasure baseline's inpainting of masks (default biharmonic)")  # fmt: skip
+
+
+_SETTINGS = {"p": ("block-pixels", 0.9), "sigma": ("convolve-noise", 0.1), "patch_size": (None, 14),
+             "projections": ("gaussian-projection", 1)}  # fmt: skip
+
+
+def measurement_from_args(args: argparse.Namespace) -> ambient.RandomMeasurement:
+    """The ``--measurement`` model with its settings; a setting of another model is refused."""
+    name = args.measurement
+    if name is None:
+        raise ValueError(f"--measurement is required for ambient training: expected one of {sorted(ambient.MEASUREMENTS)}")
+    for key, (owner, _) in _SETTINGS.items():
+        fits = name in ("block-patch", "keep-patch") if owner is None else name == owner
+        if getattr(args, key) is not None and not fits:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to --measurement {name}")
+    if args.inpaint is not None and name not in ("block-pixels", "block-patch", "keep-patch"):
+        raise ValueError(f"--inpaint applies to the masking measurements, got --measurement {name}")
+    def value(key: str) -> Any:
+        got = getattr(args, key)
+        return _SETTINGS[key][1] if got is None else got
+
+    if name == "block-pixels":
+        return ambient.BlockPixels(value("p"))
+    if name == "convolve-noise":
+        return ambient.ConvolveNoise(value("sigma"))
+    if name == "gaussian-projection":
+        return ambient.GaussianProjection(value("projections"))
+    return ambient.build_measurement(name, size=value("patch_size"))
+
+
+def ambient_discriminator(measurement: ambient.RandomMeasurement, method: str, image_shape: tuple[int, ...]) -> nn.Module:
+    """The discriminator of ``train ambient``: the ``gan`` branch's ``Critic(width=GAN_DISCRIMINATOR_WIDTH)`` on
+    images (baselines, image measurements), a :class:`~manifold_defense.ambient.MeasurementDiscriminator` on
+    vector measurements."""
+    if method != "ambient" or measurement.image_like:
+        return Critic(width=GAN_DISCRIMINATOR_WIDTH)
+    with torch.no_grad():
+        shape = measurement(torch.zeros(1, *image_shape), torch.Generator().manual_seed(0)).shape
+    return ambient.MeasurementDiscriminator(int(torch.Size(shape[1:]).numel()))
+
+
+def _check_ambient_flags(args: argparse.Namespace) -> None:
+    used = [f for f in ("measurement", "p", "sigma", "patch_size", "projections", "measure_seed", "inpaint", "baseline")
+            if getattr(args, f, None) is not None]  # fmt: skip
+    if args.model != "ambient" and used:
+        flags = ", ".join("--" + f.replace("_", "-") for f in used)
+        raise ValueError(f"{flags} apply to model ambient only, got model {args.model!r}")
+    if args.model == "ambient" and args.inpaint is not None and args.baseline != "unmeasure":
+        raise ValueError("--inpaint sets the unmeasure baseline's restoration: pass --baseline unmeasure with it")
+    if args.model == "ambient":
+        measurement_from_args(args)  # its settings are checked before any folder or data is touched
+
+
+def _train_ambient(
+    args: argparse.Namespace, sets: dict[str, str], device: torch.device, ckpt: Path, progress: bool
+) -> tuple[nn.Module, Any, list[dict[str, float]], dict[str, Any]]:
+    """AmbientGAN or a baseline on a measured copy of the training split (the clean images only make it)."""
+    measurement = measurement_from_args(args)
+    method = args.baseline or "ambient"
+    seed = 0 if args.measure_seed is None else args.measure_seed
+    clean = load_mnist("train", args.data_dir).images
+    extra = {"inpaint": args.inpaint} if args.inpaint is not None else {}
+    data = ambient.training_data(clean, measurement, method, seed, **extra)  # type: ignore[arg-type]
+    del clean
+    config = _override(GANTrainConfig(seed=args.seed), args.steps, sets)
+    gen = zoo.build("mnist-gan")
+    disc = ambient_discriminator(measurement, method, (1, 28, 28))
+    hist = ambient.train_ambient(
+        gen, disc, data, measurement, method, config, device=device, checkpoint_dir=ckpt, progress=progress,  # type: ignore[arg-type]
+        validate=_sample_quality_monitor(args.data_dir, device) if args.val_every else None,
+        validate_every=args.val_every or None,
+    )  # fmt: skip
+    record = {
+        "paper": "AmbientGAN (Bora, Price, Dimakis, ICLR 2018)",
+        "method": method,
+        "measurement": measurement.spec(),
+        "measure_seed": seed,
+        "unmeasure": ({"inpaint": args.inpaint or "biharmonic"} if method == "unmeasure" and measurement.name != "convolve-noise"
+                      else {"wiener_balance": "max(2.5 sigma^2, 1e-3)"} if method == "unmeasure" else None),
+        "discriminator": f"{type(disc).__name__}",
+        "data": "measured copy of the MNIST train split (first 50k), made once; clean images unused after measuring"
+        + ("" if method == "ambient" else f"; then {method} (baseline)"),
+    }  # fmt: skip
+    return gen, config, hist, record
 
 
 def _info(
@@ -146,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--attack-steps/--attack-step-size apply to pgd-at only, got model {args.model!r}")
     if args.model not in ("pgd-at", "rmd") and (args.init is not None or args.init_dir is not None):
         raise ValueError(f"--init/--init-dir apply to pgd-at and rmd only, got model {args.model!r}")
+    _check_ambient_flags(args)
     if args.init_dir is not None and args.init is None:
         raise ValueError("--init-dir names where the --init weights live: pass --init MODEL with it")
     if args.init is not None and args.model in ("pgd-at", "rmd"):
@@ -206,6 +313,14 @@ def run(args: argparse.Namespace) -> int:
             zoo.save(
                 enc, "mnist-encoder", out, _info(command, config, time.perf_counter() - start, device, hist)
             )
+        elif name == "ambient":
+            tag = f"ambient-{args.baseline or 'ambient'}-{measurement_from_args(args).tag()}"
+            gen, config, hist, record = _train_ambient(args, sets, device, ckpt.with_name(tag), progress)
+            info = _info(command, config, time.perf_counter() - start, device, hist)
+            info["training"]["ambient"] = record
+            info["training"]["data"] = record["data"]
+            info["training"]["discriminator"] = record["discriminator"]
+            zoo.save(gen, "mnist-gan", out, info)
         elif name in ("pgd-at", "rmd"):
             trained, hist = _train_robust(name, args, sets, device, ckpt, progress)
             config = trained.config
