@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,20 @@ def test_encoder_latent_size_mismatch_and_configs_are_refused() -> None:
         GANTrainConfig(objective="hinge")
     with pytest.raises(ValueError, match=r"ema_decay must be None or in \(0, 1\)"):
         GANTrainConfig(ema_decay=1.0)
+
+
+def test_a_finished_run_continues_to_more_steps_as_one_longer_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    start_g, start_d = Generator(latent_dim=8, width=8), Critic(width=8)
+    long_g, long_d = copy.deepcopy(start_g), copy.deepcopy(start_d)
+    train_gan(long_g, long_d, _squares(), CFG, checkpoint_dir=tmp_path / "long", progress=False)
+    short = dataclasses.replace(CFG, steps=40)
+    g, d = copy.deepcopy(start_g), copy.deepcopy(start_d)
+    train_gan(g, d, _squares(), short, checkpoint_dir=tmp_path / "run", progress=False)
+    g2, d2 = Generator(latent_dim=8, width=8), Critic(width=8)
+    train_gan(g2, d2, _squares(), CFG, checkpoint_dir=tmp_path / "run", progress=False)  # 40 -> 60 steps
+    torch.testing.assert_close(g2.state_dict(), long_g.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has done 60 steps, more than the 40 asked for"):
+        train_gan(g2, d2, _squares(), short, checkpoint_dir=tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="written by another run"):
+        train_gan(g2, d2, _squares(), dataclasses.replace(CFG, seed=1), checkpoint_dir=tmp_path / "run", progress=False)

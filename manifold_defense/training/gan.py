@@ -386,6 +386,7 @@ def train_gan(
         desc=f"gan ({config.objective}{', ambient' if measurement is not None else ''})",
         validate=hook,
         validate_every=validate_every,
+        extendable=True,  # constant learning rate: the same command with more --steps continues the run
     )
     if ema is not None:
         generator.load_state_dict(final_generator().state_dict())

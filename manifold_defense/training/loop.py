@@ -136,6 +136,7 @@ def run_loop(
     progress: bool = True,
     desc: str = "train",
     save_checkpoints: bool = True,
+    extendable: bool = False,
     validate: Callable[[int], Mapping[str, float]] | None = None,
     validate_every: int | None = None,
 ) -> list[dict[str, float]]:
@@ -158,6 +159,9 @@ def run_loop(
             that step's history entry (a new entry when the step is not a logging step) before the checkpoint
             is written, so a resumed run keeps them.
         validate_every: steps between validations (required with ``validate``).
+        extendable: accept a checkpoint of the same run with another step count (not beyond the steps it has
+            done), so a run can be continued to more steps or finished early; only for trainers whose steps do
+            not depend on the total (constant learning rate, like :func:`~manifold_defense.training.train_gan`).
 
     Returns:
         History: one ``{"step": s, **metrics}`` entry every ``config.log_every`` steps (each metric the mean over
@@ -184,7 +188,7 @@ def run_loop(
         torch.manual_seed(config.seed)
         if ckpt_path is not None and ckpt_path.is_file():
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if ckpt.get("config") != _config_record(config):
+            if not _compatible(ckpt.get("config"), config, extendable):
                 raise ValueError(
                     f"checkpoint {ckpt_path} was written by another run (config {ckpt.get('config')}), "
                     f"expected {_config_record(config)}: use a fresh checkpoint directory"
@@ -195,6 +199,11 @@ def run_loop(
             if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
             start = int(ckpt["step"])
+            if start > config.steps:
+                raise ValueError(
+                    f"checkpoint {ckpt_path} has done {start} steps, more than the {config.steps} asked for: "
+                    f"ask for at least {start} steps or use a fresh checkpoint directory"
+                )
             history = list(ckpt["history"])
             sums, count = dict(ckpt["running_sums"]), int(ckpt["running_count"])
             counts = dict(ckpt.get("running_counts") or {k: count for k in sums})
@@ -252,6 +261,16 @@ def run_loop(
                 )
                 (ckpt_path.parent / "history.json").write_text(json.dumps(history, indent=1))
     return history
+
+
+def _compatible(saved: Any, config: LoopConfig, extendable: bool) -> bool:
+    """Whether a checkpoint's config record belongs to this run (with ``extendable``: up to its step count)."""
+    record = _config_record(config)
+    if saved == record:
+        return True
+    if not extendable or not isinstance(saved, dict):
+        return False
+    return {**saved, "steps": record["steps"]} == record
 
 
 def _config_record(config: LoopConfig) -> dict[str, int]:
