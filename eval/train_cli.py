@@ -189,6 +189,24 @@ def _check_ambient_flags(args: argparse.Namespace) -> None:
         raise ValueError("--inpaint sets the unmeasure baseline's restoration: pass --baseline unmeasure with it")
     if args.model == "ambient":
         measurement_from_args(args)  # its settings are checked before any folder or data is touched
+        _check_ambient_folder(args)
+
+
+def _check_ambient_folder(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` whose ``mnist-gan`` is another model's (a clean GAN, or another measurement, method or
+    measurement seed): ``train ambient`` would replace it. The same settings (a resume, a rerun) are accepted."""
+    path = args.out / "mnist-gan.json"
+    if not path.is_file():
+        return
+    previous = zoo.record("mnist-gan", args.out).get("training", {}).get("ambient")
+    wanted = {"method": args.baseline or "ambient", "measurement": measurement_from_args(args).spec(),
+              "measure_seed": 0 if args.measure_seed is None else args.measure_seed}  # fmt: skip
+    got = None if not isinstance(previous, dict) else {k: previous.get(k) for k in wanted}
+    if got != wanted:
+        raise ValueError(
+            f"{args.out} holds a mnist-gan of another run ({'not ambient' if got is None else got}), expected "
+            f"{wanted} or none: choose another --out for each ambient model"
+        )
 
 
 def _train_ambient(

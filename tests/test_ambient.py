@@ -348,6 +348,10 @@ def test_train_ambient_writes_a_generator_with_its_measurement_record(tmp_path: 
     gen = zoo.load("mnist-gan", "cpu", weights_dir=tmp_path)
     assert gen(torch.zeros(1, 64)).shape == (1, 1, 28, 28)
     assert (tmp_path / "checkpoints" / "ambient-ambient-block-pixels-p0.9" / "checkpoint.pt").is_file()
+    # the folder's generator is this model's: another measurement or method is refused, not written over it
+    for other in (["--p", "0.5"], ["--p", "0.9", "--baseline", "ignore"]):
+        with pytest.raises(ValueError, match="holds a mnist-gan of another run"):
+            main([*args[:2], "--measurement", "block-pixels", *other, "--out", str(tmp_path), "--steps", "2"])
 
 
 def test_the_grid_runs_end_to_end_and_resumes_from_its_cache(tmp_path: Path) -> None:
