@@ -11,7 +11,7 @@ floor (validation images against the same test images).
 
 Writes into ``--out``: ``results.json`` and ``results.md`` (per point and method: MNIST score, Fréchet distances,
 confident fraction, class histogram; the checks of the issue), ``mnist_score_vs_p.png`` (score against p and
-sigma), ``samples_<point>.png`` (measured data and each method's samples side by side), ``generators/<method>-<point>/``
+sigma), ``samples_<point>.png`` (measured data, restored data and each method's samples side by side), ``generators/<method>-<point>/``
 (each generator as a ``mnist-gan`` zoo folder with its record). Resumable: each (method, point) trains in
 ``checkpoints/<method>-<point>/`` and its figures are kept in ``cache/<method>-<point>.pt``; a rerun reuses them.
 
@@ -310,6 +310,7 @@ def _plot_scores(results: dict[str, Any], path: Path) -> None:
             if idx:
                 ax.plot(xs, [rows[i]["mnist_score"] for i in idx], marker="o", label=method)
         ax.axhline(results["real"]["mnist_score"], color="gray", linestyle="--", label="real data")
+        ax.set_xticks(xs)
         ax.set(xlabel=label, ylabel="MNIST score", title=name, ylim=(0, 10.5))
         ax.legend()
     fig.tight_layout()
@@ -320,7 +321,8 @@ def _plot_scores(results: dict[str, Any], path: Path) -> None:
 def _sample_grids(
     protocol: AmbientProtocol, shown: dict[str, dict[str, torch.Tensor]], data_dir: Path | None, out: Path
 ) -> None:
-    """``samples_<point>.png``: measured training images (as images, clipped) and each method's samples."""
+    """``samples_<point>.png``: measured training images (as images, clipped), their restorations (what the
+    unmeasure baseline trains on) and each method's samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,7 +332,10 @@ def _sample_grids(
     clean = load_mnist("train", data_dir, limit=SHOWN).images
     for point in protocol.points:
         f = _measurement(point)
+        extra = {"inpaint": protocol.inpaint} if isinstance(f, ambient.BlockPixels) else {}
         rows = {"measured data": ambient.training_data(clean, f, "ignore", protocol.measure_seed),
+                "restored data (unmeasure)": ambient.training_data(clean, f, "unmeasure", protocol.measure_seed,
+                                                                   **extra),  # type: ignore[arg-type]
                 **shown[f.tag()]}  # fmt: skip
         fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 3.4))
         for ax, (title, images) in zip(axes, rows.items(), strict=True):
