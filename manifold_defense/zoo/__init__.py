@@ -46,13 +46,16 @@ REGISTRY: dict[str, ZooEntry] = {
     for entry in (
         ZooEntry("mnist-classifier", MNISTClassifier, {}, "CNN in the style of Defense-GAN's model A"),
         ZooEntry(
-            "mnist-gan", Generator, {"latent_dim": 64, "width": 32}, "DCGAN generator, WGAN-GP + encoder loss"
+            "mnist-gan",
+            Generator,
+            {"latent_dim": 64, "width": 32},
+            "DCGAN generator, non-saturating loss, weights averaged (EMA)",
         ),
         ZooEntry(
             "mnist-vae", VAE, {"latent_dim": 20, "hidden": 500}, "CSGM's 784-500-500-20 VAE (forward decodes)"
         ),
         ZooEntry(
-            "mnist-encoder", Encoder, {"latent_dim": 64, "width": 32}, "encoder of mnist-gan (warm starts)"
+            "mnist-encoder", Encoder, {"latent_dim": 64, "width": 32}, "encoder of mnist-gan (warm starts), trained after it"
         ),
         ZooEntry(
             "mnist-pgd-at",
