@@ -67,10 +67,13 @@ def _figure_lines(name: str, rec: dict[str, Any]) -> list[str]:
             f"median {proj['mse']['median']:.4f}; classifier accuracy on projections {proj['accuracy_on_projections']:.4f}"
         )
     samples = fig.get("samples")
-    if samples:
+    if samples and "frechet_features" in samples:
+        floor = samples["floor_train_vs_test"]
         lines.append(
-            f"  samples: Fréchet feature distance {samples['frechet_distance']} (train-vs-test floor "
-            f"{samples['frechet_floor_train_vs_test']}), class histogram {samples['class_histogram']}"
+            f"  samples (n={samples['n']}; real-data floor in parentheses): Fréchet feature distance "
+            f"{samples['frechet_features']} ({floor['frechet_features']}), MNIST score {samples['mnist_score']} "
+            f"({floor['mnist_score']}), confident {samples['confident_fraction']} ({floor['confident_fraction']}), "
+            f"class histogram {samples['class_histogram']}"
         )
     if "mse_G_of_E" in fig:
         warm = fig.get("warm_start", {})

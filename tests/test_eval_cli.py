@@ -176,3 +176,12 @@ def test_train_seed_fixes_the_initial_weights(tmp_path: Path) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+def test_demo_summarizes_every_shipped_record() -> None:
+    """The demo reads the zoo records' figures; a record format change must not break it."""
+    from eval.demo import _figure_lines
+    from manifold_defense import zoo
+
+    text = "\n".join(line for name in zoo.available() for line in _figure_lines(name, zoo.record(name)))
+    assert "MNIST score" in text and "Defense-GAN projection" in text and "no measured figures" not in text
