@@ -183,3 +183,17 @@ def test_a_finished_run_continues_to_more_steps_as_one_longer_run(tmp_path: Path
         train_gan(g2, d2, _squares(), short, checkpoint_dir=tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="written by another run"):
         train_gan(g2, d2, _squares(), dataclasses.replace(CFG, seed=1), checkpoint_dir=tmp_path / "run", progress=False)
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights() -> None:
+    from manifold_defense.training.loop import NonFiniteMetricError
+
+    class NaNCritic(Critic):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * float("nan")
+
+    gen, disc = Generator(latent_dim=8, width=4), NaNCritic(width=4)
+    before = copy.deepcopy(disc.state_dict())
+    with pytest.raises(NonFiniteMetricError, match="in GAN training at step 0"):
+        train_gan(gen, disc, _squares(64), GANTrainConfig(steps=2, batch_size=32), progress=False)
+    torch.testing.assert_close(disc.state_dict(), before, rtol=0, atol=0)

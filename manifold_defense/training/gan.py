@@ -35,7 +35,14 @@ from torch.utils.data import Dataset
 
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import latent_dim_of
-from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
+from manifold_defense.training.loop import (
+    LoopConfig,
+    check_finite_metrics,
+    check_images,
+    dataset_tensors,
+    run_loop,
+)
+from manifold_defense.training.models import _check_latent_match
 
 PathLike = str | os.PathLike[str]
 Objective = Literal["ns", "wgan-gp"]
@@ -223,8 +230,8 @@ def _check_measurements(data: torch.Tensor) -> None:
 
 
 def _finite(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(value):
-        raise FloatingPointError(f"GAN training diverged at step {step}: {name} is {float(value)}")
+    """``value``, after the training loops' shared check (before backward, so NaN never reaches the weights)."""
+    check_finite_metrics({name: float(value)}, f"in GAN training at step {step}")
     return value
 
 
@@ -293,11 +300,7 @@ def train_gan(
         )
     g_params = list(generator.parameters())
     if encoder is not None:
-        if getattr(encoder, "latent_dim", None) != k:
-            raise ValueError(
-                f"encoder latent size {getattr(encoder, 'latent_dim', None)} does not match the generator's "
-                f"latent_dim {k}"
-            )
+        _check_latent_match(generator, encoder)
         encoder.to(dev).train()
         g_params += list(encoder.parameters())
     generator.train()
@@ -323,7 +326,7 @@ def train_gan(
                 fake = measured(generator(torch.randn(b, k, device=dev)))
             loss_d, out_real, out_fake = d_loss(x, fake)
             opt_d.zero_grad(set_to_none=True)
-            _finite("the discriminator loss", step, loss_d).backward()
+            _finite("loss_d", step, loss_d).backward()
             opt_d.step()
         discriminator.requires_grad_(False)
         out_gen = discriminator(measured(generator(torch.randn(b, k, device=dev))))
@@ -336,7 +339,7 @@ def train_gan(
         if encoder is not None:
             loss_g = loss_g + config.rec_weight * rec
         opt_g.zero_grad(set_to_none=True)
-        _finite("the generator loss", step, loss_g).backward()
+        _finite("loss_g", step, loss_g).backward()
         opt_g.step()
         discriminator.requires_grad_(True)
         if ema is not None:

@@ -20,7 +20,13 @@ from torch.utils.data import Dataset
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import VAE, Encoder, MNISTClassifier, latent_dim_of
 from manifold_defense.modes import frozen
-from manifold_defense.training.loop import LoopConfig, check_images, dataset_tensors, run_loop
+from manifold_defense.training.loop import (
+    LoopConfig,
+    check_finite_metrics,
+    check_images,
+    dataset_tensors,
+    run_loop,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -169,8 +175,7 @@ def train_encoder(
             latent_err = (encoder(samples) - z_prior).pow(2).sum(1).mean()
             loss = loss + config.sample_weight * latent_err
             metrics["latent_mse"] = latent_err.item() / k
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"encoder training diverged at step {step}: loss {loss.item()}")
+        check_finite_metrics({"loss": loss.item()}, f"in encoder training at step {step}")  # before backward
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
