@@ -85,10 +85,18 @@ class AmbientProtocol:
     quick: bool = False
 
     def settings(self) -> dict[str, Any]:
-        """What decides the figures (the run folder's protocol and the cache fingerprint): all but ``methods``."""
+        """Every setting as JSON-ready values (``methods`` left out)."""
         out = dataclasses.asdict(self)
         out.pop("methods")
         out["points"] = [list(p) for p in self.points]
+        return out
+
+    def item_settings(self) -> dict[str, Any]:
+        """What decides each (method, point) item's figures (the run folder's protocol and the cache fingerprint):
+        all but ``methods`` and ``points``, which only choose the items; so a run can be grown or cut to other
+        points and methods in the same folder, reusing the items it already has."""
+        out = self.settings()
+        out.pop("points")
         return out
 
     def config(self) -> GANTrainConfig:
@@ -129,7 +137,7 @@ class _Cache:
 
     def __init__(self, folder: Path, protocol: AmbientProtocol, device: torch.device) -> None:
         self.folder = folder
-        self.fingerprint = json.dumps({"protocol": protocol.settings(), "device": device.type}, sort_keys=True)
+        self.fingerprint = json.dumps({"protocol": protocol.item_settings(), "device": device.type}, sort_keys=True)
         folder.mkdir(parents=True, exist_ok=True)
 
     def load(self, item: str) -> tuple[dict[str, Any], torch.Tensor] | None:
@@ -194,7 +202,7 @@ def run_grid(
     """Train and measure every (method, point) of ``protocol`` (reusing cached ones); write the results into
     ``out`` and return them (the dict of ``results.json``)."""
     dev = resolve_device(device)
-    claim_run_folder(out, "ambient", protocol.settings())
+    claim_run_folder(out, "ambient", protocol.item_settings())
     cache = _Cache(out / "cache", protocol, dev)
     clf = zoo.load("mnist-classifier", dev)
     reference = load_mnist("test", data_dir, limit=protocol.n_samples).images
@@ -349,6 +357,20 @@ def _sample_grids(
         plt.close(fig)
 
 
+def _point_arg(text: str) -> tuple[str, float]:
+    """``NAME:VALUE`` of ``--points``: block-pixels:P or convolve-noise:SIGMA."""
+    name, sep, value = text.partition(":")
+    if not sep or name not in ("block-pixels", "convolve-noise"):
+        raise argparse.ArgumentTypeError(f"expected block-pixels:P or convolve-noise:SIGMA, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number after {name}:, got {value!r}") from None
+    if not math.isfinite(number) or not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1) after {name}:, got {value!r}")
+    return name, number
+
+
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "ambient",
@@ -361,6 +383,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--steps", type=positive_int_arg, default=None, help="GAN steps per (method, point)")
     p.add_argument("--methods", nargs="+", choices=ambient.METHODS, default=None,
                    help="train only these (split a run over processes; a final run with all merges the cache)")  # fmt: skip
+    p.add_argument("--points", nargs="+", type=_point_arg, default=None, metavar="NAME:VALUE",
+                   help="grid points instead of the issue's six, e.g. block-pixels:0.9 convolve-noise:0.2 "
+                   "(a reduced grid for a CPU budget)")  # fmt: skip
+    p.add_argument("--train-limit", type=positive_int_arg, default=None,
+                   help="training images used by every method (default: the whole 50k split)")
     p.add_argument("--objective", choices=("ns", "wgan-gp"), default="ns",
                    help="GAN loss: ns (DCGAN, the zoo trainer's default) or wgan-gp (AmbientGAN's MNIST setting: "
                    "5 critic steps, Adam 2e-4, betas 0.5/0.9)")  # fmt: skip
@@ -379,6 +406,10 @@ def main(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"seed": args.seed, "objective": args.objective}
     if args.steps is not None:
         overrides["steps"] = args.steps
+    if args.points is not None:
+        overrides["points"] = tuple(dict.fromkeys(args.points))
+    if args.train_limit is not None:
+        overrides["train_limit"] = args.train_limit
     if args.methods is not None:
         overrides["methods"] = tuple(m for m in ambient.METHODS if m in args.methods)
     protocol = quick_protocol(**overrides) if args.quick else full_protocol(**overrides)

@@ -4,8 +4,10 @@ baselines in [0, 1], bad input refused, the train command and the quick grid."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -371,6 +373,12 @@ def test_the_grid_runs_end_to_end_and_resumes_from_its_cache(tmp_path: Path) -> 
     assert (tmp_path / "generators" / "ambient-block-pixels-p0.9" / "mnist-gan.safetensors").is_file()
     again = run_grid(protocol, tmp_path, command="test")
     assert again["reused_from_cache"] == 3 and again["methods"] == results["methods"]
+    # the grid grows in the same folder: the cached point is reused, only the new one is trained
+    grown = run_grid(dataclasses.replace(protocol, points=(("convolve-noise", 0.2), ("block-pixels", 0.9)),
+                                         methods=("ambient",)), tmp_path, command="test")  # fmt: skip
+    assert grown["reused_from_cache"] == 1
+    assert [r["point"] for r in grown["methods"]["ambient"]] == ["convolve-noise-sigma0.2", "block-pixels-p0.9"]
+    assert grown["methods"]["ambient"][1] == results["methods"]["ambient"][0]
     # another protocol in the same folder is refused, not mixed in
     with pytest.raises(ValueError, match="another protocol"):
         run_grid(quick_protocol(points=(("block-pixels", 0.9),), steps=4, n_samples=100, train_limit=128), tmp_path)
@@ -386,3 +394,25 @@ def test_eval_ambient_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert results["protocol"]["quick"] is True and len(results["points"]) == 3
     assert all(len(rows) == 3 for rows in results["methods"].values())
     assert len(list(tmp_path.glob("samples_*.png"))) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--points", "block-pixels"], "block-pixels:P"),
+        (["--points", "keep-patch:0.5"], "block-pixels:P"),
+        (["--points", "block-pixels:x"], "a number"),
+        (["--points", "block-pixels:1.5"], r"\[0, 1\)"),
+        (["--points", "convolve-noise:nan"], r"\[0, 1\)"),
+    ],
+)
+def test_eval_ambient_points_are_checked(
+    tmp_path: Path, argv: list[str], match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ambient", "--out", str(tmp_path / "run"), *argv])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

@@ -231,7 +231,7 @@ def _check_measurements(data: torch.Tensor) -> None:
 
 def _finite(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
     """``value``, after the training loops' shared check (before backward, so NaN never reaches the weights)."""
-    check_finite_metrics({name: float(value)}, f"in GAN training at step {step}")
+    check_finite_metrics({name: float(value.detach())}, f"in GAN training at step {step}")
     return value
 
 
