@@ -4,7 +4,7 @@
 into the records (``--write``) together with the exact command, ``n`` and the device:
 
 - classifier: clean accuracy on the 10k test images;
-- each generator (``mnist-gan``, ``mnist-vae``): projection with the Defense-GAN schedule (SGD momentum 0.7, lr 10,
+- each generator (``mnist-gan``, ``mnist-vae``, ``mnist-ambient-gan``): projection with the Defense-GAN schedule (SGD momentum 0.7, lr 10,
   L = 200, R = 10, lr x0.1 at 0.8 L, z ~ N(0, 1/k)) on ``--n`` test images: per-pixel MSE (mean, median, 90th
   percentile) and the classifier's accuracy on the projections (the GAN also with the fast schedule from the
   encoder's E(x)); sample quality of ``--samples`` samples against as many test images
@@ -41,6 +41,11 @@ from manifold_defense.models import latent_dim_of
 
 log = logging.getLogger(__name__)
 
+#: Generators ``measure-zoo`` measures (projection schedules and sample quality), each when its weights are present.
+GENERATORS: tuple[str, ...] = ("mnist-gan", "mnist-vae", "mnist-ambient-gan")
+#: Every model ``measure-zoo`` measures, in its order (``--models`` chooses among them).
+MEASURED: tuple[str, ...] = ("mnist-classifier", *GENERATORS, "mnist-encoder")
+
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
@@ -67,6 +72,10 @@ def add_parsers(sub: Any) -> None:
         "--write", action="store_true", help="write the figures into the JSON records and sample grids"
     )
     p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument(
+        "--models", nargs="+", choices=MEASURED, default=None,
+        help="measure only these (default: every one whose weights are in the zoo)",
+    )  # fmt: skip
     p.set_defaults(func=measure)
     s = sub.add_parser("zoo", help="print the zoo's recorded figures")
     s.add_argument("--weights-dir", type=Path, default=None)
@@ -119,20 +128,26 @@ def measure(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "data": "MNIST test split",
     }
+    present = set(zoo.available(wd))
+    models = [m for m in MEASURED if m in present and (args.models is None or m in args.models)]
+    missing = sorted(set(args.models or ()) - present)
+    if missing:
+        raise ValueError(f"--models: expected models with weights in {folder}, got {missing} without")
     results: dict[str, Any] = {}
-    results["mnist-classifier"] = {
-        **common,
-        "n": len(test),
-        "clean_accuracy": accuracy(clf, test.images, test.labels),
-    }
-    if args.write:
-        _merge_figures("mnist-classifier", results["mnist-classifier"], folder)
+    if "mnist-classifier" in models:
+        results["mnist-classifier"] = {
+            **common,
+            "n": len(test),
+            "clean_accuracy": accuracy(clf, test.images, test.labels),
+        }
+        if args.write:
+            _merge_figures("mnist-classifier", results["mnist-classifier"], folder)
     n_samples = min(args.samples, len(test))
     reference = test.images[:n_samples]
     real_floor = sample_quality(clf, load_mnist("train", args.data_dir, limit=n_samples).images, reference)
     dgan = InversionConfig.defense_gan()
     reference_median = None
-    for name in ("mnist-gan", "mnist-vae"):
+    for name in (m for m in models if m in GENERATORS):
         gen = zoo.load(name, dev, weights_dir=wd)
         start = time.perf_counter()
         x_hat, mse = _project(gen, x, dgan, args.batch, dev)
@@ -185,6 +200,23 @@ def measure(args: argparse.Namespace) -> int:
         log.info("%s: %s", name, json.dumps(fig))
         if args.write:  # as each model is done, so an interrupted run keeps what it measured
             _merge_figures(name, fig, folder)
+    if "mnist-encoder" in models:
+        results["mnist-encoder"] = _measure_encoder(args, x, y, clf, reference_median, common, folder)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def _measure_encoder(
+    args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, clf: nn.Module, reference_median: float | None,
+    common: dict[str, Any], folder: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """The encoder's figures; the reference median is the GAN's Defense-GAN projection of this run, else its
+    record's when it was measured on as many images."""
+    dev, wd = resolve_device(args.device), args.weights_dir
+    if reference_median is None:
+        proj = zoo.record("mnist-gan", wd).get("figures", {}).get("defense_gan_projection")
+        if proj and zoo.record("mnist-gan", wd)["figures"].get("n") == args.n:
+            reference_median = float(proj["mse"]["median"])
     gen = zoo.load("mnist-gan", dev, weights_dir=wd)
     enc = zoo.load("mnist-encoder", dev, weights_dir=wd)
     with torch.no_grad():
@@ -215,12 +247,10 @@ def measure(args: argparse.Namespace) -> int:
         "steps_to_reach_reference": steps_needed,
         "generator_evaluations_saved_per_image": None if steps_needed is None else 2010 - (steps_needed + 1),
     }
-    results["mnist-encoder"] = enc_fig
     log.info("mnist-encoder: %s", json.dumps(enc_fig))
     if args.write:
         _merge_figures("mnist-encoder", enc_fig, folder)
-    print(json.dumps(results, indent=1))
-    return 0
+    return enc_fig
 
 
 def _merge_figures(name: str, figures: dict[str, Any], folder: Path) -> None:

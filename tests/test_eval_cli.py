@@ -185,3 +185,26 @@ def test_demo_summarizes_every_shipped_record() -> None:
 
     text = "\n".join(line for name in zoo.available() for line in _figure_lines(name, zoo.record(name)))
     assert "MNIST score" in text and "Defense-GAN projection" in text and "no measured figures" not in text
+
+
+def test_measure_zoo_measures_only_the_chosen_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from manifold_defense import zoo
+
+    for name in ("mnist-classifier", "mnist-vae"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(zoo.WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    argv = ["measure-zoo", "--weights-dir", str(tmp_path), "--device", "cpu", "--n", "2", "--samples", "50"]
+    assert main([*argv, "--models", "mnist-vae", "--csgm-n", "1"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert list(results) == ["mnist-vae"]  # no classifier accuracy, no GAN, no encoder
+    proj = results["mnist-vae"]["defense_gan_projection"]
+    assert 0.0 < proj["mse"]["mean"] < 0.2 and 0.0 <= proj["accuracy_on_projections"] <= 1.0
+    assert results["mnist-vae"]["samples"]["n"] == 50
+    # a chosen model whose weights are not there: one line, exit status 2, before any work
+    from eval.cli import run
+
+    assert run([*argv, "--models", "mnist-ambient-gan"]) == 2
+    err = capsys.readouterr().err
+    assert "mnist-ambient-gan" in err and len(err.strip().splitlines()) == 1
