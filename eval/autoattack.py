@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from attacks import Norm, ThreatModel, TorchattacksAttack
 from attacks.base import check_finite_logits, model_name, predict
@@ -37,6 +35,7 @@ from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.metrics import accuracy
+from manifold_defense.progress import progress as progress_display
 
 __all__ = [
     "AutoAttackResult",
@@ -135,7 +134,7 @@ def autoattack_accuracy(
     clean_ok, robust_ok, max_pert, lo, hi, nans = [], [], 0.0, float("inf"), float("-inf"), 0
     start = time.perf_counter()
     batches = range(0, images.shape[0], batch_size)
-    for i in tqdm(batches, desc="autoattack", unit="batch", disable=not progress, file=sys.stderr):
+    for i in progress_display(batches, desc="autoattack", unit="batch", disable=not progress):
         x, y = images[i : i + batch_size], labels[i : i + batch_size]
         result = attack(model, x, y)
         x_adv = result.x_adv

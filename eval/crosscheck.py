@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from attacks import PGD, Attack, FoolboxAttack, Norm, PGDConfig, ThreatModel, TorchattacksAttack
 from attacks.base import predict
 from eval.cli import command_line
 from eval.run_folder import claim_run_folder
+from manifold_defense.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def crosscheck(
     masks: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     batches = range(0, n, batch_size)
-    bar = tqdm(total=len(attacks) * len(batches), desc="crosscheck", disable=not progress, unit="batch")
+    bar = progress_display(
+        total=len(attacks) * len(batches), desc="crosscheck", disable=not progress, unit="batch"
+    )
     for name, attack in attacks.items():
         start = time.perf_counter()
         robust = []

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from eval.cli import command_line
 from eval.cs_core import (
@@ -63,6 +61,7 @@ from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
+from manifold_defense.progress import progress as progress_display
 
 __all__ = ["add_parsers", "figure_checks", "lasso_ratio", "main", "run_benchmark"]
 
@@ -336,7 +335,7 @@ def run_benchmark(
     cache = ResultCache(out_dir / "cache", protocol, dev) if resume else ResultCache(None, protocol, dev)
     reused: list[str] = []
     total = len(m_grid) * len(chosen) + (6 if grids else 0)
-    bar = tqdm(total=total, desc="cs", unit="task", disable=not progress, file=sys.stderr)
+    bar = progress_display(total=total, desc="cs", unit="task", disable=not progress)
     for m in m_grid:
         A = gaussian_operator(m, protocol, dev)
         y = noisy_measurements(A, x_test.to(dev), protocol.noise_std, protocol.seed + 10_000 + m)

@@ -45,7 +45,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from attacks import LatentAttackConfig, Norm, OverpoweredConfig, PGDConfig, ThreatModel, per_sample_norm
 from attacks.base import predict
@@ -65,6 +64,7 @@ from eval.defense_figures import (
 from eval.inputs import check_labeled_images
 from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
+from manifold_defense.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -675,7 +675,9 @@ def run_defense_eval(
     settings = dataclasses.replace(settings, figures=tuple(figs))
     batches = -(-settings.n // settings.batch_size)
     start = time.perf_counter()
-    with tqdm(total=_work_units(settings, batches), disable=not progress, unit="batch") as bar:
+    with progress_display(
+        total=_work_units(settings, batches), desc="defense", disable=not progress, unit="batch"
+    ) as bar:
         runner = _Runner(settings, models, x, y, bar)
         steps: dict[str, Callable[[], None]] = {
             "undefended": runner.undefended,

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 from manifold_defense.devices import resolve_device
+from manifold_defense.progress import progress as progress_display
 
 StepFn = Callable[[int, tuple[torch.Tensor, ...]], Mapping[str, float]]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -209,8 +209,13 @@ def run_loop(
             counts = dict(ckpt.get("running_counts") or {k: count for k in sums})
         else:
             sums, count, counts = {}, 0, {}
-        bar = tqdm(
-            range(start, config.steps), desc=desc, disable=not progress, initial=start, total=config.steps
+        bar = progress_display(
+            range(start, config.steps),
+            desc=desc,
+            unit="step",
+            disable=not progress,
+            initial=start,
+            total=config.steps,
         )
         for step in bar:
             idx = _batch_indices(n, step, config.batch_size, config.seed)
