@@ -491,9 +491,9 @@ def plot_pairs(
         r, c = divmod(i, columns)
         for j, (img, cap) in enumerate(((left[i], captions[i][0]), (right[i], captions[i][1]))):
             ax = axes[r][2 * c + j]
-            ax.imshow(
-                img.detach().cpu().reshape(img.shape[-2], img.shape[-1]).numpy(), cmap="gray", vmin=0, vmax=1
-            )
+            pixels = img.detach().cpu().reshape(-1, img.shape[-2], img.shape[-1])
+            shown = pixels[0] if pixels.shape[0] == 1 else pixels.permute(1, 2, 0)
+            ax.imshow(shown.clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_title(cap, fontsize=8)
     if count == 0:
         axes[0][0].text(0.0, 0.5, "no successful pair to show", fontsize=10)

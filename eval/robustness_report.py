@@ -83,6 +83,7 @@ def write_markdown(record: Mapping[str, Any]) -> str:
                 f"| {name} | {d['n']} | " + " | ".join(cells) + f" | **{_fmt(d['worst_case'][tk])}** |"
             )
         lines.append("")
+    lines += _projection_lines(record) + _transfer_lines(record) + _latent_lines(record)
     lines += [
         "## Accuracy vs eps",
         "",
@@ -136,6 +137,89 @@ def write_markdown(record: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _projection_lines(record: Mapping[str, Any]) -> list[str]:
+    rows = [(name, d["projection"]) for name, d in record["defenses"].items() if d.get("projection")]
+    if not rows:
+        return []
+    lines = [
+        "## Projection (defended clean)",
+        "",
+        "Deterministic projection of each clean point (the defense's preprocess at the run's seed): the classifier's",
+        "accuracy on the projections, per-pixel MSE to the clean image, generator passes per image.",
+        "",
+        "| defense | accuracy on projections | MSE median | MSE mean | generator passes / image | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in rows:
+        mse = p["mse_per_pixel"]
+        lines.append(
+            f"| {name} | {_fmt(p['accuracy_on_projections'])} | {mse['median']:.4g} | {mse['mean']:.4g} | "
+            f"{p['generator_passes_per_image'] if p['generator_passes_per_image'] is not None else '-'} | {p['seconds']} |"
+        )
+    return [*lines, ""]
+
+
+def _transfer_lines(record: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for name, d in record["defenses"].items():
+        for attack, per in d["attacks"].items():
+            for tk, e in per.items():
+                t = e.get("transfer")
+                if t:
+                    through = (e.get("settings") or {}).get("through") or (e.get("settings") or {}).get(
+                        "queries_to"
+                    )
+                    if attack == "pgd":
+                        through = "bare classifier"
+                    elif attack == "surrogate-pgd":
+                        through = ", ".join(e["settings"].get("surrogates", []))
+                    elif attack == "unrolled-pgd":
+                        through = "unrolled model (draws judged separately)"
+                    rows.append(
+                        f"| {name} | {tk} | {attack} | {through} | {t['attacked']} | {t['surrogate_broken']} | "
+                        f"{t['transferred']} | {t['not_transferred']} | {t['broken_without_surrogate']} |"
+                    )
+    if not rows:
+        return []
+    return [
+        "## Surrogate transfer",
+        "",
+        "Stages whose inner loop ran on a stand-in of the defense (its surrogate, or the bare classifier for the",
+        "naive `pgd`): of the points the stand-in misclassified, how many the real defense misclassifies too",
+        "(every verdict is the real defense's). `surrogate broken = transferred + not transferred`; `broken by",
+        "the defense = transferred + broken without surrogate success`. A large `not transferred` on a surrogate",
+        "stage is the `surrogate-transfer-gap` flag: the surrogate does not stand in for the defense.",
+        "",
+        "| defense | threat | stage | inner model | attacked | surrogate broken | transferred | not transferred | broken without surrogate |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _latent_lines(record: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, d in record["defenses"].items():
+        for tk in record["threat_models"]:
+            on = d["attacks"].get("onmanifold", {}).get(tk, {})
+            op = d["attacks"].get("overpowered", {}).get(tk, {})
+            if "eligible" in on:
+                lines.append(
+                    f"- {name}, {tk}, on-manifold (classifier alone, pixel l2 <= {on['settings']['budget_l2']:g}): "
+                    f"{on['successes']} of {on['eligible']} eligible points (G(z) labelled correctly) flipped; "
+                    f"grid `onmanifold_{name}_{tk}.png`"
+                )
+            if "consistency_at_steps" in op:
+                curve = ", ".join(f"{t}: {_fmt(v)}" for t, v in op["consistency_at_steps"].items())
+                lines.append(
+                    f"- {name}, {tk}, overpowered (classifier alone, pair l2 <= {op['settings']['budget_l2']:g}): "
+                    f"share of attacked starts without a class-changing pair after t steps: {curve}"
+                )
+    if not lines:
+        return []
+    return ["## Latent attacks on the classifier alone", "", *lines, ""]
 
 
 def plot_curves(record: Mapping[str, Any], path: Path) -> None:
@@ -229,6 +313,29 @@ def write_outputs(
                 f"{name}, {tk}: clean / adversarial (attack: prediction) / projected",
                 out / f"grid_{name}_{tk}.png",
             )
+            on = stages.get(f"{name}|{tk}|onmanifold")
+            if on is not None and "pairs" in on:
+                _plot_onmanifold(
+                    on, d["attacks"]["onmanifold"][tk], out / f"onmanifold_{name}_{tk}.png", f"{name}, {tk}"
+                )
+
+
+def _plot_onmanifold(rec: Mapping[str, Any], entry: Mapping[str, Any], path: Path, where: str) -> None:
+    """The on-manifold pairs ``G(z) | G(z')`` the classifier gets wrong, closest first."""
+    from eval.defense_figures import plot_pairs
+
+    pairs = rec["pairs"]
+    pos = pairs["positions"].tolist()
+    points = rec["indices"][pos].tolist() if len(pos) else []
+    captions = [
+        (f"G(z) #{i}", f"G(z'): pred {int(rec['pred_adv'][p])}, l2 {float(rec['pixel_distance'][p]):.2f}")
+        for i, p in zip(points, pos, strict=True)
+    ]
+    title = (
+        f"{where}: on-manifold pairs G(z) | G(z'), ||G(z') - G(z)||_2 <= {entry['settings']['budget_l2']:g} "
+        f"(closest {len(pos)} of {entry.get('successes', '?')} flips)"
+    )
+    plot_pairs(path, pairs["x0"], pairs["x_adv"], captions, title)
 
 
 def _finite(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The robustness harness (eval.robustness_core / eval.robustness): cascade, schema, red flags, resume,
+"""The robustness harness (eval.harness / eval.robustness): cascade, schema, red flags, resume,
 torchrun sharding and bad input, on tiny stand-in models (64-pixel images, a 2-d latent generator)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from eval.robustness_core import (
+from eval.harness import (
     ATTACKS,
     Defense,
     RobustnessSettings,
@@ -353,7 +353,7 @@ def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
 ) -> None:
     """Chunks of an unfinished stage are saved as they finish; a resumed run reuses them (and the saved latents)
     and gives the uninterrupted run's result, and the finished stage leaves no partial results behind."""
-    import eval.robustness_core as core
+    import eval.harness.state as core
 
     setup = tiny_setup()
     kw: dict[str, Any] = {"attacks": ("clean", "pgd", "bpda-pgd", "onmanifold"), "batch_size": 3}
@@ -362,7 +362,7 @@ def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
     class Stop(Exception):
         pass
 
-    original = core._chunk_seed
+    original = core.chunk_seed
     computed: list[tuple[str, int]] = []
 
     def counting(seed: int, stage: str, first: int) -> int:
@@ -371,7 +371,7 @@ def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
             raise Stop(stage)
         return original(seed, stage, first)
 
-    monkeypatch.setattr(core, "_chunk_seed", counting)
+    monkeypatch.setattr(core, "chunk_seed", counting)
     # interrupt at the third chunk of the first multi-chunk stage of the projection defense
     stop_at: int | None = None
     _run(setup, tiny_defenses(setup), tmp_path / "count", **kw)
@@ -385,6 +385,7 @@ def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
     saved = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     assert sorted(saved["partial"][target]) == [0, 1]  # the two chunks finished before the interruption
     computed.clear()
+    stop_at = None
     resumed = _run(setup, tiny_defenses(setup), tmp_path / "b", **kw)
     assert (target, int(saved["partial"][target][0]["indices"][0])) not in computed  # reused, not redone
     assert len(computed) < total - 2
@@ -427,7 +428,7 @@ def test_state_saved_before_a_new_setting_resumes_only_at_its_legacy_value(tmp_p
 def test_op_temperature_reaches_the_overpowered_attack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import eval.robustness_core as core
+    import eval.defense_figures as core
 
     seen: list[float] = []
     original = core.evaluate_overpowered
@@ -480,7 +481,7 @@ import sys, json, torch
 torch.set_num_threads(1)
 from pathlib import Path
 from tests.test_eval_robustness import tiny_setup, tiny_defenses, tiny_settings, TINY_INVERSION
-from eval.robustness_core import run_robustness
+from eval.harness import run_robustness
 from manifold_defense.training.distributed import setup_distributed
 ctx = setup_distributed("cpu")
 setup = tiny_setup()

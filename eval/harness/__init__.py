@@ -1,0 +1,90 @@
+"""The robustness evaluation harness: one runner for every robustness figure of the library.
+
+An attack cascade over a set of defenses, worst case per point, red-flag checks, resumable state and ``torchrun``
+sharding; surrogate attacks verified on the real defense. Modules (each one a reader can hold):
+
+- :mod:`eval.harness.settings`: the cascade (:data:`ATTACKS`), red-flag rules (:data:`FLAGS`), threat models and
+  :class:`RobustnessSettings`;
+- :mod:`eval.harness.defenses`: :class:`Defense` (model, BPDA / unrolled variants, surrogates) and constructors;
+- :mod:`eval.harness.state`: fingerprint, saved state, per-chunk seeds and the sharded chunk runner;
+- :mod:`eval.harness.stages`: the stages (clean, projection, each attack, curves, examples);
+- :mod:`eval.harness.record`: the per-defense record (transfer counts, flags, audit);
+- :mod:`eval.harness.api`: :func:`run_robustness`;
+- :mod:`eval.harness.models`: models and data named on the command line (zoo names, ``module:factory``,
+  ``path.py:factory``, safetensors weights);
+- :mod:`eval.robustness_report`: ``results.json`` schema, ``report.md`` and the plots;
+- :mod:`eval.robustness` / :mod:`eval.defense_eval`: the ``python -m eval robustness`` / ``defense`` commands.
+
+The cascade (:data:`ATTACKS`, in this order):
+
+- ``clean``: accuracy without attack (worst case over ``draws`` forward passes of a randomized defense).
+- ``pgd``: the *naive* white-box PGD: the model's own gradient; for a defense with a preprocessing step, the
+  gradient of the bare classifier (the projection ignored, the examples transferred): where a projection defense
+  "looks robust".
+- ``bpda-pgd`` / ``bpda-eot-pgd``: PGD through the defense with BPDA (identity backward through the projection),
+  with EOT (``eot_samples`` fresh projections per step) on randomized defenses.
+- ``surrogate-pgd``: PGD through each surrogate the defense names (e.g. the differentiable ``G(E(x))``).
+- ``unrolled-pgd``: PGD back-propagating through every projection step, chunk by chunk (``unrolled_batch``
+  points at a time bound the memory), on every point that survived ``pgd`` (``unrolled_n`` caps it).
+- ``apgd`` (torchattacks APGD through BPDA, EOT on randomized defenses), ``square`` (torchattacks Square, black box).
+- ``onmanifold`` / ``overpowered``: latent attacks on the bare classifier from ``z = invert(x)``, the candidate
+  projected onto the threat ball around ``x``.
+- ``real-bpda-eot``: for defenses with surrogates, a final round of BPDA + EOT with real forward passes on
+  every point still robust.
+
+Verdicts: a point is robust after an attack when the real defense labels the candidate correctly in every one of
+``draws`` fresh forward passes (and in the attack's own final pass when that pass was the real defense's); the
+final robust accuracy is the worst case per point over the cascade. An attack whose inner loop ran on a stand-in
+(a surrogate, or the bare classifier for ``pgd``) records how many of its successes on the stand-in transferred
+to the real defense. Attacks that do not apply are skipped and marked so.
+
+Resume and sharding: :mod:`eval.harness.state`.
+"""
+
+from eval.harness.api import run_robustness, summary_json, tensors_from_loader
+from eval.harness.defenses import (
+    Defense,
+    EncoderProjection,
+    projection_defense,
+    projection_surrogates,
+    undefended_defense,
+)
+from eval.harness.settings import (
+    ATTACK_DOCS,
+    ATTACKS,
+    DEFAULT_THREATS,
+    FLAGS,
+    LEGACY_SETTINGS,
+    SCHEMA,
+    STATE_FILE,
+    RobustnessSettings,
+    check_monotone,
+    parse_threat,
+    threat_key,
+)
+from eval.harness.state import StateMismatchError, fingerprint, load_state
+
+__all__ = [
+    "ATTACKS",
+    "ATTACK_DOCS",
+    "DEFAULT_THREATS",
+    "FLAGS",
+    "LEGACY_SETTINGS",
+    "SCHEMA",
+    "STATE_FILE",
+    "Defense",
+    "EncoderProjection",
+    "RobustnessSettings",
+    "StateMismatchError",
+    "check_monotone",
+    "fingerprint",
+    "load_state",
+    "parse_threat",
+    "projection_defense",
+    "projection_surrogates",
+    "run_robustness",
+    "summary_json",
+    "tensors_from_loader",
+    "threat_key",
+    "undefended_defense",
+]

@@ -1,0 +1,208 @@
+"""The evaluated models of the harness: :class:`Defense` (a model, its differentiable variants and its cheaper
+surrogates) and the constructors of the bare classifier and the projection defense (Defense-GAN).
+
+A *surrogate* is a cheaper model that stands in for the defense inside an attack's inner loop (its gradients, or
+its queries for Square); the verdict on every adversarial example is still decided by the real defense (worst case
+over fresh draws), and the points that survive the cascade get a final round of real-forward BPDA + EOT steps
+(``real-bpda-eot``). For the Defense-GAN schedule (2010 generator passes per image) the surrogates are the fast
+schedule (encoder start, 102 passes, lower projection error on the zoo GAN) and the differentiable ``G(E(x))``.
+
+Paper: Samangouei, Kabkab, Chellappa, "Defense-GAN" (ICLR 2018); the surrogate-gradient idea is BPDA's
+(Athalye, Carlini, Wagner, ICML 2018), the transfer check is Tramer et al., "On Adaptive Attacks to Adversarial
+Example Defenses" (NeurIPS 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from manifold_defense.defense import LatentProjector, ProjectedClassifier
+from manifold_defense.inversion import InversionConfig
+
+__all__ = [
+    "Defense",
+    "EncoderProjection",
+    "projection_defense",
+    "projection_surrogates",
+    "undefended_defense",
+]
+
+
+@dataclass
+class Defense:
+    """One evaluated model and the differentiable variants the adaptive attacks need.
+
+    Args:
+        name: shown in the report and the JSON (no ``|``).
+        model: the defended model as given, ``(B, C, H, W)`` in [0, 1] -> ``(B, K)`` logits, eval mode; every
+            verdict uses its forward pass. Without ``classifier``, ``pgd`` uses its autograd gradient.
+        classifier: the bare classifier behind a preprocessing step (``pgd`` takes its gradient, the latent
+            attacks attack it); ``None``: the model is not preprocessed (``model`` plays this role).
+        preprocess: the preprocessing module itself (images -> images), deterministic, used for the projection
+            statistics and to show projected adversarial examples; ``None`` for a plain model.
+        bpda_model: same forward as ``model`` with an identity (BPDA) backward through the preprocessing;
+            enables ``bpda-pgd``, ``bpda-eot-pgd`` and routes ``apgd`` through it.
+        unrolled_model: same forward with the exact gradient through the preprocessing; enables
+            ``unrolled-pgd``.
+        randomized: whether the forward pass is random; ``None`` (default): detected by two forward passes.
+        surrogates: cheaper models of the defense, ``name -> module`` (images -> logits, differentiable, eval
+            mode); ``surrogate-pgd`` attacks through each in turn, and ``real-bpda-eot`` then runs on the
+            survivors. Empty (default): the cascade attacks the real defense only.
+        surrogate: the name (among ``surrogates``) that replaces ``bpda_model`` / ``model`` inside the inner
+            loops of ``bpda-pgd``, ``bpda-eot-pgd``, ``apgd``, ``square`` and the curves; ``None``: no replacement.
+    """
+
+    name: str
+    model: nn.Module
+    classifier: nn.Module | None = None
+    preprocess: nn.Module | None = None
+    bpda_model: nn.Module | None = None
+    unrolled_model: nn.Module | None = None
+    randomized: bool | None = None
+    surrogates: Mapping[str, nn.Module] = field(default_factory=dict)
+    surrogate: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "|" in self.name:
+            raise ValueError(f"expected a non-empty defense name without '|', got {self.name!r}")
+        if self.model is None:
+            raise TypeError(f"expected the model of defense {self.name!r} as an nn.Module, got None")
+        for attr in ("model", "classifier", "preprocess", "bpda_model", "unrolled_model"):
+            value = getattr(self, attr)
+            if value is not None and not isinstance(value, nn.Module):
+                raise TypeError(
+                    f"expected {attr} of defense {self.name!r} as an nn.Module, got {type(value).__name__}"
+                )
+        if not isinstance(self.surrogates, Mapping):
+            raise TypeError(
+                f"expected surrogates of defense {self.name!r} as a mapping name -> nn.Module, "
+                f"got {type(self.surrogates).__name__}"
+            )
+        self.surrogates = dict(self.surrogates)
+        for key, value in self.surrogates.items():
+            if not isinstance(key, str) or not key or not isinstance(value, nn.Module):
+                raise TypeError(
+                    f"expected surrogates of defense {self.name!r} as non-empty names -> nn.Module, got "
+                    f"{key!r} -> {type(value).__name__}"
+                )
+        if self.surrogate is not None and self.surrogate not in self.surrogates:
+            raise ValueError(
+                f"expected surrogate of defense {self.name!r} to be one of its surrogates "
+                f"{sorted(self.surrogates)} or None, got {self.surrogate!r}"
+            )
+
+    def modules(self) -> list[nn.Module]:
+        """The distinct modules of the defense (surrogates included)."""
+        found: list[nn.Module] = []
+        candidates = (self.model, self.classifier, self.preprocess, self.bpda_model, self.unrolled_model)
+        for m in (*candidates, *self.surrogates.values()):
+            if m is not None and all(m is not f for f in found):
+                found.append(m)
+        return found
+
+    def inner_model(self) -> nn.Module:
+        """The model the BPDA-family inner loops attack: the named surrogate, else the BPDA model, else the model."""
+        if self.surrogate is not None:
+            return self.surrogates[self.surrogate]
+        return self.bpda_model if self.bpda_model is not None else self.model
+
+
+class EncoderProjection(nn.Module):
+    """``x -> G(E(x))``: the differentiable one-shot projection of an encoder and its generator.
+
+    Args:
+        generator: ``(B, k) -> (B, C, H, W)`` in [0, 1], with int ``latent_dim``.
+        encoder: ``(B, C, H, W) -> (B, k)``.
+
+    Shapes: ``(B, C, H, W)`` in [0, 1] -> ``(B, C, H, W)``; gradients flow through both networks.
+    """
+
+    def __init__(self, generator: nn.Module, encoder: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(generator, nn.Module) or not isinstance(encoder, nn.Module):
+            raise TypeError(
+                f"expected generator and encoder as nn.Modules, got {type(generator).__name__} and "
+                f"{type(encoder).__name__}"
+            )
+        self.generator, self.encoder = generator, encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.generator(self.encoder(x))
+
+
+def undefended_defense(classifier: nn.Module, name: str = "undefended") -> Defense:
+    """The bare classifier as a :class:`Defense` (no preprocessing: BPDA and unrolled attacks are skipped)."""
+    return Defense(name=name, model=classifier.eval())
+
+
+def projection_surrogates(
+    classifier: nn.Module,
+    generator: nn.Module,
+    encoder: nn.Module,
+    fast_config: InversionConfig,
+    *,
+    seed: int = 0,
+    randomized: bool = True,
+) -> dict[str, nn.Module]:
+    """The cheaper stand-ins of a projection defense: ``"fast"`` = the classifier behind the ``fast_config``
+    projection (BPDA backward, fresh restarts per call if ``randomized``) and ``"encoder"`` = the classifier on the
+    differentiable ``G(E(x))``.
+
+    Args:
+        classifier: [0, 1] images -> logits; generator: with int ``latent_dim``; encoder: images -> latents.
+        fast_config: the cheap projection schedule (e.g. ``eval.defense_figures.schedule_config("fast")``).
+        seed: seed of the fast projection's restart noise.
+    """
+    enc = encoder if fast_config.init == "encoder" else None
+    fast = LatentProjector(generator, fast_config, "bpda", encoder=enc, seed=seed, randomize=randomized)
+    return {
+        "fast": ProjectedClassifier(classifier, fast).eval(),
+        "encoder": ProjectedClassifier(classifier, EncoderProjection(generator, encoder)).eval(),
+    }
+
+
+def projection_defense(
+    name: str,
+    classifier: nn.Module,
+    generator: nn.Module,
+    config: InversionConfig,
+    *,
+    encoder: nn.Module | None = None,
+    randomized: bool = True,
+    seed: int = 0,
+    surrogates: Mapping[str, nn.Module] | None = None,
+    surrogate: str | None = None,
+) -> Defense:
+    """The projection defense ``classifier(G(z*(x)))`` (Defense-GAN) with its BPDA and unrolled variants.
+
+    Args:
+        name: e.g. ``"projection-fast"``.
+        classifier: [0, 1] images -> logits; generator: ``nn.Module`` with int ``latent_dim``.
+        config: projection schedule (e.g. :func:`eval.defense_figures.schedule_config`).
+        encoder: needed when ``config.init == "encoder"``.
+        randomized: fresh restart noise on every call (Defense-GAN's random restarts; the honest setting);
+            ``False``: a deterministic function of the input.
+        seed: seed of the restart noise.
+        surrogates, surrogate: see :class:`Defense` (e.g. :func:`projection_surrogates`).
+    """
+    enc = encoder if config.init == "encoder" else None
+
+    def projector(gradient: str, randomize: bool = randomized) -> LatentProjector:
+        return LatentProjector(generator, config, gradient, encoder=enc, seed=seed, randomize=randomize)  # type: ignore[arg-type]
+
+    bpda = ProjectedClassifier(classifier, projector("bpda")).eval()
+    unrolled = ProjectedClassifier(classifier, projector("unrolled")).eval()
+    return Defense(
+        name=name,
+        model=bpda,
+        classifier=classifier.eval(),
+        preprocess=projector("bpda", randomize=False).eval(),
+        bpda_model=bpda,
+        unrolled_model=unrolled,
+        randomized=randomized,
+        surrogates=dict(surrogates or {}),
+        surrogate=surrogate,
+    )

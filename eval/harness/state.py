@@ -1,0 +1,211 @@
+"""Resumable state and sharding of the harness: the run's fingerprint, the saved ``state.pt``, per-chunk seeds and
+the chunk runner that splits a stage's points over ``torchrun`` ranks.
+
+Resume: after every ``(defense, threat, attack)`` stage rank 0 writes ``DIR/state.pt`` (atomic replace), keyed by
+a fingerprint of the settings, the data and the models' parameters; a later call with the same fingerprint skips
+the finished stages, one with a different fingerprint is refused (never mixed). Within a stage rank 0 also saves
+each chunk it finishes (and the starting latents of the latent attacks), so a long stage resumes at its first
+missing chunk; chunks of other ranks are redone.
+
+Sharding: every stage splits the global (sorted) list of points it attacks into chunks; each chunk runs under its
+own seed, a function of the run's seed, the stage and the chunk's first *global* point index, and randomized
+modules are reseeded per chunk. Under ``torchrun`` rank ``r`` computes chunks ``r, r + W, ...`` and the results
+are gathered (gloo on CPU, NCCL on CUDA), so ``W`` processes give exactly the table of one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from eval.harness.defenses import Defense
+from eval.harness.settings import LEGACY_SETTINGS, SCHEMA, STATE_FILE, RobustnessSettings, jsonable
+from eval.run_folder import MARKER as RUN_MARKER
+from manifold_defense.training.distributed import DistContext
+
+__all__ = [
+    "StateMismatchError",
+    "chunk_seed",
+    "fingerprint",
+    "load_state",
+    "run_chunks",
+    "save_state",
+    "seeded",
+]
+
+
+class StateMismatchError(ValueError):
+    """The output folder holds another run's state (different settings, data or models)."""
+
+
+def _hash_tensor(h: Any, t: Tensor) -> None:
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+
+
+def fingerprint(
+    settings: RobustnessSettings, defenses: Sequence[Defense], x: Tensor, y: Tensor, extra: Any
+) -> dict[str, Any]:
+    """What identifies a run: settings, data hash, each defense's name and parameter hash, extra settings.
+
+    A defense's surrogates enter its hash (names, parameters, configuration) only when it has any, so states
+    saved before surrogates existed keep their fingerprint.
+    """
+    h = hashlib.sha256()
+    _hash_tensor(h, x)
+    _hash_tensor(h, y)
+    models = {}
+    for d in defenses:
+        hm = hashlib.sha256()
+        plain = (d.model, d.classifier, d.preprocess, d.bpda_model, d.unrolled_model)
+        mods = [m for m in d.modules() if any(m is p for p in plain)]
+        for m in mods:
+            for p in list(m.parameters()) + list(m.buffers()):
+                _hash_tensor(hm, p)
+            hm.update(m.extra_repr().encode())
+        for key, m in d.surrogates.items():
+            hm.update(f"surrogate {key} {d.surrogate == key}".encode())
+            for p in list(m.parameters()) + list(m.buffers()):
+                _hash_tensor(hm, p)
+            for sub in m.modules():
+                hm.update(sub.extra_repr().encode())
+        models[d.name] = hm.hexdigest()[:16]
+    return {
+        "schema": SCHEMA,
+        "settings": settings.to_json(),
+        "data": h.hexdigest()[:16],
+        "defenses": models,
+        "extra": jsonable(extra),
+    }
+
+
+def generator_hash(generator: torch.nn.Module) -> str:
+    """A short SHA-256 of a generator's parameters (part of the fingerprint when the latent attacks use it)."""
+    h = hashlib.sha256()
+    for p in generator.parameters():
+        _hash_tensor(h, p)
+    return h.hexdigest()[:16]
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"]
+
+
+def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
+    """The saved state in ``out`` if it matches ``fp``; a fresh one if there is none; refuse another run's."""
+    path = out / STATE_FILE
+    if not path.exists():
+        foreign = [p.name for p in out.iterdir() if p.name != RUN_MARKER] if out.exists() else []
+        if foreign:
+            raise StateMismatchError(
+                f"expected {out} to be empty or to hold a robustness run's {STATE_FILE}, got other files "
+                f"{sorted(foreign)[:5]}: choose another output folder"
+            )
+        return {"fingerprint": fp, "stages": {}}
+    state = torch.load(
+        path, map_location="cpu", weights_only=True
+    )  # tensors and plain data only: no code runs
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise StateMismatchError(f"expected {path} to be a robustness state file, got {type(state).__name__}")
+    saved_settings = state["fingerprint"].get("settings") if isinstance(state["fingerprint"], dict) else None
+    if isinstance(saved_settings, dict):
+        for key, value in LEGACY_SETTINGS.items():
+            saved_settings.setdefault(key, value)
+    if state["fingerprint"] != fp:
+        diff = _diff(state["fingerprint"], fp)
+        raise StateMismatchError(
+            f"{out} holds another run's state (refusing to mix results); differences: {'; '.join(diff[:6])}"
+            f"{' ...' if len(diff) > 6 else ''}. Use the same settings to resume, another --out, or --fresh to "
+            "discard it"
+        )
+    return state
+
+
+def save_state(state: dict[str, Any], out: Path) -> None:
+    """Write ``state`` to ``out/state.pt`` atomically (a temporary file, then ``os.replace``)."""
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+
+
+def chunk_seed(seed: int, stage: str, first: int) -> int:
+    """The seed of the chunk of ``stage`` whose first global point index is ``first``."""
+    return zlib.crc32(f"{seed}|{stage}|{first}".encode()) + seed
+
+
+@contextmanager
+def seeded(seed: int, defense: Defense, device: torch.device) -> Iterator[None]:
+    """Fork the global RNG at ``seed`` and reseed the randomized modules of the defense (surrogates included)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for root in defense.modules():
+            for m in root.modules():
+                reseed = getattr(m, "reseed", None)
+                if callable(reseed) and getattr(m, "randomize", True):
+                    reseed(seed)
+        yield
+
+
+def run_chunks(
+    state: dict[str, Any],
+    key: str,
+    defense: Defense,
+    indices: Tensor,
+    size: int,
+    fn: Callable[[Tensor], dict[str, Tensor]],
+    *,
+    seed: int,
+    ctx: DistContext,
+    device: torch.device,
+    save: Callable[[], None],
+    on_chunk: Callable[[str], None] | None = None,
+) -> dict[str, Tensor]:
+    """Split ``indices`` into chunks of ``size``, run this rank's share under per-chunk seeds, gather.
+
+    A chunk finished by an interrupted run (saved in ``state["partial"][key]`` with the same point indices) is
+    reused instead of recomputed; every chunk runs under its own seed (:func:`chunk_seed`), so reuse changes no
+    other chunk. Rank 0 saves its chunks after each one; under ``torchrun`` other ranks' unfinished chunks are
+    redone. Returns the per-point results of every chunk, concatenated in chunk order (CPU tensors).
+    """
+    chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+    saved: dict[int, dict[str, Any]] = state.setdefault("partial", {}).setdefault(key, {})
+    mine: list[tuple[int, dict[str, Tensor]]] = []
+    for j, chunk in enumerate(chunks):
+        if j % ctx.world_size != ctx.rank:
+            continue
+        if on_chunk is not None:
+            on_chunk(f"{key} chunk {j + 1}/{len(chunks)}")
+        done = saved.get(j)
+        if done is not None and torch.equal(done["indices"], chunk.cpu()):
+            mine.append((j, done["result"]))
+            continue
+        with seeded(chunk_seed(seed, key, int(chunk[0])), defense, device):
+            result = fn(chunk)
+        mine.append((j, {k: v.detach().cpu() for k, v in result.items()}))
+        if len(chunks) > 1:
+            saved[j] = {"indices": chunk.cpu(), "result": mine[-1][1]}
+            save()
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, mine)
+        mine = [item for part in gathered for item in part]
+    mine.sort(key=lambda item: item[0])
+    if not mine:
+        return {}
+    return {k: torch.cat([r[k] for _, r in mine]) for k in mine[0][1]}
