@@ -29,8 +29,9 @@ test-all: setup
 	$(PY) -m pytest -q --runslow
 
 lint: setup
-	$(VENV)/bin/ruff check manifold_defense attacks eval tests
+	$(VENV)/bin/ruff check manifold_defense attacks eval tests examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
