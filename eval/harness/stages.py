@@ -44,9 +44,20 @@ from manifold_defense.inversion import InversionConfig
 from manifold_defense.progress import progress as progress_display
 from manifold_defense.training.distributed import DistContext
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "input_gradient"]
 
 ChunkFn = Callable[[Tensor], dict[str, Tensor]]
+
+
+def input_gradient(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The gradient of the summed cross-entropy of ``module(x)`` with respect to ``x`` (zeros where unused), for the
+    red-flag gradient check; ``x`` is not modified. The only gradient the harness computes itself: every attack's
+    gradients are computed by :mod:`attacks`."""
+    x_req = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = nn.functional.cross_entropy(module(x_req), y, reduction="sum")
+        grads = torch.autograd.grad(loss, x_req, allow_unused=True)[0]
+    return torch.zeros_like(x) if grads is None else grads.detach()
 
 
 class Runner:
@@ -244,12 +255,7 @@ class Runner:
         x, y = self.x[:k], self.y[:k]
         for name, module in self._gradient_sources(d).items():
             with st.seeded(self.s.seed, d, x.device):
-                x_req = x.detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    loss = nn.functional.cross_entropy(module(x_req), y, reduction="sum")
-                    grads = torch.autograd.grad(loss, x_req, allow_unused=True)[0]
-            g = torch.zeros_like(x) if grads is None else grads.detach()
-            flat = g.reshape(k, -1)
+                flat = input_gradient(module, x, y).reshape(k, -1)
             out[name] = {
                 "points": k,
                 "nan_or_inf": int((~torch.isfinite(flat)).sum()),
