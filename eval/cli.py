@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "eval.zoo_cli",
     "eval.cs",
     "eval.ambient",
+    "eval.causal",
     "eval.defense_eval",
     "eval.crosscheck",
     "eval.bench",

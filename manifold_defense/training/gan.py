@@ -16,6 +16,11 @@ AmbientGAN (Bora, Price, Dimakis, ICLR 2018): with ``measurement=f`` the dataset
 with a fresh random ``theta'`` per sample and call (:mod:`manifold_defense.ambient` has the measurement models).
 ``theta'`` is drawn from the global torch RNG, which :func:`~manifold_defense.training.loop.run_loop` forks, seeds
 and checkpoints, so an ambient run resumes exactly like any other.
+
+Label-conditioned GANs (CausalGAN's image generator, :mod:`manifold_defense.causal`): with ``conditional=True`` the
+dataset's second tensor holds one condition vector per image, the generator is called as ``generator(z, c)`` and the
+discriminator as ``discriminator(x, c)``; generated images take the conditions of the real batch they are compared
+with, so the conditions seen in training follow the data's own joint distribution.
 """
 
 from __future__ import annotations
@@ -138,13 +143,19 @@ class WeightAverage(nn.Module):
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    generator: nn.Module, batches: int, batch_size: int = 256, *, seed: int = 0
+    generator: nn.Module,
+    batches: int,
+    batch_size: int = 256,
+    *,
+    seed: int = 0,
+    conditions: torch.Tensor | None = None,
 ) -> None:
     """Re-estimate the batch-norm running statistics of ``generator`` on ``batches`` prior batches ``z ~ N(0, I)``.
 
     Each batch-norm layer's statistics become the plain average over the batches (momentum ``None``); the
     generator is left in eval mode. Averaged weights need this: the running statistics copied from the last
-    iterate belong to other weights.
+    iterate belong to other weights. A conditional generator (``generator(z, c)``) takes ``conditions``: rows of
+    it drawn uniformly (seeded) for each batch.
     """
     norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches == 0:
@@ -160,7 +171,12 @@ def recalibrate_batchnorm(
     generator.train()
     try:
         for _ in range(batches):
-            generator(torch.randn(batch_size, k, generator=rng).to(dev))
+            z = torch.randn(batch_size, k, generator=rng).to(dev)
+            if conditions is None:
+                generator(z)
+            else:
+                rows = torch.randint(conditions.shape[0], (batch_size,), generator=rng)
+                generator(z, conditions[rows].to(dev))
     finally:
         for m, mom in zip(norms, saved, strict=True):
             m.momentum = mom
@@ -180,7 +196,9 @@ def _batchnorm_eval(module: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def _gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor
+) -> torch.Tensor:
     # one mixing weight per sample, broadcast over images (B, C, H, W) or measurement vectors (B, ...)
     eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     mix = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
@@ -189,15 +207,21 @@ def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor)
 
 
 def _check_generator(
-    generator: nn.Module, data_shape: tuple[int, ...], device: torch.device, measurement: nn.Module | None = None
+    generator: nn.Module,
+    data_shape: tuple[int, ...],
+    device: torch.device,
+    measurement: nn.Module | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> int:
     """The latent size, after one probe batch shows images in [0, 1] of the data's shape (measured, with a
-    ``measurement``: then the measured images must have the shape of the data's measurements)."""
+    ``measurement``: then the measured images must have the shape of the data's measurements; a conditional
+    generator is probed with the first ``conditions``)."""
     k = latent_dim_of(generator)
     was = generator.training
     generator.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = generator(torch.randn(4, k, generator=torch.Generator().manual_seed(0)).to(device))
+        z = torch.randn(4, k, generator=torch.Generator().manual_seed(0)).to(device)
+        probe = generator(z) if conditions is None else generator(z, conditions[:4].to(device))
         measured = measurement(probe) if measurement is not None and isinstance(probe, torch.Tensor) else probe
     generator.train(was)
     if not isinstance(probe, torch.Tensor) or probe.dim() != 4:
@@ -229,6 +253,21 @@ def _check_measurements(data: torch.Tensor) -> None:
         raise ValueError("measured training data: expected finite values, got NaN or inf")
 
 
+def _check_conditions(images: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The dataset's condition vectors (its second tensor): float ``(N, L)``, finite, one per image."""
+    if len(tensors) < 2:
+        raise ValueError("conditional GAN training: expected a dataset of (image, condition) pairs, got images only")
+    cond = tensors[1]
+    if not cond.is_floating_point() or cond.dim() != 2 or cond.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"conditional GAN training: expected conditions as a float tensor (N, L) with N = {images.shape[0]} "
+            f"images, got {cond.dtype} {tuple(cond.shape)}"
+        )
+    if not torch.isfinite(cond).all():
+        raise ValueError("conditional GAN training: expected finite conditions, got NaN or inf")
+    return cond
+
+
 def _finite(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
     """``value``, after the training loops' shared check (before backward, so NaN never reaches the weights)."""
     check_finite_metrics({name: float(value.detach())}, f"in GAN training at step {step}")
@@ -248,6 +287,7 @@ def train_gan(
     validate_every: int | None = None,
     encoder: nn.Module | None = None,
     measurement: nn.Module | None = None,
+    conditional: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``generator`` against ``discriminator`` on the images of ``dataset`` (see :class:`GANTrainConfig`).
 
@@ -271,13 +311,23 @@ def train_gan(
             that shape (:func:`manifold_defense.ambient.measure_dataset`), any finite values, and the
             discriminator sees only measurements, real and generated. Refused with an encoder (its
             reconstruction term needs clean images).
+        conditional: a label-conditioned GAN: ``dataset`` yields ``(image, condition)`` with float condition
+            vectors ``(L,)``; the networks are called as ``generator(z, c)`` and ``discriminator(x, c)``, and
+            each generated image takes the condition of a real image of its batch. Refused with a measurement or
+            an encoder.
 
     Returns:
         The history: mean losses and discriminator outputs every 100 steps, and the validation metrics.
         Both networks end in eval mode; ``generator`` holds the averaged weights when ``ema_decay`` is set.
     """
     dev = resolve_device(device)
-    images = dataset_tensors(dataset)[0]
+    tensors = dataset_tensors(dataset)
+    images = tensors[0]
+    conditions: torch.Tensor | None = None
+    if conditional:
+        if measurement is not None or encoder is not None:
+            raise ValueError("expected no measurement and no encoder with conditional=True")
+        conditions = _check_conditions(images, tensors)
     if measurement is not None:
         if not isinstance(measurement, nn.Module):
             raise TypeError(f"expected measurement to be an nn.Module or None, got {type(measurement).__name__}")
@@ -289,10 +339,17 @@ def train_gan(
         check_images(images)
     generator.to(dev)
     discriminator.to(dev)
-    k = _check_generator(generator, tuple(images.shape[1:]), dev, measurement)
+    k = _check_generator(generator, tuple(images.shape[1:]), dev, measurement, conditions)
 
     def measured(x: torch.Tensor) -> torch.Tensor:
         return x if measurement is None else measurement(x)
+
+    def gen(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return generator(z) if c is None else generator(z, c)
+
+    def disc(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return discriminator(x) if c is None else discriminator(x, c)
+
     if (config.rec_weight > 0) != (encoder is not None):
         raise ValueError(
             f"expected an encoder exactly when rec_weight > 0, got rec_weight {config.rec_weight} and "
@@ -310,26 +367,30 @@ def train_gan(
     ema = WeightAverage(generator, config.ema_decay) if config.ema_decay is not None else None
     wgan = config.objective == "wgan-gp"
 
-    def d_loss(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out_real, out_fake = discriminator(real), discriminator(fake)
+    def d_loss(
+        real: torch.Tensor, fake: torch.Tensor, c: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out_real, out_fake = disc(real, c), disc(fake, c)
         if wgan:
-            loss = out_fake.mean() - out_real.mean() + config.gp_weight * _gradient_penalty(discriminator, real, fake)
+            penalty = _gradient_penalty(lambda v: disc(v, c), real, fake)
+            loss = out_fake.mean() - out_real.mean() + config.gp_weight * penalty
         else:
             loss = F.softplus(-out_real).mean() + F.softplus(out_fake).mean()
         return loss, out_real, out_fake
 
     def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         x = batch[0]
+        c = batch[1] if conditional else None
         b = x.shape[0]
         for _ in range(config.n_critic):
             with torch.no_grad():
-                fake = measured(generator(torch.randn(b, k, device=dev)))
-            loss_d, out_real, out_fake = d_loss(x, fake)
+                fake = measured(gen(torch.randn(b, k, device=dev), c))
+            loss_d, out_real, out_fake = d_loss(x, fake, c)
             opt_d.zero_grad(set_to_none=True)
             _finite("loss_d", step, loss_d).backward()
             opt_d.step()
         discriminator.requires_grad_(False)
-        out_gen = discriminator(measured(generator(torch.randn(b, k, device=dev))))
+        out_gen = disc(measured(gen(torch.randn(b, k, device=dev), c)), c)
         if encoder is not None:
             # batch norm on running statistics, as the projection will use the generator, and left unchanged
             # by the encoded latents (the statistics stay those of prior samples)
@@ -358,7 +419,7 @@ def train_gan(
         if ema is None:
             return generator
         sample_gen = copy.deepcopy(ema.module)
-        recalibrate_batchnorm(sample_gen, config.bn_batches, seed=config.seed)
+        recalibrate_batchnorm(sample_gen, config.bn_batches, seed=config.seed, conditions=conditions)
         return sample_gen
 
     hook = None
@@ -380,13 +441,14 @@ def train_gan(
         state["encoder"] = encoder
     history = run_loop(
         step_fn,
-        (images,),
+        (images,) if conditions is None else (images, conditions),
         config.loop(),
         state,
         device=dev,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
-        desc=f"gan ({config.objective}{', ambient' if measurement is not None else ''})",
+        desc=f"gan ({config.objective}{', ambient' if measurement is not None else ''}"
+        f"{', conditional' if conditional else ''})",
         validate=hook,
         validate_every=validate_every,
         extendable=True,  # constant learning rate: the same command with more --steps continues the run

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from manifold_defense.causal import CausalController, ConditionalGenerator, DigitWorld
 from manifold_defense.devices import resolve_device
 from manifold_defense.models import VAE, CompactMNISTClassifier, Encoder, Generator, MNISTClassifier
 
@@ -64,6 +65,18 @@ REGISTRY: dict[str, ZooEntry] = {
             "compact classifier, Madry PGD adversarial training (Linf 0.3)",
         ),
         ZooEntry("mnist-rmd", MNISTClassifier, {}, "classifier, robust manifold adversarial training"),
+        ZooEntry(
+            "causal-digit-gan",
+            ConditionalGenerator,
+            {"latent_dim": 64, "label_dim": 9, "width": 32},
+            "CausalGAN image generator of the digit world (conditioned on one-hot D, T, S)",
+        ),
+        ZooEntry(
+            "causal-digit-controller",
+            CausalController,
+            {"graph": DigitWorld.graph.spec(), "hidden": 32},
+            "CausalGAN causal controller of the digit world (D -> T, D -> S, T -> S)",
+        ),
     )
 }
 
