@@ -1,4 +1,5 @@
-"""``eval.defense_eval`` / ``eval.defense_figures``: the defense evaluation on tiny settings, reusable pieces, errors."""
+"""``eval.defense_eval`` (a preset of the robustness harness) / ``eval.defense_figures``: reusable pieces, the preset's
+settings, the command on tiny settings, ``--write``, errors."""
 
 from __future__ import annotations
 
@@ -13,13 +14,7 @@ from torch import Tensor, nn
 
 from attacks import LatentAttackConfig, Norm, PGDConfig, ThreatModel
 from eval.cli import build_parser, main
-from eval.defense_eval import (
-    FIGURES,
-    DefenseEvalSettings,
-    load_zoo_models,
-    run_defense_eval,
-    settings_from_args,
-)
+from eval.defense_eval import FIGURES, load_zoo_models, preset
 from eval.defense_figures import (
     correct_in_every_draw,
     evaluate_onmanifold,
@@ -27,7 +22,6 @@ from eval.defense_figures import (
     plot_pairs,
     schedule_config,
 )
-from manifold_defense.data import load_mnist
 
 
 class _Alternating(nn.Module):
@@ -118,53 +112,40 @@ def test_onmanifold_counts_only_eligible_points() -> None:
     assert all_eligible.x0.shape == (5, 1, 28, 28) and all_eligible.pixel_distance.max() <= 1.0 + 1e-5
 
 
-def test_schedules_and_bad_settings() -> None:
+def test_schedules_and_preset_settings() -> None:
     fast = schedule_config("fast", seed=2)
     assert (fast.optimizer, fast.lr, fast.steps, fast.restarts, fast.init, fast.seed) == (
-        "adam",
-        0.05,
-        50,
-        2,
-        "encoder",
-        2,
-    )
+        "adam", 0.05, 50, 2, "encoder", 2,
+    )  # fmt: skip
     dgan = schedule_config("defense-gan")
     assert dgan.restarts * dgan.steps == 2000 and dgan.optimizer == "sgd"
     with pytest.raises(ValueError, match="expected schedule to be one of"):
         schedule_config("slow")
-    with pytest.raises(ValueError, match="expected n to be an int >= 1, got 0"):
-        DefenseEvalSettings(n=0)
-    with pytest.raises(ValueError, match="expected n to be an int >= 1, got -3"):
-        DefenseEvalSettings(n=-3)
-    with pytest.raises(ValueError, match="expected schedule to be one of"):
-        DefenseEvalSettings(schedule="slow")
-    with pytest.raises(ValueError, match="expected figures to be a non-empty subset"):
-        DefenseEvalSettings(figures=("bpda", "magic"))
-    with pytest.raises(ValueError, match="expected l2_eps"):
-        DefenseEvalSettings(l2_eps=(0.0,))
     with pytest.raises(SystemExit):  # argparse: invalid choice
         build_parser().parse_args(["defense", "--schedule", "slow"])
     with pytest.raises(ValueError, match="expected n to be an int >= 1, got 0"):
         main(["defense", "--n", "0"])
-    with pytest.raises(ValueError, match="expected op_multiplier_init to be a finite float > 0"):
-        DefenseEvalSettings(op_multiplier_init=0.0)
-    parsed = settings_from_args(build_parser().parse_args(["defense", "--l2-eps", "4", "--n", "7"]))
-    assert parsed.l2_eps == (4.0,) and parsed.n == 7 and not parsed.quick
-    budgets = ["defense", "--latent-eps", "1.5", "--op-eps", "2", "--classifier", "mnist-rmd"]
-    parsed = settings_from_args(build_parser().parse_args(budgets))
-    assert (parsed.latent_eps, parsed.op_eps) == (1.5, 2.0)
-    with pytest.raises(ValueError, match="latent_eps"):
-        settings_from_args(build_parser().parse_args(["defense", "--latent-eps", "-1"]))
-    args = build_parser().parse_args(["defense", "--quick", "--schedule", "defense-gan"])
+    settings, defenses = preset(build_parser().parse_args(["defense", "--l2-eps", "4", "--n", "7"]))
+    assert settings.threats == ("linf-0.3", "l2-4") and settings.n == 7 and not settings.quick
+    assert defenses == ("undefended", "projection-fast") and not settings.cascade
+    assert settings.attacks == ("clean", "pgd", "bpda-eot-pgd", "onmanifold", "overpowered")
+    budgets = ["defense", "--latent-eps", "1.5", "--op-eps", "2", "--figures", "onmanifold,overpowered"]
+    settings, defenses = preset(build_parser().parse_args(budgets))
+    assert (settings.latent_budget, settings.op_budget, settings.threats) == (1.5, 2.0, ("l2-1.5",))
+    assert defenses == ("undefended",) and settings.curve_eps_l2 == ()
+    with pytest.raises(ValueError, match="latent_budget"):
+        preset(build_parser().parse_args(["defense", "--latent-eps", "-1"]))
     with pytest.raises(ValueError, match="expected --quick with the fast schedule"):
-        settings_from_args(args)
+        preset(build_parser().parse_args(["defense", "--quick", "--schedule", "defense-gan"]))
+    settings, defenses = preset(build_parser().parse_args(["defense", "--schedule", "defense-gan", "--figures", "bpda"]))
+    assert defenses == ("projection-defense-gan",) and settings.threats == ("l2-2", "l2-4")
 
 
 def test_quick_preset_is_marked() -> None:
     args = build_parser().parse_args(["defense", "--quick"])
-    assert isinstance(args, argparse.Namespace)
-    s = settings_from_args(args)
-    assert s.quick and s.n == 20 and s.schedule == "fast" and s.figures == FIGURES
+    assert isinstance(args, argparse.Namespace) and tuple(args.figures) == FIGURES
+    s, defenses = preset(args)
+    assert s.quick and s.n == 20 and defenses == ("undefended", "projection-fast")
 
 
 def test_plot_pairs(tmp_path: Path) -> None:
@@ -176,84 +157,45 @@ def test_plot_pairs(tmp_path: Path) -> None:
         plot_pairs(tmp_path / "bad.png", imgs, imgs[:2], [("a", "b")] * 3, "t")
 
 
-def test_run_defense_eval_end_to_end_tiny(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    test = load_mnist("test", limit=4)
-    settings = DefenseEvalSettings(
-        n=4,
-        batch_size=3,
-        pgd_steps=2,
-        naive_steps=2,
-        bpda_steps=1,
-        eot_samples=2,
-        draws=2,
-        l2_eps=(4.0,),
-        latent_steps=3,
-        op_steps=3,
-        op_check_pairs=2,
-    )
-    record = run_defense_eval(
-        settings, test.images, test.labels, load_zoo_models(torch.device("cpu")), tmp_path, progress=False
-    )
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == json.loads(json.dumps(record)) and saved["complete"] and not saved["quick"]
-    assert saved["n"] == 4 and saved["schedule"]["name"] == "fast"
-    assert saved["schedule"]["generator_passes_per_image"] == 102
-    expected = {
-        "undefended_pgd_linf_0.3",
-        "defended_clean",
-        "naive_transfer_l2_4",
-        "bpda_eot_l2_4",
-        "onmanifold_l2_3",
-        "overpowered_l2_4",
-    }
-    assert set(saved["figures"]) == expected
-    for key, fig in saved["figures"].items():
-        assert fig["n"] == 4 and fig["seconds"] >= 0 and "target" in fig, key
-        value = fig.get("accuracy", fig.get("success_rate"))
-        assert value is None or 0.0 <= value <= 1.0, key
-    assert saved["figures"]["undefended_pgd_linf_0.3"]["threat"] == {"norm": "linf", "eps": 0.3}
-    assert saved["figures"]["undefended_pgd_linf_0.3"]["attack"]["steps"] == 2
-    bpda = saved["figures"]["bpda_eot_l2_4"]
-    assert bpda["attack"]["eot_samples"] == 2 and bpda["attack"]["draws"] == 2
-    assert bpda["threat"] == {"norm": "l2", "eps": 4.0}
-    assert saved["figures"]["defended_clean"]["accuracy"] == 1.0  # the zoo models on 4 easy digits
-    op = saved["figures"]["overpowered_l2_4"]
-    steps = op["attack"]["steps"]
-    assert (
-        list(op["accuracy_at_steps"])[-1] == str(steps)
-        and op["accuracy_at_steps"][str(steps)] == op["accuracy"]
-    )
-    md = (tmp_path / "results.md").read_text()
-    assert "| bpda_eot_l2_4 |" in md and "QUICK" not in md
-    assert (tmp_path / "onmanifold_grid.png").read_bytes()[:4] == b"\x89PNG"
+def test_command_runs_every_figure_through_the_harness(tmp_path: Path) -> None:
+    """Every figure of the old command is a stage or report section of one harness run: defended clean (clean
+    stage and projection section), naive transfer (pgd with the bare classifier's transfer counts), BPDA + EOT,
+    on-manifold (classifier-alone success rate and pair grid) and overpowered (accuracy after each step count)."""
+    out = tmp_path / "run"
+    code = main([
+        "defense", "--n", "3", "--batch", "2", "--l2-eps", "4", "--bpda-steps", "1", "--eot", "2", "--draws", "2",
+        "--latent-steps", "3", "--op-steps", "3", "--out", str(out), "--device", "cpu", "--threads", "1",
+        "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["command"].startswith("python -m eval defense") and saved["n"] == 3
+    assert saved["threat_models"] == ["linf-0.3", "l2-4"] and saved["settings"]["cascade"] is False
+    und, proj = saved["defenses"]["undefended"], saved["defenses"]["projection-fast"]
+    assert proj["clean"] == 1.0 and proj["projection"]["accuracy_on_projections"] == 1.0
+    assert proj["projection"]["generator_passes_per_image"] > 50
+    naive = proj["attacks"]["pgd"]["l2-4"]
+    assert naive["settings"]["gradient"] == "bare classifier (transfer)"
+    assert naive["transfer"]["attacked"] == 3 and "accuracy_alone" in naive
+    assert proj["attacks"]["bpda-eot-pgd"]["l2-4"]["settings"]["eot_samples"] == 2
+    onm = und["attacks"]["onmanifold"]["l2-4"]
+    assert onm["eligible"] == 3 and 0 <= onm["successes"] <= 3 and onm["settings"]["budget_l2"] == 3.0
+    op = und["attacks"]["overpowered"]["l2-4"]
+    assert list(op["consistency_at_steps"]) == ["3"] and op["consistency_at_steps"]["3"] == op["consistency"]
+    report = (out / "report.md").read_text()
+    assert "## Projection (defended clean)" in report and "## Surrogate transfer" in report
+    assert (out / "onmanifold_undefended_l2-4.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_command_quick_subset(tmp_path: Path) -> None:
-    code = main(
-        [
-            "defense",
-            "--quick",
-            "--n",
-            "2",
-            "--figures",
-            "undefended,onmanifold",
-            "--latent-steps",
-            "2",
-            "--out",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ]
-    )
+    code = main(["defense", "--quick", "--n", "2", "--figures", "undefended,onmanifold", "--latent-steps", "2",
+                 "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--no-progress"])  # fmt: skip
     assert code == 0
     record = json.loads((tmp_path / "results.json").read_text())
-    assert record["quick"] is True and "QUICK" in record["note"]
-    assert record["command"].startswith("python -m eval") and record["n"] == 2
-    assert set(record["figures"]) == {"undefended_pgd_linf_0.3", "onmanifold_l2_3"}
-    assert "QUICK" in (tmp_path / "results.md").read_text()
+    assert record["quick"] is True and record["n"] == 2
+    assert list(record["defenses"]) == ["undefended"]
+    assert record["settings"]["attacks"] == ["clean", "pgd", "onmanifold"]
+    assert "QUICK" in (tmp_path / "report.md").read_text()
 
 
 def test_load_zoo_models_picks_the_named_classifier(tmp_path: Path) -> None:
@@ -286,16 +228,16 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
 
     zoo.save(zoo.load("mnist-classifier"), "mnist-rmd", tmp_path, {"training": {"note": "test weights"}})
     base = ["defense", "--n", "2", "--latent-steps", "2", "--op-steps", "2", "--classifier", "mnist-rmd",
-            "--classifier-dir", str(tmp_path), "--device", "cpu", "--threads", "1", "--write"]  # fmt: skip
+            "--classifier-dir", str(tmp_path), "--device", "cpu", "--threads", "1", "--write", "--no-progress"]  # fmt: skip
     out = tmp_path / "run"
     assert main([*base, "--figures", "onmanifold,overpowered", "--latent-eps", "1.5", "--out", str(out)]) == 0
     written = json.loads((out / "results.json").read_text())
-    result = written["figures"]
+    result = written["defenses"]["undefended"]["attacks"]
     rec = zoo.record("mnist-rmd", tmp_path)
     onm, op = rec["figures"]["onmanifold_l2_1.5"], rec["figures"]["overpowered_l2_4"]
-    assert onm["success_rate"] == result["onmanifold_l2_1.5"]["success_rate"]
-    assert onm["eligible"] == result["onmanifold_l2_1.5"]["eligible"] == 2 and onm["n"] == 2
-    assert op["accuracy"] == result["overpowered_l2_4"]["accuracy"] and op["attack"]["steps"] == 2
+    assert onm["success_rate"] == result["onmanifold"]["l2-1.5"]["success_rate"]
+    assert onm["eligible"] == result["onmanifold"]["l2-1.5"]["eligible"] == 2 and onm["n"] == 2
+    assert op["accuracy"] == result["overpowered"]["l2-1.5"]["consistency"] and op["attack"]["steps"] == 2
     assert onm["command"] == written["command"] and rec["training"] == {"note": "test weights"}
     table = markdown_table(tmp_path)
     assert "| `mnist-rmd` | on-manifold attack success rate, pixel l2 <= 1.5 (2 steps;" in table

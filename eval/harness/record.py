@@ -239,7 +239,7 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
     for norm in ("linf", "l2"):
         eps_list = settings.curve_eps_linf if norm == "linf" else settings.curve_eps_l2
         keys = [f"{name}|curve|{norm}-{e:g}" for e in eps_list]
-        if not all(k in stages for k in keys):
+        if not keys or not all(k in stages for k in keys):
             continue
         accs = []
         for k in keys:
