@@ -509,7 +509,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(
             f"Full CSGM MNIST protocol: {protocol.n_images} test images, m = {list(protocol.m_grid)}, "
-            f"DIP on {protocol.dip_images} images; the README gives its CPU wall time",
+            f"DIP on {protocol.dip_images} images; docs/compressed-sensing.md gives its CPU wall time",
             flush=True,
         )
     results = run_benchmark(

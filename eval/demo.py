@@ -105,7 +105,7 @@ def _robustness(out: Path, args: argparse.Namespace) -> list[str]:
         f"robustness report: {out}/report.md (results.json, accuracy_vs_eps.png, grid_*.png)",
         f"  reduced vs the full protocol: defenses {list(QUICK_DEFENSES)} (full adds projection-defense-gan); "
         f"{reduced}; attacks: all of {list(ATTACKS)}",
-        "  full protocol: python -m eval robustness --out runs/robustness (README: runtime)",
+        "  full protocol: python -m eval robustness --out runs/robustness (docs/defense.md: runtime)",
     ]
 
 

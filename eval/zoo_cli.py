@@ -79,7 +79,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=measure)
     s = sub.add_parser("zoo", help="print the zoo's recorded figures")
     s.add_argument("--weights-dir", type=Path, default=None)
-    s.add_argument("--markdown", action="store_true", help="print the figures as the README's Markdown table")
+    s.add_argument("--markdown", action="store_true", help="print the figures as the Markdown table of docs/zoo.md")
     s.set_defaults(func=show)
 
 
@@ -260,7 +260,7 @@ def _merge_figures(name: str, figures: dict[str, Any], folder: Path) -> None:
 
 
 def markdown_table(weights_dir: Path | None = None) -> str:
-    """The zoo's recorded figures as a Markdown table (what the README shows)."""
+    """The zoo's recorded figures as a Markdown table (what docs/zoo.md shows)."""
     rows = ["| model | figure | value | n | measured on |", "|---|---|---|---|---|"]
     for name in zoo.available(weights_dir):
         fig = zoo.record(name, weights_dir).get("figures", {})
