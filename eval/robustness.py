@@ -171,8 +171,21 @@ def build_defenses(
                 sur = {"encoder": sur["encoder"]}
             else:
                 inner = "fast"
+        # Defense-GAN's schedule unrolls 2010 generator passes per image: with surrogates, the unrolled attack
+        # differentiates through the fast schedule instead (verdicts stay the real defense's)
+        unrolled = schedule_config("fast", seed) if inner == "fast" else None
         out.append(
-            projection_defense(name, clf, gen, cfg, encoder=enc, seed=seed, surrogates=sur, surrogate=inner)
+            projection_defense(
+                name,
+                clf,
+                gen,
+                cfg,
+                encoder=enc,
+                seed=seed,
+                surrogates=sur,
+                surrogate=inner,
+                unrolled_config=unrolled,
+            )
         )
     return out
 
@@ -299,6 +312,9 @@ def add_parsers(sub: Any) -> None:
         help="l2 budget of the latent attacks under Linf (default 4)",
     )
     p.add_argument(
+        "--no-curves", action="store_true", help="skip the accuracy-vs-eps curves (and their checks)"
+    )
+    p.add_argument(
         "--verbatim",
         action="store_true",
         help="no surrogates: every attack's inner loop runs on the real defense",
@@ -351,6 +367,8 @@ def settings_from_args(args: argparse.Namespace) -> RobustnessSettings:
         overrides["batch_size"] = args.batch
     if args.dgan_n is not None:
         overrides["n_per_defense"] = {"projection-defense-gan": args.dgan_n}
+    if getattr(args, "no_curves", False):
+        overrides |= {"curve_eps_linf": (), "curve_eps_l2": ()}
     return RobustnessSettings.quick_preset(**overrides) if args.quick else RobustnessSettings(**overrides)
 
 

@@ -137,7 +137,9 @@ def test_schedules_and_preset_settings() -> None:
         preset(build_parser().parse_args(["defense", "--latent-eps", "-1"]))
     with pytest.raises(ValueError, match="expected --quick with the fast schedule"):
         preset(build_parser().parse_args(["defense", "--quick", "--schedule", "defense-gan"]))
-    settings, defenses = preset(build_parser().parse_args(["defense", "--schedule", "defense-gan", "--figures", "bpda"]))
+    settings, defenses = preset(
+        build_parser().parse_args(["defense", "--schedule", "defense-gan", "--figures", "bpda"])
+    )
     assert defenses == ("projection-defense-gan",) and settings.threats == ("l2-2", "l2-4")
 
 

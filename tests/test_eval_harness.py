@@ -76,7 +76,12 @@ def _run(setup: dict[str, Any], defenses: list[Defense], out: Path, **kw: Any) -
 def test_surrogate_path_breaks_a_point_only_where_the_real_defense_is_wrong(tmp_path: Path) -> None:
     setup = tiny_setup()
     d = surrogate_defense(setup)
-    kw = {"attacks": SURROGATE_ATTACKS, "threats": ("linf-0.3", "l2-1"), "final_steps": 3, "square_queries": 30}
+    kw = {
+        "attacks": SURROGATE_ATTACKS,
+        "threats": ("linf-0.3", "l2-1"),
+        "final_steps": 3,
+        "square_queries": 30,
+    }
     record = _run(setup, [d], tmp_path, **kw)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     checked = 0
@@ -191,7 +196,7 @@ def test_one_attack_loop_no_second_loop_in_eval() -> None:
 
 
 # ------------------------------------------------------------------------------------ own models (CLI)
-USER_MODELS = '''
+USER_MODELS = """
 import torch
 from torch import nn
 
@@ -226,7 +231,7 @@ def data():
     with torch.no_grad():
         x = decoder()(centers[y] + 0.15 * torch.randn(12, 2, generator=g))
     return x, y
-'''
+"""
 
 
 def _user_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -264,7 +269,9 @@ def test_own_models_get_a_robustness_report_with_one_command(tmp_path: Path) -> 
     assert "report.md" in {p.name for p in out.iterdir()}
 
 
-def test_other_image_shapes_need_threats_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_image_shapes_need_threats_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, weights = _user_files(tmp_path)
     code = run([
         "robustness", "--quick", "--n", "4", "--classifier", f"{path}:classifier", "--classifier-weights",

@@ -175,6 +175,7 @@ def projection_defense(
     seed: int = 0,
     surrogates: Mapping[str, nn.Module] | None = None,
     surrogate: str | None = None,
+    unrolled_config: InversionConfig | None = None,
 ) -> Defense:
     """The projection defense ``classifier(G(z*(x)))`` (Defense-GAN) with its BPDA and unrolled variants.
 
@@ -187,14 +188,19 @@ def projection_defense(
             ``False``: a deterministic function of the input.
         seed: seed of the restart noise.
         surrogates, surrogate: see :class:`Defense` (e.g. :func:`projection_surrogates`).
+        unrolled_config: the schedule the ``unrolled-pgd`` stage differentiates through (default ``config``); a
+            cheaper one (the fast schedule for Defense-GAN's 2010-pass projection) makes the unrolled attack a
+            surrogate attack: its verdicts stay the real defense's and its transfer counts are reported.
     """
-    enc = encoder if config.init == "encoder" else None
 
-    def projector(gradient: str, randomize: bool = randomized) -> LatentProjector:
-        return LatentProjector(generator, config, gradient, encoder=enc, seed=seed, randomize=randomize)  # type: ignore[arg-type]
+    def projector(
+        gradient: str, randomize: bool = randomized, cfg: InversionConfig = config
+    ) -> LatentProjector:
+        start = encoder if cfg.init == "encoder" else None
+        return LatentProjector(generator, cfg, gradient, encoder=start, seed=seed, randomize=randomize)  # type: ignore[arg-type]
 
     bpda = ProjectedClassifier(classifier, projector("bpda")).eval()
-    unrolled = ProjectedClassifier(classifier, projector("unrolled")).eval()
+    unrolled = ProjectedClassifier(classifier, projector("unrolled", cfg=unrolled_config or config)).eval()
     return Defense(
         name=name,
         model=bpda,

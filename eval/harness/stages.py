@@ -60,6 +60,14 @@ def input_gradient(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return torch.zeros_like(x) if grads is None else grads.detach()
 
 
+def _schedule(model: nn.Module) -> str:
+    """The projection settings inside a module (its ``LatentProjector``'s ``extra_repr``), for the records."""
+    for m in model.modules():
+        if type(m).__name__ == "LatentProjector":
+            return m.extra_repr()
+    return type(model).__name__
+
+
 class Runner:
     """Runs every stage of every defense, skipping those the state already holds (see module docs)."""
 
@@ -497,7 +505,8 @@ class Runner:
                 d, draws, threat, d.unrolled_model, PGDConfig(steps=s.unrolled_steps, random_start=True)
             )
             settings = {"steps": s.unrolled_steps, "points": "all" if s.unrolled_n is None else s.unrolled_n,
-                        "chunk": s.unrolled_batch, "step_size": f"2.5 eps / {s.unrolled_steps}"}  # fmt: skip
+                        "chunk": s.unrolled_batch,
+                "through": f"unrolled model ({_schedule(d.unrolled_model)})", "step_size": f"2.5 eps / {s.unrolled_steps}"}  # fmt: skip
         elif attack == "real-bpda-eot":
             eot = s.eot_samples if randomized else 1
             model = d.bpda_model if d.bpda_model is not None else d.model
