@@ -121,7 +121,9 @@ def test_a_lying_surrogate_breaks_nothing_and_is_flagged(tmp_path: Path) -> None
     clf = setup["classifier"]
     liar = Permuted(clf).eval()
     d = Defense("liar", clf.eval(), surrogates={"liar": liar}, surrogate="liar")
+    x_before = setup["x"].clone()
     record = _run(setup, [d], tmp_path, attacks=("clean", "bpda-pgd", "surrogate-pgd"), threats=("l2-0.05",))
+    assert torch.equal(setup["x"], x_before)  # the caller's tensors are untouched
     e = record["defenses"]["liar"]
     for attack in ("bpda-pgd", "surrogate-pgd"):
         t = e["attacks"][attack]["l2-0.05"]["transfer"]
@@ -303,3 +305,26 @@ def test_model_specs_and_weights_are_checked(tmp_path: Path) -> None:
         load_model(f"{path}:nothing", "classifier", cpu)
     clf = load_model(f"{path}:classifier", "classifier", cpu, weights=weights)
     assert not clf.training and clf(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_surrogate_settings_and_curve_budgets_are_checked() -> None:
+    from eval.harness import RobustnessSettings
+    from eval.harness.settings import default_curve_eps
+
+    lin = nn.Linear(2, 2)
+    with pytest.raises(
+        ValueError, match=r"expected surrogate of defense 'x' to be one of its surrogates \['a'\]"
+    ):
+        Defense("x", lin, surrogates={"a": lin}, surrogate="b")
+    with pytest.raises(
+        TypeError, match=r"expected surrogates of defense .x. as non-empty names -> nn\.Module"
+    ):
+        Defense("x", lin, surrogates={"a": "not a module"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="expected unrolled_n to be an int >= 1 or None, got 0"):
+        RobustnessSettings(unrolled_n=0)
+    assert RobustnessSettings().unrolled_n is None and RobustnessSettings.quick_preset().unrolled_n == 3
+    assert default_curve_eps(("l2-1", "linf-0.1"), (1, 8, 8)) == {
+        "curve_eps_linf": (0.05, 0.1, 0.2, 1.0),
+        "curve_eps_l2": (0.5, 1.0, 2.0, 8.0),
+    }
+    assert default_curve_eps(("l2-2",), (3, 32, 32)) == {"curve_eps_l2": (1.0, 2.0, 4.0, 56.0)}
