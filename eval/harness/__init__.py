@@ -7,7 +7,8 @@ sharding; surrogate attacks verified on the real defense. Modules (each one a re
   :class:`RobustnessSettings`;
 - :mod:`eval.harness.defenses`: :class:`Defense` (model, BPDA / unrolled variants, surrogates) and constructors;
 - :mod:`eval.harness.state`: fingerprint, saved state, per-chunk seeds and the sharded chunk runner;
-- :mod:`eval.harness.stages`: the stages (clean, projection, each attack, curves, examples);
+- :mod:`eval.harness.stages`: the runner (info, clean, the attack cascade and its verdicts);
+- :mod:`eval.harness.sections`: the other stages (projection figures, accuracy-vs-eps curves, example grids);
 - :mod:`eval.harness.record`: the per-defense record (transfer counts, flags, audit);
 - :mod:`eval.harness.api`: :func:`run_robustness`;
 - :mod:`eval.harness.models`: models and data named on the command line (zoo names, ``module:factory``,

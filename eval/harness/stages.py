@@ -35,18 +35,17 @@ from attacks import (
     per_sample_norm,
     project_onto_threat,
 )
-from attacks.base import check_logits, predict
+from attacks.base import check_logits
 from eval import defense_figures as figures
 from eval.harness import state as st
 from eval.harness.defenses import Defense
+from eval.harness.sections import ChunkFn, SectionStages
 from eval.harness.settings import RobustnessSettings, parse_threat, threat_key
 from manifold_defense.inversion import InversionConfig
 from manifold_defense.progress import progress as progress_display
 from manifold_defense.training.distributed import DistContext
 
 __all__ = ["Runner", "input_gradient"]
-
-ChunkFn = Callable[[Tensor], dict[str, Tensor]]
 
 
 def input_gradient(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -68,7 +67,7 @@ def _schedule(model: nn.Module) -> str:
     return type(model).__name__
 
 
-class Runner:
+class Runner(SectionStages):
     """Runs every stage of every defense, skipping those the state already holds (see module docs)."""
 
     def __init__(
@@ -289,30 +288,6 @@ class Runner:
                 key, {"status": "ran", "indices": idx, **parts, "seconds": time.perf_counter() - start}
             )
         return self.state["stages"][key]["robust"].clone()
-
-    def _projection(self, d: Defense, n_d: int) -> None:
-        """Defended-clean figures of a preprocessing defense: the deterministic ``preprocess`` of every clean
-        point, its per-pixel MSE, generator passes per image (when the module reports them) and the classifier's
-        accuracy on the projections."""
-        key = f"{d.name}|projection"
-        if key in self.state["stages"]:
-            return
-        pre, clf = d.preprocess, d.classifier if d.classifier is not None else d.model
-        assert pre is not None
-        start = time.perf_counter()
-
-        def fn(chunk: Tensor) -> dict[str, Tensor]:
-            xb, yb = self.x[chunk], self.y[chunk]
-            with torch.no_grad():
-                xh = pre(xb)
-                pred = predict(clf, xh, f"classifier of defense {d.name!r}", "on clean projections")
-            mse = (xh - xb).pow(2).flatten(1).mean(1)
-            evals = getattr(pre, "last_generator_evals", None)
-            passes = evals.float() if isinstance(evals, Tensor) else torch.full((len(chunk),), float("nan"))
-            return {"mse": mse, "correct": pred == yb, "passes": passes.reshape(-1)[: len(chunk)]}
-
-        parts = self._chunks(key, d, torch.arange(n_d), self.s.batch_size, fn)
-        self._finish(key, {"status": "ran", **parts, "seconds": time.perf_counter() - start})
 
     # ------------------------------------------------------------------------------------------ cascade
     def _skip_reason(self, d: Defense, attack: str, randomized: bool) -> str | None:
@@ -590,61 +565,3 @@ class Runner:
             for i, zi in zip(missing, z, strict=True):
                 self.latents[i] = zi.detach()
         return torch.stack([self.latents[int(i)] for i in chunk])
-
-    # ------------------------------------------------------------------------------------- curves etc.
-    def _curve(self, d: Defense, draws: int, threat: ThreatModel, clean: Tensor) -> None:
-        key = f"{d.name}|curve|{threat_key(threat)}"
-        if key in self.state["stages"]:
-            return
-        start = time.perf_counter()
-        eot = self.s.curve_eot if draws > 1 else 1
-        model = d.inner_model()
-        fn = self._pgd_fn(
-            d, draws, threat, model, PGDConfig(steps=self.s.curve_steps, random_start=True, eot_samples=eot)
-        )
-        idx = clean.nonzero().squeeze(1)
-        rec = self._stage_record(idx, self._chunks(key, d, idx, self.s.batch_size, fn), start)
-        rec.pop("broken_x_adv", None)
-        rec["settings"] = {
-            "attack": "bpda-pgd" if (d.bpda_model is not None or d.surrogate is not None) else "pgd",
-            "steps": self.s.curve_steps,
-            "eot_samples": eot,
-            "through": f"surrogate {d.surrogate!r}" if d.surrogate is not None else "model",
-        }
-        self._finish(key, rec)
-
-    def _examples(self, d: Defense, threat: ThreatModel) -> None:
-        key = f"{d.name}|{threat_key(threat)}|examples"
-        if key in self.state["stages"]:
-            return
-        shown_idx: list[int] = []
-        shown_adv: list[Tensor] = []
-        shown_by: list[str] = []
-        for attack in self.s.attacks[1:]:
-            rec = self.state["stages"][f"{d.name}|{threat_key(threat)}|{attack}"]
-            if rec["status"] != "ran" or "broken_x_adv" not in rec:
-                continue
-            broken = rec["indices"][~rec["robust"]]
-            for i, xa in zip(broken.tolist(), rec["broken_x_adv"], strict=True):
-                if i not in shown_idx and len(shown_idx) < self.s.grid_examples:
-                    shown_idx.append(i)
-                    shown_adv.append(xa)
-                    shown_by.append(attack)
-        record: dict[str, Any] = {
-            "status": "ran",
-            "indices": torch.tensor(shown_idx, dtype=torch.long),
-            "attacks": shown_by,
-            "labels": self.y[shown_idx].cpu() if shown_idx else torch.zeros(0, dtype=torch.long),
-        }
-        if shown_idx:
-            x_adv = torch.stack(shown_adv)
-            record["clean"] = self.x[shown_idx].cpu()
-            record["x_adv"] = x_adv
-            with torch.no_grad():
-                adv_dev = x_adv.to(self.x.device)
-                where = "on the example images"
-                record["pred"] = predict(d.model, adv_dev, f"model of defense {d.name!r}", where).cpu()
-                if d.preprocess is not None:
-                    with st.seeded(self.s.seed, d, self.x.device):
-                        record["projected"] = d.preprocess(adv_dev).cpu()
-        self._finish(key, record)
