@@ -152,13 +152,19 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
                     if attack in SURROGATE_STAGES and attack in _surrogate_run(rec):
                         checks.append(_transfer_check(attack, tk, counts, settings))
                 if attack == "real-bpda-eot":
-                    fired = newly > settings.blackbox_tol * n_d
+                    inner = (info.get("surrogates") or {}).get("inner")
+                    fired = newly > settings.blackbox_tol * n_d if inner is not None else None
                     checks.append(
                         _check(
                             "real-bpda-eot-broke",
                             fired,
                             tk,
-                            f"the final real-forward BPDA + EOT round newly broke {newly} of {n_d} points (tolerance {settings.blackbox_tol:g} n)",
+                            f"the final real-forward BPDA + EOT round newly broke {newly} of {n_d} points (tolerance {settings.blackbox_tol:g} n)"
+                            + (
+                                ""
+                                if inner is not None
+                                else "; n/a: the inner loops already ran on the real defense"
+                            ),
                         )
                     )
                 broken_by[tk][attack] = newly

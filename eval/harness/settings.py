@@ -99,8 +99,9 @@ FLAGS: dict[str, str] = {
     "surrogate-transfer-gap": "a stage whose inner loop ran on a surrogate: fewer than `transfer_min` of the "
     "points the surrogate misclassified are misclassified by the real defense (and at least 2 did not "
     "transfer): the surrogate does not stand in for the defense",
-    "real-bpda-eot-broke": "the final real-forward BPDA + EOT round broke more than `blackbox_tol` n points the "
-    "surrogate attacks left robust: the surrogate path was weaker than the real one",
+    "real-bpda-eot-broke": "for a defense whose inner loops ran on a surrogate: the final real-forward BPDA + EOT "
+    "round broke more than `blackbox_tol` n points the surrogate attacks left robust (the surrogate path was "
+    "weaker than the real one)",
     "audit-failed": "an adversarial example outside its threat model, outside [0, 1], or with NaN values",
 }
 
