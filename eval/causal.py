@@ -54,6 +54,7 @@ from manifold_defense.causal import (
     DigitWorld,
     Node,
     ProjectionCritic,
+    marginal,
     one_hot_labels,
     read_attributes,
     train_controller,
@@ -85,7 +86,7 @@ SHOWN = 40
 
 @dataclass(frozen=True)
 class CausalProtocol:
-    """Settings of one ``eval causal`` run (all decide its figures)."""
+    """Settings of one ``eval causal`` run (all decide its figures; ``images=False``: ``--labels-only``)."""
 
     train: bool = False
     train_size: int = 30000
@@ -96,6 +97,7 @@ class CausalProtocol:
     n_samples: int = 4000
     seed: int = 0
     quick: bool = False
+    images: bool = True
 
     def gan_config(self) -> GANTrainConfig:
         return GANTrainConfig(steps=self.steps, batch_size=self.batch_size, bn_batches=self.bn_batches,
@@ -206,31 +208,57 @@ class _Cache:
         tmp.replace(path)
 
 
-def _train_models(
+def _common_record(protocol: CausalProtocol, command: str, dev: torch.device) -> dict[str, Any]:
+    return {"command": command, "seed": protocol.seed, "device": str(dev), "torch": torch.__version__,
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "data": f"digit world, {protocol.train_size} labelled images from the MNIST train split "
+                    f"(DigitWorld.sample(n, seed={protocol.seed}))"}  # fmt: skip
+
+
+def _train_controller(
+    protocol: CausalProtocol, out: Path, dev: torch.device, command: str
+) -> CausalController:
+    """Fit (or reuse from ``out/models``) the controller on the world's labels (seconds)."""
+    models = out / "models"
+    if "causal-digit-controller" in zoo.available(models):
+        return zoo.load("causal-digit-controller", "cpu", weights_dir=models)  # type: ignore[return-value]
+    controller = zoo.build("causal-digit-controller")
+    if not isinstance(controller, CausalController):
+        raise TypeError(
+            f"zoo entry causal-digit-controller: expected a CausalController, got {type(controller)}"
+        )
+    labels = DigitWorld.sample_labels(
+        protocol.train_size, protocol.seed
+    )  # the labels of world.sample(n, seed)
+    fit = train_controller(controller, labels, steps=protocol.controller_steps, seed=protocol.seed)
+    zoo.save(controller, "causal-digit-controller", models, {"training": {
+        **_common_record(protocol, command, dev),
+        "data": f"the (D, T, S) labels of DigitWorld.sample({protocol.train_size}, seed={protocol.seed}) "
+                "(DigitWorld.sample_labels: no images needed)",
+        "method": "maximum likelihood per node (full-batch Adam, lr 0.01, over the distinct label rows weighted "
+                  "by their counts)",
+        "steps": protocol.controller_steps, "nll": fit["nll"], "seconds": fit["seconds"]}})  # fmt: skip
+    return controller
+
+
+def _train_gan(
     protocol: CausalProtocol, world: DigitWorld, out: Path, dev: torch.device, classifier: nn.Module,
     command: str, progress: bool,
-) -> tuple[CausalController, ConditionalGenerator]:  # fmt: skip
-    """Train (or resume, or reuse from ``out/models``) the controller and the image GAN."""
+) -> ConditionalGenerator:  # fmt: skip
+    """Train (or resume, or reuse from ``out/models``) the label-conditioned image GAN."""
     models = out / "models"
     if (
-        set(zoo.available(models)) >= {"causal-digit-gan", "causal-digit-controller"}
+        "causal-digit-gan" in zoo.available(models)
         and zoo.record("causal-digit-gan", models)["training"]["config"]["steps"] == protocol.steps
     ):
-        return (zoo.load("causal-digit-controller", dev, weights_dir=models).cpu(),  # type: ignore[return-value]
-                zoo.load("causal-digit-gan", dev, weights_dir=models))  # fmt: skip
+        return zoo.load("causal-digit-gan", dev, weights_dir=models)  # type: ignore[return-value]
     data = world.sample(protocol.train_size, protocol.seed)
-    common = {"command": command, "seed": protocol.seed, "device": str(dev), "torch": torch.__version__,
-              "machine": platform.machine(), "threads": torch.get_num_threads(),
-              "data": f"digit world, {protocol.train_size} labelled images from the MNIST train split "
-                      f"(DigitWorld.sample(n, seed={protocol.seed}))"}  # fmt: skip
-    controller, gen = zoo.build("causal-digit-controller"), zoo.build("causal-digit-gan")
-    if not isinstance(controller, CausalController) or not isinstance(gen, ConditionalGenerator):
-        raise TypeError("zoo entries causal-digit-controller / causal-digit-gan: unexpected architectures")
-    fit = train_controller(controller, data.labels, steps=protocol.controller_steps, seed=protocol.seed)
     with torch.random.fork_rng():
-        torch.manual_seed(protocol.seed)
-        gen.load_state_dict(zoo.build("causal-digit-gan").state_dict())  # initial weights from the seed
-        disc = ProjectionCritic(label_dim=gen.label_dim, width=32)
+        torch.manual_seed(protocol.seed)  # the initial weights
+        gen = zoo.build("causal-digit-gan")
+        disc = ProjectionCritic(label_dim=9, width=32)
+    if not isinstance(gen, ConditionalGenerator):
+        raise TypeError(f"zoo entry causal-digit-gan: expected a ConditionalGenerator, got {type(gen)}")
     conditions = one_hot_labels(DigitWorld.graph, data.labels)
     val_labels = DigitWorld.sample_labels(500, protocol.seed + 7)
 
@@ -248,16 +276,30 @@ def _train_models(
                      checkpoint_dir=out / "checkpoints" / "gan", progress=progress, conditional=True,
                      validate=validate, validate_every=min(1000, config.steps))  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
-    zoo.save(controller, "causal-digit-controller", models, {"training": {
-        **common, "method": "maximum likelihood per node (full-batch Adam, lr 0.01)",
-        "steps": protocol.controller_steps, "nll": fit["nll"], "seconds": fit["seconds"]}})  # fmt: skip
     zoo.save(gen, "causal-digit-gan", models, {"training": {
-        **common, "config": dataclasses.asdict(config), "discriminator": "ProjectionCritic(label_dim=9, width=32)",
+        **_common_record(protocol, command, dev), "config": dataclasses.asdict(config),
+        "discriminator": "ProjectionCritic(label_dim=9, width=32)",
         "conditional": "train_gan(conditional=True): one-hot (D, T, S) of the batch's real images",
         "seconds": seconds, "seconds_note": "wall time of the last invocation (a resumed run counts its part)",
         "final_metrics": hist[-1] if hist else {}}})  # fmt: skip
     (models / "history.json").write_text(json.dumps(hist, indent=1) + "\n")
-    return controller, gen
+    return gen
+
+
+def _label_figures(ctrl: CausalController) -> dict[str, Any]:
+    """Per setting and free node: the controller's exact distribution and its TVD to the exact truth."""
+    out: dict[str, Any] = {}
+    for setting, kind, assignment in SETTINGS:
+        joint = ctrl.joint(assignment if kind == "do" else None)
+        cond = assignment if kind == "condition" else None
+        out[setting] = {}
+        for node in DigitWorld.graph.order:
+            if node in assignment:
+                continue
+            dist = marginal(ctrl.graph, joint, node, cond)
+            out[setting][node] = {"controller": [round(float(v), 4) for v in dist],
+                                  "tvd": round(tvd(dist, _exact(kind, assignment, node)), 4)}  # fmt: skip
+    return out
 
 
 def run(
@@ -270,18 +312,24 @@ def run(
     mnist = load_mnist("train", data_dir)
     world = DigitWorld(mnist.images, mnist.labels)
     classifier = zoo.load("mnist-classifier", dev)
+    names = (
+        ("causal-digit-controller", "causal-digit-gan") if protocol.images else ("causal-digit-controller",)
+    )
+    gen: nn.Module | None = None
     if protocol.train:
-        controller, gen = _train_models(protocol, world, out, dev, classifier, command, progress)
+        controller = _train_controller(protocol, out, dev, command)
+        if protocol.images:
+            gen = _train_gan(protocol, world, out, dev, classifier, command, progress)
         source = str(out / "models")
     else:
-        missing = {"causal-digit-gan", "causal-digit-controller"} - set(zoo.available())
+        missing = set(names) - set(zoo.available())
         if missing:
             raise FileNotFoundError(f"zoo models {sorted(missing)} are not shipped: pass --train")
         controller = zoo.load("causal-digit-controller", "cpu")  # type: ignore[assignment]
-        gen = zoo.load("causal-digit-gan", dev)  # type: ignore[assignment]
+        gen = zoo.load("causal-digit-gan", dev) if protocol.images else None
         source = "zoo"
     folder = out / "models" if protocol.train else zoo.WEIGHTS_DIR
-    shas = {n: zoo.record(n, folder)["sha256"] for n in ("causal-digit-gan", "causal-digit-controller")}
+    shas = {n: zoo.record(n, folder)["sha256"] for n in names}
     labels = DigitWorld.sample_labels(protocol.train_size, protocol.seed)
     controllers: dict[str, CausalController] = {"causal": controller}
     fits: dict[str, Any] = {}
@@ -290,14 +338,17 @@ def run(
         fits[name] = train_controller(ctrl, labels[:, _columns(graph)], steps=protocol.controller_steps,
                                       seed=protocol.seed)  # fmt: skip
         controllers[name] = ctrl
-    gan = CausalGAN(controller, gen)
+    gan = CausalGAN(controller, gen) if gen is not None else None
     cache = _Cache(out / "cache", {"protocol": dataclasses.asdict(protocol), "models": shas})
     models: dict[str, Any] = {}
     shown: dict[str, torch.Tensor] = {}
     for name, ctrl in controllers.items():
         per: dict[str, Any] = {"graph": ctrl.graph.spec(),
                                "controller_joint_tvd": round(tvd(_world_joint(ctrl), DigitWorld.joint()), 4),
-                               "settings": {}}  # fmt: skip
+                               "labels": _label_figures(ctrl), "settings": {}}  # fmt: skip
+        models[name] = per
+        if gan is None:
+            continue
         for i, (setting, kind, assignment) in enumerate(SETTINGS):
             item = f"{name}-{i}"
             figures = cache.get(item)
@@ -315,10 +366,9 @@ def run(
                     figures["seconds"] = round(time.perf_counter() - start, 1)
                     cache.put(item, figures)
             per["settings"][setting] = figures
-        models[name] = per
         log.info("%s: controller joint TVD %.4f", name, per["controller_joint_tvd"])
     floor: dict[str, Any] = {}
-    for i, (setting, kind, assignment) in enumerate(SETTINGS):
+    for i, (setting, kind, assignment) in enumerate(SETTINGS if gan is not None else ()):
         item = f"real-{i}"
         figures = cache.get(item)
         if figures is None:
@@ -361,11 +411,18 @@ def figure_checks(models: dict[str, Any]) -> dict[str, Any]:
     within 0.05 of P(D) and for T = t within 0.05 of P(D | T = t), the exact ones >= 0.2 apart."""
     checks: dict[str, Any] = {}
     for name, per in models.items():
-        s = per["settings"]
         c: dict[str, Any] = {"controller_joint_tvd": per["controller_joint_tvd"],
                              "controller_joint_ok": per["controller_joint_tvd"] <= TARGET}  # fmt: skip
-        ok = c["controller_joint_ok"]
+        lab = per["labels"]
+        label_ok = c["controller_joint_ok"]
         for t in ("thick", "thin"):
+            c[f"labels: do(T={t}) D tvd"] = lab[f"do(T={t})"]["D"]["tvd"]
+            c[f"labels: T={t} D tvd"] = lab[f"T={t}"]["D"]["tvd"]
+            label_ok = label_ok and max(c[f"labels: do(T={t}) D tvd"], c[f"labels: T={t} D tvd"]) <= TARGET
+        c["labels_all_ok"] = label_ok
+        s = per["settings"]
+        ok = c["controller_joint_ok"]
+        for t in ("thick", "thin") if s else ():
             do_d, cond_d = s[f"do(T={t})"]["D"], s[f"T={t}"]["D"]
             c[f"do(T={t}) D tvd"] = do_d["tvd"]
             c[f"T={t} D tvd"] = cond_d["tvd"]
@@ -375,10 +432,14 @@ def figure_checks(models: dict[str, Any]) -> dict[str, Any]:
             )
             c[f"T={t} ok"] = passed
             ok = ok and passed
-        c["all_ok"] = ok
+        c["all_ok"] = ok if s else None
         checks[name] = c
     if "causal" in checks:
-        checks["baselines_fail"] = {n: not c["all_ok"] for n, c in checks.items() if n != "causal"}
+        checks["baselines_fail"] = {
+            n: not (c["labels_all_ok"] and c["all_ok"] is not False)
+            for n, c in checks.items()
+            if n != "causal"
+        }
     return checks
 
 
@@ -413,12 +474,22 @@ def _write_markdown(results: dict[str, Any], path: Path) -> None:
             extra = f" (joint read TVD {fig['joint_tvd']})" if "joint_tvd" in fig else ""
             lines.append(f"| {name} | {ctvd} | {setting}{extra} | {cell(fig['D'])} | {cell(fig['T'])} | "
                          f"{cell(fig['S'])} | {fixed} |")  # fmt: skip
+    lines += [
+        "",
+        "Label level (the controllers' exact distributions against the truth, TVD per free node):",
+        "",
+        "| model | " + " | ".join(s for s, _, _ in SETTINGS) + " |",
+        "|---|" + "---|" * len(SETTINGS),
+    ]
+    for name, per in results["models"].items():
+        cells = [", ".join(f"{n} {v['tvd']}" for n, v in per["labels"][s].items()) for s, _, _ in SETTINGS]
+        lines.append(f"| {name} (joint {per['controller_joint_tvd']}) | " + " | ".join(cells) + " |")
     lines += ["", "Exact distributions (D over 0, 1, 3, 4, 7; T thin, thick; S left, right):", ""]
     for setting, dists in results["world"]["exact"].items():
         lines.append(f"- {setting}: " + "; ".join(f"{n} {v}" for n, v in dists.items()))
     lines += ["", "Read digit distributions of generated images:", ""]
     for name, per in results["models"].items():
-        for setting in ("do(T=thick)", "T=thick", "do(T=thin)", "T=thin"):
+        for setting in ("do(T=thick)", "T=thick", "do(T=thin)", "T=thin") if per["settings"] else ():
             lines.append(f"- {name} {setting}: {per['settings'][setting]['D']['read']}")
     lines += ["", "Checks (issue 21):", "", "```", json.dumps(results["checks"], indent=1), "```", ""]
     path.write_text("\n".join(lines))
@@ -462,6 +533,8 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--train", action="store_true", help="train the controller and the image GAN (default: load "
                    "the shipped zoo models)")  # fmt: skip
+    p.add_argument("--labels-only", action="store_true", help="the controllers only (label-level figures, no "
+                   "image GAN): seconds")  # fmt: skip
     p.add_argument("--steps", type=positive_int_arg, default=None, help="GAN steps (with --train)")
     p.add_argument(
         "--train-size", type=positive_int_arg, default=None, help="labelled world images to train on"
@@ -481,7 +554,7 @@ def main(args: argparse.Namespace) -> int:
     """Handler of ``python -m eval causal``."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    overrides: dict[str, Any] = {"seed": args.seed}
+    overrides: dict[str, Any] = {"seed": args.seed, "images": not args.labels_only}
     if args.train or args.quick:
         overrides["train"] = True
     for key, value in (("steps", args.steps), ("train_size", args.train_size), ("n_samples", args.samples)):

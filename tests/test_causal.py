@@ -279,3 +279,24 @@ def test_shipped_controller_reaches_the_figure() -> None:
     ctrl = zoo.load("causal-digit-controller")
     assert isinstance(ctrl, CausalController) and ctrl.graph.spec() == W.graph.spec()
     assert tvd(ctrl.joint(), W.joint()) <= 0.05
+
+
+def test_eval_causal_labels_only_shows_the_graph_matters(tmp_path: Path) -> None:
+    """Label level, exact: the true graph matches both do() and conditioning; the independent controller fails
+    conditioning, the reversed one fails intervention."""
+    from eval.causal import CausalProtocol, run
+
+    res = run(
+        CausalProtocol(train=True, images=False, train_size=20000, controller_steps=400), tmp_path / "c"
+    )
+    checks = res["checks"]
+    assert checks["causal"]["labels_all_ok"] and checks["causal"]["all_ok"] is None
+    assert (
+        checks["independent"]["labels: T=thick D tvd"] > 0.25
+        and checks["independent"]["labels: do(T=thick) D tvd"] < 0.03
+    )
+    assert (
+        checks["reversed"]["labels: do(T=thick) D tvd"] > 0.25
+        and checks["reversed"]["labels: T=thick D tvd"] < 0.03
+    )
+    assert res["real_floor"] == {} and zoo.available(tmp_path / "c" / "models") == ["causal-digit-controller"]

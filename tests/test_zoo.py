@@ -20,7 +20,8 @@ def test_load_eval_mode_and_record(name: str) -> None:
     rec = zoo.record(name)
     assert rec["sha256"] == zoo.sha256_file(zoo.WEIGHTS_DIR / f"{name}.safetensors")
     train = rec.get("training") or rec.get("joint_training")
-    assert train is not None and train["command"].startswith("python -m eval train") and "seed" in train
+    assert train is not None and "seed" in train
+    assert train["command"].startswith(("python -m eval train", "python -m eval causal --out"))
 
 
 @pytest.mark.parametrize("name", ["mnist-gan", "mnist-vae"])
@@ -98,19 +99,22 @@ def test_encoder_reconstructs_test_digits(tmp_path: Path) -> None:
     assert float(mse) < 0.01
 
 
+#: Registered zoo entries whose weights are not shipped yet, with how to train them (issue 21: the CausalGAN
+#: image generator is trained by `python -m eval causal --out DIR --train`; see docs/causal.md).
+NOT_SHIPPED_YET = {"causal-digit-gan"}
+
+
 def test_every_registered_model_is_shipped_and_a_missing_one_says_how_to_get_it(tmp_path: Path) -> None:
-    assert (
-        set(zoo.available())
-        == set(zoo.registered())
-        == {
-            "mnist-classifier",
-            "mnist-gan",
-            "mnist-vae",
-            "mnist-encoder",
-            "mnist-pgd-at",
-            "mnist-rmd",
-        }
-    )
+    assert set(zoo.available()) == set(zoo.registered()) - NOT_SHIPPED_YET
+    assert set(zoo.available()) == {
+        "mnist-classifier",
+        "mnist-gan",
+        "mnist-vae",
+        "mnist-encoder",
+        "mnist-pgd-at",
+        "mnist-rmd",
+        "causal-digit-controller",
+    }
     assert zoo.CLASSIFIERS == ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
     with pytest.raises(FileNotFoundError, match=r"python -m eval train"):
         zoo.load("mnist-rmd", weights_dir=tmp_path)

@@ -65,14 +65,17 @@ class CausalController(nn.Module):
         dev = next(self.parameters()).device
         return self.nodes[name](self._inputs(name, {k: v.to(dev) for k, v in values.items()}))
 
-    def log_likelihood(self, labels: torch.Tensor) -> torch.Tensor:
-        """Mean log-likelihood per example of label rows ``(N, len(nodes))`` (columns in topological order)."""
+    def log_likelihood(self, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean log-likelihood per example of label rows ``(N, len(nodes))`` (columns in topological order),
+        each row counted ``weights[i]`` times when given (distinct rows with their counts: the same value)."""
         values = {name: labels[:, i] for i, name in enumerate(self.graph.order)}
         n = labels.shape[0]
         dev = next(self.parameters()).device
+        w = torch.ones(n, device=dev) if weights is None else weights.to(dev, torch.float32)
         total = torch.zeros((), device=dev)
         for name in self.graph.order:
-            total = total - F.cross_entropy(self.logits(name, values, n), values[name].to(dev))
+            nll = F.cross_entropy(self.logits(name, values, n), values[name].to(dev), reduction="none")
+            total = total - (w * nll).sum() / w.sum()
         return total
 
     @torch.no_grad()
@@ -156,7 +159,8 @@ def train_controller(
     lr: float = 0.01,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Fit the controller to label rows ``(N, len(nodes))`` by maximum likelihood (full-batch Adam).
+    """Fit the controller to label rows ``(N, len(nodes))`` by maximum likelihood (full-batch Adam over the
+    distinct rows weighted by their counts, the same objective as over all rows).
 
     Returns:
         ``{"nll": final mean negative log-likelihood per example, "seconds": wall time}``.
@@ -181,8 +185,9 @@ def train_controller(
     opt = torch.optim.Adam(controller.parameters(), lr=lr)
     controller.train()
     nll = torch.zeros(())
+    rows, counts = labels.long().unique(dim=0, return_counts=True)
     for _ in range(steps):
-        nll = -controller.log_likelihood(labels.long())
+        nll = -controller.log_likelihood(rows, counts)
         opt.zero_grad(set_to_none=True)
         nll.backward()
         opt.step()

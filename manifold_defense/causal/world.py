@@ -33,8 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
-from skimage.morphology import disk, skeletonize
 from torch import nn
 
 from manifold_defense.causal.graph import CausalGraph, Node, joint_table, marginal
@@ -88,6 +86,7 @@ def _moments(img: np.ndarray) -> tuple[float, float, float]:
 
 def _shear_to(img: np.ndarray, target: float) -> np.ndarray:
     """``img`` sheared (rows fixed, columns shifted) to slant ``target``, its centre of mass moved to the centre."""
+    from scipy import ndimage  # scipy and scikit-image load on first use: importing the zoo stays light
     cy, cx, slant = _moments(img)
     a = target - slant
     m = np.array([[1.0, 0.0], [-a, 1.0]])  # input (row, col) = m @ output (row, col) + offset
@@ -98,6 +97,8 @@ def _shear_to(img: np.ndarray, target: float) -> np.ndarray:
 def render(image: np.ndarray, thick: int, right: int) -> np.ndarray:
     """The world's image of an MNIST digit ``image`` (28x28 in [0, 1]) with thickness ``thick`` (0 thin, 1 thick)
     and slant ``right`` (0 left, 1 right), float32 in [0, 1]."""
+    from scipy import ndimage
+    from skimage.morphology import disk, skeletonize
     sheared = _shear_to(image.astype(np.float64), SLANT if right else -SLANT)
     strokes = ndimage.binary_dilation(skeletonize(sheared > 0.4), structure=disk(STROKE_RADIUS[thick]))
     return np.clip(ndimage.gaussian_filter(strokes.astype(np.float32), 0.5), 0.0, 1.0)
@@ -112,6 +113,7 @@ def _as_numpy_images(images: torch.Tensor) -> np.ndarray:
 
 def measure_thickness(images: torch.Tensor) -> torch.Tensor:
     """Stroke thickness of each image: foreground (above 0.5) area / skeleton length, ``(B,)`` (0 if empty)."""
+    from skimage.morphology import skeletonize
     out = []
     for img in _as_numpy_images(images):
         fg = img > 0.5
