@@ -10,8 +10,10 @@ Here: a small CNN of your own on MNIST, trained at Linf 0.3 with the budget ramp
 steps (``eps_warmup``; from scratch, Linf 0.3 training sits at chance without it), then evaluated clean and under
 a stronger PGD than the one it was trained with, next to the same network trained without the attack.
 
-Run: ``python examples/adversarial_training.py`` (a few minutes on one CPU thread) or ``--tiny`` (seconds; the
-figures then mean nothing, the test only checks that the API still carries the script).
+Run: ``python examples/adversarial_training.py`` (354 s on one thread of a shared CPU) or ``--tiny`` (seconds; the
+figures then mean nothing, the test only checks that the API still carries the script). Measured once with the full
+settings (1000 steps each, first 500 test images, PGD-40): standard training clean 0.976, robust 0.000; PGD
+adversarial training clean 0.940, robust 0.626.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    n_train, steps, n_test = (256, 8, 32) if args.tiny else (50_000, 1500, 500)
+    n_train, steps, n_test = (256, 8, 32) if args.tiny else (50_000, 1000, 500)
     start = time.perf_counter()
 
     train = load_mnist("train", limit=n_train)

@@ -9,7 +9,8 @@ Your own operator: subclass ``LinearOperator`` (a linear map, with its ``adjoint
 (any differentiable map; override ``loss`` for a loss other than the mean squared error), pass the image shape
 ``(C, H, W)`` and the per-sample measurement shape to ``__init__``, and implement ``forward``.
 
-Run: ``python examples/compressed_sensing_your_operator.py`` (about 40 s on one CPU thread) or ``--tiny`` (seconds).
+Run: ``python examples/compressed_sensing_your_operator.py`` (35 s on one thread of a shared CPU) or ``--tiny``
+(seconds). Measured once with the full settings (16 digits): per-pixel MSE 0.0143 for CSGM, 0.0792 for least squares.
 """
 
 from __future__ import annotations

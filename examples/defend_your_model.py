@@ -13,7 +13,10 @@ classifier trained on that data in a few seconds. Then the library does the rest
 Swap in your own models: a generator is any ``nn.Module`` with an int ``latent_dim`` mapping ``(B, latent_dim)``
 to ``(B, C, H, W)`` in [0, 1]; a classifier maps such images to ``(B, num_classes)`` logits.
 
-Run: ``python examples/defend_your_model.py`` (about 20 s on one CPU thread) or ``--tiny`` (seconds).
+Run: ``python examples/defend_your_model.py`` (37 s on one thread of a shared CPU) or ``--tiny`` (seconds). Measured
+once with the full settings: clean 0.995 undefended and defended; PGD l2 1.5 takes the bare classifier to 0.000;
+through the defense the transferred PGD leaves 0.545 and 20 steps of BPDA + EOT 0.725 (the weaker attack here, which
+is why an evaluation takes the worst case per point over a cascade: 0.545); on-manifold 0.660.
 """
 
 from __future__ import annotations
@@ -115,13 +118,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # Evaluate as the library's harness does: a point is robust only if it survives every attack.
     with torch.no_grad():
-        survives_naive = defended(naive.x_adv).argmax(1) == y
+        survives_naive = defended(naive.x_adv).argmax(1) == y  # one draw of the randomized defense
     worst_case = float((survives_naive & ~adaptive.success).float().mean())
     rows = [
         ("clean, undefended", accuracy(classifier, x, y)),
         ("clean, defended", accuracy(defended, x, y)),
         ("PGD l2 1.5, undefended", 1 - float(naive.success.float().mean())),
-        ("PGD l2 1.5 transferred to the defense (naive)", accuracy(defended, naive.x_adv, y)),
+        ("PGD l2 1.5 transferred to the defense (naive)", float(survives_naive.float().mean())),
         ("BPDA + EOT l2 1.5 through the defense", 1 - float(adaptive.success.float().mean())),
         ("worst case of the two pixel attacks through the defense", worst_case),
         (

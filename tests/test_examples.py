@@ -48,6 +48,7 @@ def test_defend_your_model() -> None:
             "clean, undefended",
             "clean, defended",
             "PGD l2 1.5, undefended",
+            "PGD l2 1.5 transferred to the defense (naive)",
             "BPDA + EOT l2 1.5 through the defense",
             "worst case of the two pixel attacks",
             "on-manifold, pixel l2 <= 1.5",
@@ -56,7 +57,9 @@ def test_defend_your_model() -> None:
     assert all(0.0 <= v <= 1.0 for v in rows.values()), rows
     assert rows["clean, undefended"] >= 0.75, "the tiny classifier should learn left from right"
     assert rows["PGD l2 1.5, undefended"] < rows["clean, undefended"], "PGD should hurt the bare classifier"
-    assert rows["worst case of the two pixel attacks"] <= rows["BPDA + EOT l2 1.5 through the defense"]
+    worst = rows["worst case of the two pixel attacks"]
+    assert worst <= rows["BPDA + EOT l2 1.5 through the defense"]
+    assert worst <= rows["PGD l2 1.5 transferred to the defense (naive)"]
     largest = re.search(r"largest BPDA perturbation \(l2\): (\d+\.\d+) <= 1.5", out)
     assert largest and float(largest.group(1)) <= 1.5 + 1e-3, out
 
