@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,7 +325,9 @@ def run(
     else:
         missing = set(names) - set(zoo.available())
         if missing:
-            raise FileNotFoundError(f"zoo models {sorted(missing)} are not shipped: pass --train")
+            raise FileNotFoundError(
+                f"zoo models {sorted(missing)} are not shipped: pass --train (or --labels-only for the controller)"
+            )
         controller = zoo.load("causal-digit-controller", "cpu")  # type: ignore[assignment]
         gen = zoo.load("causal-digit-gan", dev) if protocol.images else None
         source = "zoo"
@@ -389,6 +392,7 @@ def run(
         "paper": "CausalGAN (Kocaoglu, Snyder, Dimakis, Vishwanath, ICLR 2018)",
         "protocol": dataclasses.asdict(protocol),
         "models_from": source,
+        "device": str(dev),
         "models_sha256": shas,
         "world": {
             "graph": DigitWorld.graph.spec(),
@@ -404,6 +408,39 @@ def run(
     _write_markdown(results, out / "results.md")
     _grid(shown, out / "do_vs_condition.png")
     return results
+
+
+def write_zoo(results: dict[str, Any], out: Path, zoo_dir: Path) -> list[str]:
+    """``--write``: copy the models a ``--train`` run made (``out/models``) into the zoo folder ``zoo_dir``
+    and record this run's figures in their records; return the names written. The quick protocol is refused."""
+    protocol = results["protocol"]
+    if protocol["quick"]:
+        raise ValueError(
+            "--write: expected a full run, got the --quick smoke test (its figures are meaningless)"
+        )
+    if not protocol["train"]:
+        raise ValueError("--write: expected a --train run (the shipped models already are the zoo's)")
+    written = []
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    for name in results["models_sha256"]:
+        for suffix in (".safetensors", ".json"):
+            shutil.copyfile(out / "models" / f"{name}{suffix}", zoo_dir / f"{name}{suffix}")
+        common = {"command": results["command"], "device": results.get("device"),
+                  "results": "results.json / results.md of the run folder"}  # fmt: skip
+        if name == "causal-digit-controller":
+            figures = {**common, "what": "exact (enumerated) label distributions of the controller against the "
+                       "digit world's stated tables", "controller_joint_tvd": results["models"]["causal"][
+                       "controller_joint_tvd"], "label_tvd_per_setting": results["models"]["causal"]["labels"],
+                       "wrong_graph_baselines": {n: results["checks"][n] for n in ("independent", "reversed")}}  # fmt: skip
+        else:
+            figures = {**common, "what": "attributes of generated images read back (D: zoo classifier over "
+                       "0, 1, 3, 4, 7; T, S: morphometrics) against the exact distributions",
+                       "n_samples_per_setting": protocol["n_samples"], "checks": results["checks"],
+                       "settings": results["models"]["causal"]["settings"],
+                       "real_floor": results["real_floor"]}  # fmt: skip
+        zoo.update_record(name, {"figures": figures}, zoo_dir)
+        written.append(name)
+    return written
 
 
 def figure_checks(models: dict[str, Any]) -> dict[str, Any]:
@@ -540,6 +577,8 @@ def add_parsers(sub: Any) -> None:
         "--train-size", type=positive_int_arg, default=None, help="labelled world images to train on"
     )
     p.add_argument("--samples", type=positive_int_arg, default=None, help="generated images per setting")
+    p.add_argument("--write", action="store_true", help="after a full --train run: copy its models into the "
+                   "package zoo with this run's figures in their records")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--threads", type=positive_int_arg, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -560,6 +599,8 @@ def main(args: argparse.Namespace) -> int:
     for key, value in (("steps", args.steps), ("train_size", args.train_size), ("n_samples", args.samples)):
         if value is not None:
             overrides[key] = value
+    if args.write and (args.quick or not overrides.get("train")):
+        raise ValueError("--write: expected a full --train run (not --quick)")
     if args.steps is not None and not overrides.get("train"):
         raise ValueError("--steps trains the GAN: pass --train with it")
     protocol = (
@@ -573,6 +614,8 @@ def main(args: argparse.Namespace) -> int:
                   progress=args.progress)  # fmt: skip
     for name, c in results["checks"].items():
         print(f"{name}: {json.dumps(c)}")
+    if args.write:
+        print(f"wrote {write_zoo(results, args.out, zoo.WEIGHTS_DIR)} into {zoo.WEIGHTS_DIR}")
     print(
         f"causal finished in {time.perf_counter() - start:.1f} s; results: {args.out}/results.md", flush=True
     )

@@ -300,3 +300,11 @@ def test_eval_causal_labels_only_shows_the_graph_matters(tmp_path: Path) -> None
         and checks["reversed"]["labels: T=thick D tvd"] < 0.03
     )
     assert res["real_floor"] == {} and zoo.available(tmp_path / "c" / "models") == ["causal-digit-controller"]
+    from eval.causal import write_zoo
+
+    assert write_zoo(res, tmp_path / "c", tmp_path / "zoo") == ["causal-digit-controller"]
+    rec = zoo.record("causal-digit-controller", tmp_path / "zoo")
+    assert rec["figures"]["controller_joint_tvd"] == checks["causal"]["controller_joint_tvd"]
+    zoo.load("causal-digit-controller", weights_dir=tmp_path / "zoo")
+    with pytest.raises(ValueError, match="expected a full run, got the --quick"):
+        write_zoo({**res, "protocol": {**res["protocol"], "quick": True}}, tmp_path / "c", tmp_path / "zoo")
