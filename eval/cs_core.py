@@ -13,6 +13,8 @@ images in [0, 1], ``m`` in {10, 25, 50, 100, 200, 300, 400, 500, 750}, 300 test 
   (by measurement loss) after 50 steps, z-prior 0.1. On those images it was better than CSGM's schedule at
   every m tried (m = 50: MSE 0.0140 vs 0.0163 on val 58-65) for about 1/7 of the generator passes
   (1450 vs 10000 per image).
+- ``csgm-ambient-gan``: the same GAN schedule on the zoo's ``mnist-ambient-gan`` (AmbientGAN: the same architecture
+  learned from block-pixels p = 0.9 measurements only), to measure a prior learned without clean images.
 - ``lasso-pixel`` / ``lasso-dct`` / ``lasso-wavelet``: :func:`manifold_defense.baselines.lasso_recover`, alpha
   chosen per basis and per ``m`` by :func:`~manifold_defense.baselines.select_alpha` on VALIDATION images
   (MNIST's val split) measured with the same ``A``; the chosen alphas are recorded.
@@ -93,6 +95,7 @@ IMAGE_SHAPE: tuple[int, int, int] = (1, 28, 28)
 METHODS: tuple[str, ...] = (
     "csgm-vae",
     "csgm-gan",
+    "csgm-ambient-gan",
     "lasso-pixel",
     "lasso-dct",
     "lasso-wavelet",
@@ -100,7 +103,11 @@ METHODS: tuple[str, ...] = (
     "sparse-gen",
 )
 #: Zoo generator behind each CSGM method.
-GENERATORS: dict[str, str] = {"csgm-vae": "mnist-vae", "csgm-gan": "mnist-gan"}
+GENERATORS: dict[str, str] = {
+    "csgm-vae": "mnist-vae",
+    "csgm-gan": "mnist-gan",
+    "csgm-ambient-gan": "mnist-ambient-gan",
+}
 
 CSGM_M_GRID: tuple[int, ...] = (10, 25, 50, 100, 200, 300, 400, 500, 750)
 

@@ -117,7 +117,7 @@ def _cs(out: Path, args: argparse.Namespace) -> list[str]:
     results = run_benchmark(
         protocol,
         out,
-        METHODS,
+        tuple(m for m in METHODS if m != "csgm-ambient-gan"),  # the AmbientGAN prior: docs/ambient.md
         args.device,
         grids=True,
         threads=1,

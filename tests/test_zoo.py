@@ -24,7 +24,7 @@ def test_load_eval_mode_and_record(name: str) -> None:
     assert train["command"].startswith(("python -m eval train", "python -m eval causal --out"))
 
 
-@pytest.mark.parametrize("name", ["mnist-gan", "mnist-vae"])
+@pytest.mark.parametrize("name", ["mnist-gan", "mnist-vae", "mnist-ambient-gan"])
 def test_generators_follow_the_protocol(name: str) -> None:
     gen = zoo.load(name)
     z = torch.randn(8, gen.latent_dim, generator=torch.Generator().manual_seed(0))
@@ -113,6 +113,7 @@ def test_every_registered_model_is_shipped_and_a_missing_one_says_how_to_get_it(
         "mnist-encoder",
         "mnist-pgd-at",
         "mnist-rmd",
+        "mnist-ambient-gan",
         "causal-digit-controller",
     }
     assert zoo.CLASSIFIERS == ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")

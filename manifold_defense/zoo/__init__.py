@@ -66,6 +66,12 @@ REGISTRY: dict[str, ZooEntry] = {
         ),
         ZooEntry("mnist-rmd", MNISTClassifier, {}, "classifier, robust manifold adversarial training"),
         ZooEntry(
+            "mnist-ambient-gan",
+            Generator,
+            {"latent_dim": 64, "width": 32},
+            "AmbientGAN: mnist-gan's architecture learned from block-pixels p=0.9 measurements only",
+        ),
+        ZooEntry(
             "causal-digit-gan",
             ConditionalGenerator,
             {"latent_dim": 64, "label_dim": 9, "width": 32},
