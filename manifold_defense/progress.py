@@ -3,7 +3,7 @@
 A tqdm bar redraws itself with carriage returns; written to a file (``make demo > log 2>&1``) every refresh
 becomes a frame of the log. :func:`progress` therefore draws a bar only when ``sys.stderr`` is a terminal and
 otherwise logs one plain line (logger ``manifold_defense.progress``, level INFO) per unit of a short task
-(``total <= 50``: a stage, a method, a figure) or per tenth of a long one, and one when it closes. The command
+(``total <= 100``: stages, methods, figures) or per tenth of a long one, and one when it closes. The command
 line (``python -m eval``) shows INFO lines on stderr; a library user sees them after ``logging.basicConfig``.
 
 Example:
@@ -27,7 +27,7 @@ __all__ = ["LineProgress", "progress"]
 LOGGER = logging.getLogger("manifold_defense.progress")
 
 #: Tasks of at most this many units log a line per unit; longer ones a line per tenth.
-EVERY_UNIT_UP_TO = 50
+EVERY_UNIT_UP_TO = 100
 
 T = TypeVar("T")
 
