@@ -86,13 +86,13 @@ def test_a_training_run_into_a_file_has_no_carriage_returns(tmp_path: object) ->
         "model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))\n"
         "x, y = torch.rand(32, 1, 4, 4), torch.arange(32) % 3\n"
         "attack = PGD(ThreatModel(Norm.LINF, 0.1), PGDConfig(steps=1))\n"
-        "adversarial_train(model, (x, y), attack, AdversarialTrainConfig(steps=60, batch_size=8, log_every=10))\n"
+        "adversarial_train(model, (x, y), attack, AdversarialTrainConfig(steps=200, batch_size=8, log_every=20))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "\r" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if line.startswith("pgd-at: ")]
-    assert lines[0].startswith("pgd-at: 6/60 steps, ")
-    assert "loss=" in lines[-2] and lines[-2].startswith("pgd-at: 60/60 steps")
-    assert lines[-1].startswith("pgd-at: finished 60 steps in ")
+    assert lines[0].startswith("pgd-at: 20/200 steps, ")
+    assert "loss=" in lines[-2] and lines[-2].startswith("pgd-at: 200/200 steps")
+    assert lines[-1].startswith("pgd-at: finished 200 steps in ")
     assert len(lines) == 11
