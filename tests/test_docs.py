@@ -33,7 +33,7 @@ def _commands(text: str) -> list[str]:
     """``python -m eval ...`` commands: inline code spans (which may wrap over lines) and code-block lines."""
     found = []
     for block in _code_blocks(text):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # shell line continuations
             line = line.split("#")[0].strip().rstrip("&").strip()
             if line.startswith("python -m eval "):
                 found.append(line)
