@@ -181,6 +181,11 @@ def _transfer_lines(record: Mapping[str, Any]) -> list[str]:
                         f"| {name} | {tk} | {attack} | {through} | {t['attacked']} | {t['surrogate_broken']} | "
                         f"{t['transferred']} | {t['not_transferred']} | {t['broken_without_surrogate']} |"
                     )
+                    for m, c in t.get("by_surrogate", {}).items():
+                        rows.append(
+                            f"| {name} | {tk} | {attack}: {m} alone | {m} | {c['attacked']} | "
+                            f"{c['surrogate_broken']} | {c['transferred']} | {c['not_transferred']} | - |"
+                        )
     if not rows:
         return []
     return [

@@ -108,6 +108,14 @@ def test_surrogate_path_breaks_a_point_only_where_the_real_defense_is_wrong(tmp_
             assert t["surrogate_broken"] == t["transferred"] + t["not_transferred"]
             assert e["broken_alone"] == t["broken"] == t["transferred"] + t["broken_without_surrogate"]
     assert counted >= 3
+    for tk in ("linf-0.3", "l2-1"):
+        e = entry["attacks"]["surrogate-pgd"][tk]
+        if e["attacked"]:
+            by = e["transfer"]["by_surrogate"]
+            assert list(by) == ["fast", "encoder"] and by["fast"]["attacked"] == e["attacked"]
+            for c in by.values():
+                assert c["surrogate_broken"] == c["transferred"] + c["not_transferred"]
+            assert by["encoder"]["attacked"] <= by["fast"]["attacked"]  # the encoder attacks what fast left
     assert entry["attacks"]["bpda-pgd"]["l2-1"]["settings"]["through"] == "surrogate 'fast'"
     assert entry["attacks"]["real-bpda-eot"]["l2-1"]["status"] == "ran"
     assert entry["surrogates"]["names"] == ["fast", "encoder"] and entry["surrogates"]["inner"] == "fast"

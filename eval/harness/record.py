@@ -149,7 +149,12 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
                 counts = transfer_counts(rec)
                 if counts is not None:
                     entry["transfer"] = counts
-                    if attack in SURROGATE_STAGES and attack in _surrogate_run(rec):
+                    per = _per_surrogate(rec)
+                    if per:
+                        entry["transfer"]["by_surrogate"] = per
+                        for m, c in per.items():
+                            checks.append(_transfer_check(f"{attack} ({m})", tk, c, settings))
+                    elif attack in SURROGATE_STAGES and attack in _surrogate_run(rec):
                         checks.append(_transfer_check(attack, tk, counts, settings))
                 if attack == "real-bpda-eot":
                     inner = (info.get("surrogates") or {}).get("inner")
@@ -365,6 +370,21 @@ def _gap(
         "bpda_accuracy": round(float(bpda_ok.float().mean()), 4),
         "unrolled_accuracy": round(float(unrolled_robust.float().mean()), 4),
     }
+
+
+def _per_surrogate(rec: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """``surrogate-pgd``: per surrogate, the points it attacked, fooled itself, and whose example fooled the real
+    defense (``transferred``); ``not_transferred`` = fooled - transferred."""
+    out = {}
+    for name, parts in rec.get("per_surrogate", {}).items():
+        tried, fooled, real = parts["tried"].bool(), parts["fooled"].bool(), parts["real"].bool()
+        out[name] = {
+            "attacked": int(tried.sum()),
+            "surrogate_broken": int(fooled.sum()),
+            "transferred": int((fooled & real).sum()),
+            "not_transferred": int((fooled & ~real).sum()),
+        }
+    return out
 
 
 def _surrogate_run(rec: Mapping[str, Any]) -> tuple[str, ...]:

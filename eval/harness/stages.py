@@ -358,13 +358,16 @@ class Runner(SectionStages):
         def fn(chunk: Tensor) -> dict[str, Tensor]:
             xb = self.x[chunk]
             n = len(chunk)
+            no = torch.zeros(n, dtype=torch.bool)
             out = {
                 "robust": torch.ones(n, dtype=torch.bool),
                 "first_ok": torch.ones(n, dtype=torch.bool),
                 "x_adv": xb.clone(),
                 "distance": torch.zeros(n),
-                "surrogate_broken": torch.zeros(n, dtype=torch.bool),
+                "surrogate_broken": no.clone(),  # any surrogate misclassified its own example
             }
+            for name in d.surrogates:  # per surrogate: attacked, fooled itself, fooled the real defense
+                out |= {f"tried|{name}": no.clone(), f"fooled|{name}": no.clone(), f"real|{name}": no.clone()}
             for name, module in d.surrogates.items():
                 todo = out["robust"].nonzero().squeeze(1)
                 if not len(todo):
@@ -372,8 +375,13 @@ class Runner(SectionStages):
                 eot = self.s.eot_samples if rnd.get(name, randomized) else 1
                 cfg = PGDConfig(steps=self.s.bpda_steps, random_start=True, eot_samples=eot)
                 part = self._pgd_fn(d, draws, threat, module, cfg)(chunk[todo])
+                fooled = part.pop("surrogate_broken").cpu()
                 for k, v in part.items():
                     out[k][todo.to(out[k].device)] = v.to(out[k].device, out[k].dtype)
+                out["surrogate_broken"][todo] |= fooled
+                out[f"tried|{name}"][todo] = True
+                out[f"fooled|{name}"][todo] = fooled
+                out[f"real|{name}"][todo] = ~part["robust"].cpu()
             return out
 
         return fn
@@ -536,6 +544,11 @@ class Runner(SectionStages):
         for k in ("surrogate_broken", "found", "eligible", "found_step", "pixel_distance", "pred_adv"):
             if k in parts:
                 rec[k] = parts[k]
+        names = [k.split("|", 1)[1] for k in parts if k.startswith("tried|")]
+        if names:
+            rec["per_surrogate"] = {
+                m: {part: parts[f"{part}|{m}"] for part in ("tried", "fooled", "real")} for m in names
+            }
         if "candidate" in parts:  # on-manifold pairs G(z) | G(z') the classifier gets wrong (for the grid)
             hits = parts["found"].nonzero().squeeze(1)
             hits = hits[parts["pixel_distance"][hits].argsort()][: self.s.grid_examples]
