@@ -90,12 +90,12 @@ class CausalProtocol:
     """Settings of one ``eval causal`` run (all decide its figures; ``images=False``: ``--labels-only``)."""
 
     train: bool = False
-    train_size: int = 30000
-    steps: int = 6000
+    train_size: int = 20000
+    steps: int = 5000
     batch_size: int = 64
     bn_batches: int = 40
     controller_steps: int = 1500
-    n_samples: int = 4000
+    n_samples: int = 2000
     seed: int = 0
     quick: bool = False
     images: bool = True

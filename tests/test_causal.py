@@ -308,3 +308,14 @@ def test_eval_causal_labels_only_shows_the_graph_matters(tmp_path: Path) -> None
     zoo.load("causal-digit-controller", weights_dir=tmp_path / "zoo")
     with pytest.raises(ValueError, match="expected a full run, got the --quick"):
         write_zoo({**res, "protocol": {**res["protocol"], "quick": True}}, tmp_path / "c", tmp_path / "zoo")
+
+
+@pytest.mark.skipif("causal-digit-gan" not in zoo.available(), reason="not shipped")
+def test_shipped_gan_draws_the_attributes_it_is_given() -> None:
+    """The shipped image generator's samples read back as the labels they were drawn for (digit by the zoo
+    classifier, thickness and slant by morphometrics): the precondition of every image-level figure."""
+    gan = CausalGAN(zoo.load("causal-digit-controller"), zoo.load("causal-digit-gan"))
+    sample = gan.sample(300, seed=11)
+    read = read_attributes(sample.images, zoo.load("mnist-classifier"))
+    agree = {n: float((read[n] == sample.labels[:, i]).double().mean()) for i, n in enumerate("DTS")}
+    assert min(agree.values()) >= 0.9, agree
