@@ -20,6 +20,7 @@ from torch import nn
 from manifold_defense.causal.controller import CausalController
 from manifold_defense.causal.graph import CausalGraph
 from manifold_defense.models import latent_dim_of
+from manifold_defense.models.gan import critic_features
 
 __all__ = ["CausalGAN", "CausalSample", "ConditionalGenerator", "ProjectionCritic", "one_hot_labels"]
 
@@ -70,15 +71,7 @@ class ProjectionCritic(nn.Module):
 
     def __init__(self, label_dim: int = 9, width: int = 32) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
+        self.features = nn.Sequential(*critic_features(width))
         self.out = nn.Linear(4 * width * 16, 1)
         self.embed = nn.Linear(label_dim, 4 * width * 16, bias=False)
 

@@ -43,6 +43,21 @@ class Generator(nn.Module):
         return self.net(h)
 
 
+def critic_features(width: int) -> list[nn.Module]:
+    """The critic's feature layers: ``(B, 1, 28, 28)`` images to ``(B, 4 width * 16)`` features (three strided
+    convolutions with ``width``, ``2 width``, ``4 width`` channels and leaky ReLU, then a flatten); shared by
+    :class:`Critic` and the conditional critics, so their layer indices (and checkpoints) stay as they were."""
+    return [
+        nn.Conv2d(1, width, 4, stride=2, padding=1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+    ]
+
+
 class Critic(nn.Module):
     """Discriminator / critic: ``(B, 1, 28, 28)`` images to ``(B,)`` logits or scores.
 
@@ -52,16 +67,7 @@ class Critic(nn.Module):
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-            nn.Linear(4 * width * 16, 1),
-        )
+        self.net = nn.Sequential(*critic_features(width), nn.Linear(4 * width * 16, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(1)
