@@ -175,6 +175,12 @@ class LatentAttackResult(NamedTuple):
         logits: ``(B, K)`` ``classifier(x_adv)``.
         latent_distance: ``(B,)`` ``||z_adv - z||_2``.
         pixel_distance: ``(B,)`` ``||x_adv - G(z)||_2``.
+        found_step: ``(B,)`` int64, the first step ``t`` (0 to ``steps``) whose iterate was feasible and fooled the
+            classifier, -1 if none did. Samples run independently (Adam and the multipliers are per sample), so
+            with a fixed ``step_size`` (always in ``"pixel"`` mode, whose learning rate does not depend on
+            ``steps``) ``0 <= found_step <= t`` is exactly the success of a ``t``-step attack from the same start:
+            one long run gives the whole success-vs-steps curve. In ``"latent"`` mode with the default step
+            ``2.5 eps / steps`` the step length depends on ``steps``, and the curve is only that of this run.
     """
 
     z_adv: Tensor
@@ -183,6 +189,7 @@ class LatentAttackResult(NamedTuple):
     logits: Tensor
     latent_distance: Tensor
     pixel_distance: Tensor
+    found_step: Tensor
 
 
 class LatentAttack:
@@ -235,7 +242,7 @@ class LatentAttack:
         with torch.no_grad():
             x0 = prepare_inputs(generate(generator, z0, check=True), classifier, "G(z)", "classifier")
             check_logits(classifier(x0), z0.shape[0], y0, "classifier", label=label)
-        z_adv = self._run(classifier, generator, z0, x0, y0)
+        z_adv, found_step = self._run(classifier, generator, z0, x0, y0)
         with torch.no_grad():
             x_adv = generate(generator, z_adv, check=True)
             logits = check_finite_logits(classifier(x_adv), label, f"on the adversarial images of {self!r}")
@@ -246,15 +253,19 @@ class LatentAttack:
             logits=logits,
             latent_distance=per_sample_norm(z_adv - z0, "l2"),
             pixel_distance=per_sample_norm(x_adv - x0, "l2"),
+            found_step=found_step,
         )
 
-    def _run(self, classifier: Model, generator: Generator, z0: Tensor, x0: Tensor, y: Tensor) -> Tensor:
+    def _run(
+        self, classifier: Model, generator: Generator, z0: Tensor, x0: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         cfg = self.config
         latent_mode = cfg.constraint is LatentConstraint.LATENT
         batch = z0.shape[0]
         best_z = z0.clone()
         best_success = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         best_loss = torch.full((batch,), float("-inf"), dtype=z0.dtype, device=z0.device)
+        found_step = torch.full((batch,), -1, dtype=torch.int64, device=z0.device)
         z_param = z0.clone().requires_grad_(True)
         step = cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / max(cfg.steps, 1)
         optimizer: torch.optim.Optimizer | None = None
@@ -280,6 +291,7 @@ class LatentAttack:
                 better = feasible & (
                     (success & ~best_success) | ((success == best_success) & (loss > best_loss))
                 )
+                found_step[feasible & success & (found_step < 0)] = t
                 best_z[better] = z_param[better]
                 best_success[better] = success[better]
                 best_loss[better] = loss[better].to(best_loss.dtype)
@@ -302,7 +314,7 @@ class LatentAttack:
                 multiplier = update_multiplier(
                     multiplier, pixel_d.detach() - cfg.eps, cfg.multiplier_factor, cfg.multiplier_bounds
                 )
-        return best_z.detach()
+        return best_z.detach(), found_step
 
     def __repr__(self) -> str:
         return f"LatentAttack({self.config})"

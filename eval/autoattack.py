@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks import Norm, ThreatModel, TorchattacksAttack
+from attacks import PGD, Attack, Norm, PGDConfig, ThreatModel, TorchattacksAttack
 from attacks.base import check_finite_logits, model_name, predict
 from eval.cli import command_line
 from eval.inputs import check_labeled_images, positive_int_arg
@@ -40,6 +40,7 @@ from manifold_defense.progress import progress as progress_display
 __all__ = [
     "AutoAttackResult",
     "add_parsers",
+    "attack_accuracy",
     "autoattack_accuracy",
     "figure_key",
     "load_checkpoint_classifier",
@@ -131,10 +132,35 @@ def autoattack_accuracy(
             f"compares the 4 largest logits), got {num_classes}"
         )
     attack = TorchattacksAttack("AutoAttack", threat, seed=seed, version=version)
+    return attack_accuracy(model, images, labels, attack, batch_size=batch_size, progress=progress)
+
+
+def attack_accuracy(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    attack: Attack,
+    *,
+    batch_size: int = 250,
+    progress: bool = True,
+    desc: str = "autoattack",
+) -> AutoAttackResult:
+    """Clean and robust accuracy of ``model`` under any :class:`attacks.Attack` (AutoAttack's adapter, PGD, ...),
+    audited from the returned adversarial images (threat model, value range, NaN count).
+
+    Args:
+        model: ``(B, C, H, W)`` in [0, 1] -> ``(B, K)`` logits, in eval mode on the images' device (checked by
+            :func:`autoattack_accuracy`; call that for AutoAttack).
+        images: ``(N, C, H, W)`` in [0, 1]; labels: ``(N,)`` int64.
+        attack: the attack; its ``threat`` bounds the audit.
+        batch_size: images per attack call; progress: show a bar; desc: its label.
+    """
+    threat = attack.threat
+    model.eval()
     clean_ok, robust_ok, max_pert, lo, hi, nans = [], [], 0.0, float("inf"), float("-inf"), 0
     start = time.perf_counter()
     batches = range(0, images.shape[0], batch_size)
-    for i in progress_display(batches, desc="autoattack", unit="batch", disable=not progress):
+    for i in progress_display(batches, desc=desc, unit="batch", disable=not progress):
         x, y = images[i : i + batch_size], labels[i : i + batch_size]
         result = attack(model, x, y)
         x_adv = result.x_adv
@@ -172,9 +198,9 @@ def load_checkpoint_classifier(path: Path, name: str, device: torch.device) -> n
     return model.to(device).eval()
 
 
-def figure_key(norm: str, eps: float) -> str:
-    """Key of an AutoAttack figure in a zoo record's ``figures``: ``autoattack_linf_0.3``."""
-    return f"autoattack_{norm}_{eps:g}"
+def figure_key(norm: str, eps: float, attack: str = "autoattack") -> str:
+    """Key of a figure in a zoo record's ``figures``: ``autoattack_linf_0.3``, ``pgd100_l2_2.5``."""
+    return f"{attack}_{norm}_{eps:g}"
 
 
 def record_figure(
@@ -193,7 +219,7 @@ def record_figure(
     rec = zoo.record(model, weights_dir)
     threat = report["threat_model"]
     figures = dict(rec.get("figures", {}))
-    figures[figure_key(threat["norm"], threat["eps"])] = {
+    figures[figure_key(threat["norm"], threat["eps"], report.get("attack", "autoattack"))] = {
         key: report[key] for key in ("n", "clean_accuracy", "robust_accuracy", "version", "seconds")
     } | {
         "command": report["settings"]["command"],
@@ -238,6 +264,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
     p.add_argument("--eps", type=float, default=0.3, help="budget (default 0.3, Madry's MNIST Linf)")
     p.add_argument("--version", choices=VERSIONS, default="standard")
+    p.add_argument(
+        "--pgd-steps",
+        type=positive_int_arg,
+        default=None,
+        help="run the library's PGD with this many steps (random start, step 2.5 eps / steps; e.g. 100 at l2 2.5, "
+        "Jalal et al.'s evaluation) instead of AutoAttack; recorded as figures.pgd<steps>_<norm>_<eps>",
+    )
+    p.add_argument("--restarts", type=positive_int_arg, default=1, help="PGD restarts (with --pgd-steps)")
     p.add_argument("--batch", type=positive_int_arg, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -261,7 +295,8 @@ def main(args: argparse.Namespace) -> int:
     if args.write and args.checkpoint is not None:
         raise ValueError("--write records a zoo model's figure: it cannot be used with --checkpoint")
     device = resolve_device(args.device)
-    protocol = ("model", "checkpoint", "weights_dir", "n", "norm", "eps", "version", "seed", "data_dir")
+    protocol = ("model", "checkpoint", "weights_dir", "n", "norm", "eps", "version", "seed", "data_dir",
+                "pgd_steps", "restarts")  # fmt: skip
     claim_run_folder(args.out, "autoattack", {k: getattr(args, k, None) for k in protocol})
     if args.checkpoint is not None:
         model = load_checkpoint_classifier(args.checkpoint, args.model, device)
@@ -269,25 +304,39 @@ def main(args: argparse.Namespace) -> int:
         model = zoo.load(args.model, device, weights_dir=args.weights_dir)
     data = load_mnist("test", args.data_dir, limit=args.n)
     threat = ThreatModel(Norm.LINF if args.norm == "linf" else Norm.L2, args.eps)
-    result = autoattack_accuracy(
-        model,
-        data.images.to(device),
-        data.labels.to(device),
-        threat,
-        version=args.version,
-        batch_size=args.batch,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    if args.pgd_steps is None:
+        name = "autoattack"
+        result = autoattack_accuracy(
+            model,
+            data.images.to(device),
+            data.labels.to(device),
+            threat,
+            version=args.version,
+            batch_size=args.batch,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    else:
+        name = f"pgd{args.pgd_steps}"
+        pgd = PGD(
+            threat, PGDConfig(steps=args.pgd_steps, restarts=args.restarts, random_start=True, seed=args.seed)
+        )
+        result = attack_accuracy(
+            model, data.images.to(device), data.labels.to(device), pgd, batch_size=args.batch,
+            progress=not args.no_progress, desc=name,
+        )  # fmt: skip
     body = asdict(result)
     report = {
+        "attack": name,
         "model": args.model,
         "source": str(args.checkpoint) if args.checkpoint is not None else "zoo",
         "n": result.n,
         "clean_accuracy": result.clean_accuracy,
         "robust_accuracy": result.robust_accuracy,
         "threat_model": {"norm": args.norm, "eps": args.eps},
-        "version": args.version,
+        "version": args.version
+        if args.pgd_steps is None
+        else f"PGD {args.pgd_steps} steps x {args.restarts} restarts",
         "audit": {k: body[k] for k in ("max_perturbation", "value_range", "nan_count")},
         "seconds": round(result.seconds, 1),
         "settings": {
@@ -310,8 +359,8 @@ def main(args: argparse.Namespace) -> int:
             f"clean accuracy on the {len(test)} test images {clean:.4f}; recorded in the zoo record of {args.model}"
         )
     print(
-        f"{args.model} ({report['source']}), n {result.n}: clean {result.clean_accuracy:.4f}, AutoAttack "
-        f"({args.version}, {args.norm} {args.eps}) {result.robust_accuracy:.4f}; max perturbation "
+        f"{args.model} ({report['source']}), n {result.n}: clean {result.clean_accuracy:.4f}, {name} "
+        f"({report['version']}, {args.norm} {args.eps}) {result.robust_accuracy:.4f}; max perturbation "
         f"{result.max_perturbation:.4f}; {result.seconds:.0f} s; wrote {args.out}/results.json"
     )
     return 0

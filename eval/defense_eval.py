@@ -187,7 +187,8 @@ def record_classifier_figures(
     SHA-256 must match (:func:`manifold_defense.zoo.verify`). Returns the new record.
 
     Keys: ``onmanifold_l2_<eps>`` (``success_rate``, ``eligible``, ``successes``) and ``overpowered_l2_<eps>``
-    (``accuracy`` = share of starts without a class-changing pair); an OP figure at a temperature other than 1 is
+    (``consistency`` = share of starts without a class-changing pair; ``accuracy`` = consistent and the start
+    ``G(z)`` labeled correctly; both against steps); an OP figure at a temperature other than 1 is
     recorded beside the temperature-1 one as ``overpowered_l2_<eps>_t<T>``. Raises ``ValueError`` for a quick
     record or one without either figure.
     """
@@ -208,12 +209,25 @@ def record_classifier_figures(
                     "eligible": entry["eligible"],
                     "successes": entry["successes"],
                 }
+                if "success_at_steps" in entry:
+                    head["success_at_steps"] = entry["success_at_steps"]
                 threat = {"norm": "l2 (pixel, on G's range)", "eps": budget}
                 attack_cfg = {"name": "LatentAttack", "steps": cfg["steps"], "step_size": cfg["step_size"]}
             else:
                 t = cfg.get("temperature", 1.0)
                 key = f"overpowered_l2_{budget:g}" + ("" if t == 1.0 else f"_t{t:g}")
-                head = {"accuracy": entry["consistency"]}
+                head = {
+                    "consistency": entry["consistency"],
+                    "consistency_at_steps": entry["consistency_at_steps"],
+                }
+                if "accuracy_at_steps" in entry:
+                    head |= {
+                        "accuracy": entry["accuracy"],
+                        "accuracy_at_steps": entry["accuracy_at_steps"],
+                        "accuracy_meaning": "start G(z) labeled correctly and no class-changing pair found",
+                    }
+                else:
+                    head["accuracy"] = entry["consistency"]
                 threat = {"norm": "l2 (pair distance on G's range)", "eps": budget}
                 attack_cfg = {
                     "name": "OverpoweredAttack",

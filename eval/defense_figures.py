@@ -38,15 +38,18 @@ __all__ = [
     "OnManifoldEval",
     "OverpoweredEval",
     "RobustEval",
+    "accuracy_at_steps",
     "consistency_at_steps",
     "correct_in_every_draw",
     "defended_model",
     "evaluate_onmanifold",
     "evaluate_overpowered",
     "evaluate_pgd",
+    "found_at_steps",
     "invert_latents",
     "plot_pairs",
     "schedule_config",
+    "step_marks",
 ]
 
 #: Projection schedules by name. "defense-gan": Defense-GAN's own (SGD momentum 0.7, lr 10, L = 200, R = 10,
@@ -283,6 +286,9 @@ class OnManifoldEval(NamedTuple):
         success: ``(N,)`` bool, ``eligible`` and the attack fooled the classifier.
         x0: ``(N, C, H, W)`` ``G(z)``; x_adv: ``G(z')``; pred_adv: ``(N,)`` labels of ``G(z')``.
         pixel_distance: ``(N,)`` ``||G(z') - G(z)||_2``; latent_distance: ``||z' - z||_2``.
+        found_step: ``(N,)`` int64, the attack step of the first success, -1 if none
+            (:class:`attacks.LatentAttackResult`); :func:`found_at_steps` with ``among=eligible`` reads the
+            success-vs-steps curve.
         seconds: wall time.
     """
 
@@ -294,6 +300,7 @@ class OnManifoldEval(NamedTuple):
     pred_adv: Tensor
     pixel_distance: Tensor
     latent_distance: Tensor
+    found_step: Tensor
     seconds: float
 
 
@@ -349,6 +356,7 @@ def evaluate_onmanifold(
         pred_adv=torch.cat(pred_parts),
         pixel_distance=torch.cat([r.pixel_distance.detach().cpu() for r in results]),
         latent_distance=torch.cat([r.latent_distance.detach().cpu() for r in results]),
+        found_step=torch.cat([r.found_step.detach().cpu() for r in results]),
         seconds=time.perf_counter() - start,
     )
 
@@ -379,31 +387,82 @@ class OverpoweredEval(NamedTuple):
     seconds: float
 
 
-def consistency_at_steps(found_step: Tensor, steps: int) -> dict[int, float]:
-    """Accuracy under the overpowered attack (fraction of starts without a valid pair) after ``t`` steps.
+def step_marks(steps: int) -> list[int]:
+    """The step counts of an attack-strength curve: 10, 30, 100, 300, 1000, ... below ``steps``, and ``steps``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"expected steps as an int >= 0, got {steps!r}")
+    marks = [t for base in (10, 30) for t in (base * 10**e for e in range(7)) if t < steps]
+    return sorted({*marks, steps})
 
-    ``t`` runs over 10, 30, 100, 300, 1000, ... below ``steps``, and ``steps`` itself. Exact, not re-run: a pair is
-    frozen when found and pairs do not interact, so a ``t``-step attack finds exactly the pairs with
-    ``0 <= found_step <= t`` (:class:`attacks.OverpoweredResult`). An attack whose curve still falls at its last
-    step has not converged, and its accuracy is an upper bound that more steps would lower.
+
+def _check_found_step(found_step: Tensor) -> Tensor:
+    if not isinstance(found_step, Tensor):
+        raise TypeError(f"expected found_step as a torch.Tensor, got {type(found_step).__name__}")
+    if found_step.ndim != 1 or found_step.numel() == 0 or found_step.is_floating_point():
+        raise ValueError(
+            f"expected a non-empty 1-D integer found_step, got {found_step.dtype} {tuple(found_step.shape)}"
+        )
+    return found_step.cpu()
+
+
+def found_at_steps(found_step: Tensor, steps: int, among: Tensor | None = None) -> dict[int, float]:
+    """Share of the points (of ``among``) whose attack had succeeded after ``t`` steps, for ``t`` in
+    :func:`step_marks` ``(steps)``.
+
+    Exact, not re-run, for attacks whose points run independently and whose step does not depend on the step
+    count (:class:`attacks.OverpoweredResult`, :class:`attacks.LatentAttackResult` in ``"pixel"`` mode): a
+    ``t``-step attack succeeds exactly where ``0 <= found_step <= t``. A curve that still moves at its last step
+    has not converged: the attack's figure is then a bound that more steps would move.
+
+    Args:
+        found_step: ``(N,)`` int64 steps (-1: never found), N >= 1.
+        steps: the attack's step count.
+        among: optional ``(N,)`` bool, the points that count (e.g. the eligible ones); NaN shares if none.
+    """
+    found = _check_found_step(found_step)
+    marks = step_marks(steps)
+    if among is None:
+        mask = torch.ones_like(found, dtype=torch.bool)
+    else:
+        if not isinstance(among, Tensor) or among.shape != found.shape:
+            raise ValueError(f"expected among as a bool tensor of shape {tuple(found.shape)}, got {among!r}")
+        mask = among.cpu().bool()
+    count = int(mask.sum())
+    return {
+        t: round(float((mask & (found >= 0) & (found <= t)).sum()) / count, 4) if count else float("nan")
+        for t in marks
+    }
+
+
+def consistency_at_steps(found_step: Tensor, steps: int) -> dict[int, float]:
+    """Consistency under the overpowered attack (fraction of starts without a valid pair) after ``t`` steps,
+    for ``t`` in :func:`step_marks` ``(steps)``: one minus :func:`found_at_steps` (exact, see there).
 
     Args:
         found_step: ``(N,)`` int64 steps (-1: never found), N >= 1.
         steps: the attack's step count.
     """
-    if not isinstance(found_step, Tensor):
-        raise TypeError(f"expected found_step as a torch.Tensor, got {type(found_step).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"expected steps as an int >= 0, got {steps!r}")
-    if found_step.ndim != 1 or found_step.numel() == 0 or found_step.is_floating_point():
+    return {t: round(1.0 - v, 4) for t, v in found_at_steps(found_step, steps).items()}
+
+
+def accuracy_at_steps(found_step: Tensor, steps: int, start_correct: Tensor) -> dict[int, float]:
+    """Accuracy under the overpowered attack after ``t`` steps: the share of starts that the classifier labels
+    correctly (``start_correct``: label of ``G(z1)`` at the start equals the true label) and near which no valid
+    pair was found within ``t`` steps (Jalal et al.'s correctness and consistency together).
+
+    Args:
+        found_step: ``(N,)`` int64 steps (-1: never found), N >= 1.
+        steps: the attack's step count.
+        start_correct: ``(N,)`` bool.
+    """
+    found = _check_found_step(found_step)
+    if not isinstance(start_correct, Tensor) or start_correct.shape != found.shape:
         raise ValueError(
-            f"expected a non-empty 1-D integer found_step, got {found_step.dtype} {tuple(found_step.shape)}"
+            f"expected start_correct as a bool tensor of shape {tuple(found.shape)}, got {start_correct!r}"
         )
-    marks = [t for base in (10, 30) for t in (base * 10**e for e in range(7)) if t < steps]
-    found = found_step.cpu()
+    ok = start_correct.cpu().bool()
     return {
-        t: round(1.0 - float(((found >= 0) & (found <= t)).float().mean()), 4)
-        for t in sorted({*marks, steps})
+        t: round(float((ok & ~((found >= 0) & (found <= t))).float().mean()), 4) for t in step_marks(steps)
     }
 
 

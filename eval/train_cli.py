@@ -2,11 +2,12 @@
 
 Models: ``classifier``, ``gan`` (generator trained against a discriminator, weights averaged), ``encoder`` (a new
 encoder for the generator found in DIR, trained on real images and on the generator's samples), ``vae``, ``zoo`` (those four in that order), ``pgd-at`` (Madry PGD adversarial
-training of a new classifier, Linf 0.3) or ``rmd`` (robust manifold training with the zoo's GAN and encoder). Checkpoints go to
+training of a new classifier, Linf 0.3), ``l2-at`` (l2 PGD adversarial training at eps 1.5, the baseline of Jalal et al.'s
+Robust Manifold Defense) or ``rmd`` (robust manifold training with the zoo's GAN and encoder). Checkpoints go to
 ``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there.
 
-``--init MODEL [--init-dir DIR]`` (pgd-at, rmd): start from a zoo classifier's weights instead of a random
-initialization, e.g. robust manifold fine-tuning of ``mnist-pgd-at``; the record names the starting weights by SHA-256.
+``--init MODEL [--init-dir DIR]`` (pgd-at, l2-at, rmd): start from a zoo classifier's weights instead of a random
+initialization, e.g. robust manifold fine-tuning of ``mnist-l2-at``; the record names the starting weights by SHA-256.
 ``--set FIELD=VALUE`` overrides a scalar field of the training config (bools as true/false, optional fields as none).
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks import PGD
+from attacks import PGD, Norm, PGDConfig, ThreatModel
 from eval.cli import command_line
 from eval.run_folder import claim_run_folder
 from manifold_defense import ambient, zoo
@@ -47,7 +48,11 @@ from manifold_defense.training import (
 )
 
 log = logging.getLogger(__name__)
-MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "rmd", "ambient")
+MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "l2-at", "rmd", "ambient")
+#: The robustly trained classifiers (``mnist-<name>`` in the zoo).
+ROBUST_MODELS = ("pgd-at", "l2-at", "rmd")
+#: Jalal et al.'s l2 training budget on MNIST (the ``l2-at`` baseline and ``rmd``'s pixel term).
+L2_AT_EPS = 1.5
 #: Zoo classifiers a robust training run may start from (``--init``).
 INIT_MODELS = zoo.CLASSIFIERS
 #: The GAN's discriminator: three strided convolutions of 32-64-128 channels and a linear logit.
@@ -85,29 +90,31 @@ def add_parsers(sub: Any) -> None:
         help="gan: steps between sample-quality checks (Fréchet distance of 2000 samples; 0 disables)",
     )
     p.add_argument(
-        "--limit", type=int, default=None, help="use only the first N training images (pgd-at, rmd)"
+        "--limit", type=int, default=None, help="use only the first N training images (pgd-at, l2-at, rmd)"
     )
     p.add_argument(
-        "--val-n", type=int, default=1000, help="validation images checked each epoch (pgd-at, rmd)"
+        "--val-n", type=int, default=1000, help="validation images checked each epoch (pgd-at, l2-at, rmd)"
     )
     p.add_argument(
         "--attack-steps",
         type=int,
         default=None,
-        help="pgd-at: PGD steps of the training attack (default 40, Madry's; fewer fit a CPU budget)",
+        help="pgd-at, l2-at: PGD steps of the training attack (default 40, Madry's and Jalal et al.'s; fewer fit a "
+        "CPU budget)",
     )
     p.add_argument(
         "--attack-step-size",
         type=float,
         default=None,
-        help="pgd-at: step of the training attack (default 0.01; use about 2.5 * 0.3 / steps with fewer steps)",
+        help="pgd-at, l2-at: step of the training attack (pgd-at default 0.01, use about 2.5 * 0.3 / steps with "
+        "fewer steps; l2-at default 2 * 1.5 / steps, Jalal et al.'s)",
     )
     p.add_argument(
         "--init",
         default=None,
         choices=INIT_MODELS,
-        help="pgd-at, rmd: start from this zoo classifier's weights instead of a random initialization "
-        "(fine-tuning; e.g. rmd from mnist-pgd-at)",
+        help="pgd-at, l2-at, rmd: start from this zoo classifier's weights instead of a random initialization "
+        "(fine-tuning; e.g. rmd from mnist-l2-at)",
     )
     p.add_argument(
         "--init-dir",
@@ -130,12 +137,20 @@ def add_measurement_arguments(p: argparse.ArgumentParser, prefix: str = "") -> N
     """``--measurement`` and its settings (shared by ``train ambient`` and ``python -m eval ambient``)."""
     p.add_argument("--measurement", default=None, choices=sorted(ambient.MEASUREMENTS),
                    help=f"{prefix}the random measurement model (AmbientGAN's)")  # fmt: skip
-    p.add_argument("--p", type=float, default=None, help=f"{prefix}block-pixels drop probability (default 0.9)")
-    p.add_argument("--sigma", type=float, default=None, help=f"{prefix}convolve-noise noise std (default 0.1)")
-    p.add_argument("--patch-size", type=int, default=None, help=f"{prefix}block-/keep-patch size (default 14)")
+    p.add_argument(
+        "--p", type=float, default=None, help=f"{prefix}block-pixels drop probability (default 0.9)"
+    )
+    p.add_argument(
+        "--sigma", type=float, default=None, help=f"{prefix}convolve-noise noise std (default 0.1)"
+    )
+    p.add_argument(
+        "--patch-size", type=int, default=None, help=f"{prefix}block-/keep-patch size (default 14)"
+    )
     p.add_argument("--projections", type=int, default=None,
                    help=f"{prefix}gaussian-projection: projections per image (default 1, the paper's)")  # fmt: skip
-    p.add_argument("--measure-seed", type=int, default=None, help=f"{prefix}seed of the measured copy (default 0)")
+    p.add_argument(
+        "--measure-seed", type=int, default=None, help=f"{prefix}seed of the measured copy (default 0)"
+    )
     p.add_argument("--inpaint", default=None, choices=("biharmonic", "normalized-convolution"),
                    help=f"{prefix}unmeasure baseline's inpainting of masks (default biharmonic)")  # fmt: skip
 
@@ -148,13 +163,16 @@ def measurement_from_args(args: argparse.Namespace) -> ambient.RandomMeasurement
     """The ``--measurement`` model with its settings; a setting of another model is refused."""
     name = args.measurement
     if name is None:
-        raise ValueError(f"--measurement is required for ambient training: expected one of {sorted(ambient.MEASUREMENTS)}")
+        raise ValueError(
+            f"--measurement is required for ambient training: expected one of {sorted(ambient.MEASUREMENTS)}"
+        )
     for key, (owner, _) in _SETTINGS.items():
         fits = name in ("block-patch", "keep-patch") if owner is None else name == owner
         if getattr(args, key) is not None and not fits:
             raise ValueError(f"--{key.replace('_', '-')} does not apply to --measurement {name}")
     if args.inpaint is not None and name not in ("block-pixels", "block-patch", "keep-patch"):
         raise ValueError(f"--inpaint applies to the masking measurements, got --measurement {name}")
+
     def value(key: str) -> Any:
         got = getattr(args, key)
         return _SETTINGS[key][1] if got is None else got
@@ -168,7 +186,9 @@ def measurement_from_args(args: argparse.Namespace) -> ambient.RandomMeasurement
     return ambient.build_measurement(name, size=value("patch_size"))
 
 
-def ambient_discriminator(measurement: ambient.RandomMeasurement, method: str, image_shape: tuple[int, ...]) -> nn.Module:
+def ambient_discriminator(
+    measurement: ambient.RandomMeasurement, method: str, image_shape: tuple[int, ...]
+) -> nn.Module:
     """The discriminator of ``train ambient``: the ``gan`` branch's ``Critic(width=GAN_DISCRIMINATOR_WIDTH)`` on
     images (baselines, image measurements), a :class:`~manifold_defense.ambient.MeasurementDiscriminator` on
     vector measurements."""
@@ -186,7 +206,9 @@ def _check_ambient_flags(args: argparse.Namespace) -> None:
         flags = ", ".join("--" + f.replace("_", "-") for f in used)
         raise ValueError(f"{flags} apply to model ambient only, got model {args.model!r}")
     if args.model == "ambient" and args.inpaint is not None and args.baseline != "unmeasure":
-        raise ValueError("--inpaint sets the unmeasure baseline's restoration: pass --baseline unmeasure with it")
+        raise ValueError(
+            "--inpaint sets the unmeasure baseline's restoration: pass --baseline unmeasure with it"
+        )
     if args.model == "ambient":
         measurement_from_args(args)  # its settings are checked before any folder or data is touched
         _check_ambient_folder(args)
@@ -266,20 +288,26 @@ def _info(
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.model != "pgd-at" and (args.attack_steps is not None or args.attack_step_size is not None):
-        raise ValueError(f"--attack-steps/--attack-step-size apply to pgd-at only, got model {args.model!r}")
-    if args.model not in ("pgd-at", "rmd") and (args.init is not None or args.init_dir is not None):
-        raise ValueError(f"--init/--init-dir apply to pgd-at and rmd only, got model {args.model!r}")
+    if args.model not in ("pgd-at", "l2-at") and (
+        args.attack_steps is not None or args.attack_step_size is not None
+    ):
+        raise ValueError(
+            f"--attack-steps/--attack-step-size apply to pgd-at and l2-at only, got model {args.model!r}"
+        )
+    if args.model not in ROBUST_MODELS and (args.init is not None or args.init_dir is not None):
+        raise ValueError(f"--init/--init-dir apply to pgd-at, l2-at and rmd only, got model {args.model!r}")
     _check_ambient_flags(args)
     if args.init_dir is not None and args.init is None:
         raise ValueError("--init-dir names where the --init weights live: pass --init MODEL with it")
-    if args.init is not None and args.model in ("pgd-at", "rmd"):
+    if args.init is not None and args.model in ROBUST_MODELS:
         _check_init_architecture(f"mnist-{args.model}", args.init)
     device = resolve_device(args.device)
     # --seed also fixes the initial weights (the training loop seeds its own RNG only after they exist)
     torch.manual_seed(args.seed)
     out: Path = args.out
-    claim_run_folder(out, "train")  # one folder may hold several models; each checkpoint checks its own config
+    claim_run_folder(
+        out, "train"
+    )  # one folder may hold several models; each checkpoint checks its own config
     command = command_line(args)
     train = load_mnist("train", args.data_dir).dataset()
     progress = not args.no_progress
@@ -339,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
             info["training"]["data"] = record["data"]
             info["training"]["discriminator"] = record["discriminator"]
             zoo.save(gen, "mnist-gan", out, info)
-        elif name in ("pgd-at", "rmd"):
+        elif name in ROBUST_MODELS:
             trained, hist = _train_robust(name, args, sets, device, ckpt, progress)
             config = trained.config
             info = _info(command, config, time.perf_counter() - start, device, hist)
@@ -414,7 +442,8 @@ def _train_robust(
     ckpt: Path,
     progress: bool,
 ) -> tuple[_Trained, list[dict[str, float]]]:
-    """PGD adversarial training (Madry's Linf 0.3, 40 x 0.01 attack) or robust manifold training of a new classifier.
+    """PGD adversarial training (Madry's Linf 0.3, 40 x 0.01 attack; or l2 1.5, 40 x 2 eps / 40, Jalal et al.'s
+    baseline) or robust manifold training of a new classifier.
 
     Validation each epoch: the first ``--val-n`` validation images, clean and under a 10-step version of the attack.
     """
@@ -422,18 +451,24 @@ def _train_robust(
     val = load_mnist("val", args.data_dir, limit=args.val_n).dataset()
     model, init = _initial_classifier(f"mnist-{name}", args)
     config: Any
-    if name == "pgd-at":
+    if name in ("pgd-at", "l2-at"):
         config = _override(AdversarialTrainConfig(seed=args.seed), args.steps, sets)
-        val_attack = PGD.madry_mnist(seed=args.seed, steps=10, step_size=0.05)
         overrides: dict[str, Any] = {}
         if args.attack_steps is not None:
             overrides["steps"] = args.attack_steps
         if args.attack_step_size is not None:
             overrides["step_size"] = args.attack_step_size
+        if name == "pgd-at":
+            val_attack = PGD.madry_mnist(seed=args.seed, steps=10, step_size=0.05)
+            attack = PGD.madry_mnist(seed=args.seed, **overrides)
+        else:
+            val_attack = l2_pgd(L2_AT_EPS, 10, seed=args.seed)
+            steps = overrides.get("steps", 40)
+            attack = l2_pgd(L2_AT_EPS, steps, overrides.get("step_size"), seed=args.seed)
         hist = adversarial_train(
             model,
             train,
-            PGD.madry_mnist(seed=args.seed, **overrides),
+            attack,
             config,
             val_data=val,
             val_attack=val_attack,
@@ -457,6 +492,17 @@ def _train_robust(
             progress=progress,
         )
     return _Trained(model, config, init), hist
+
+
+def l2_pgd(eps: float, steps: int, step_size: float | None = None, seed: int = 0) -> PGD:
+    """l2 PGD with random start at total-norm budget ``eps``; ``step_size`` defaults to ``2 * eps / steps``, the step
+    of Jalal et al.'s training attack (ajiljalal/manifold-defense)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"l2 PGD steps: expected an int >= 1, got {steps!r}")
+    size = 2 * eps / steps if step_size is None else step_size
+    return PGD(
+        ThreatModel(Norm.L2, eps), PGDConfig(steps=steps, step_size=size, random_start=True, seed=seed)
+    )
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:

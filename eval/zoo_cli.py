@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=measure)
     s = sub.add_parser("zoo", help="print the zoo's recorded figures")
     s.add_argument("--weights-dir", type=Path, default=None)
-    s.add_argument("--markdown", action="store_true", help="print the figures as the Markdown table of docs/zoo.md")
+    s.add_argument(
+        "--markdown", action="store_true", help="print the figures as the Markdown table of docs/zoo.md"
+    )
     s.set_defaults(func=show)
 
 
@@ -184,7 +187,9 @@ def measure(args: argparse.Namespace) -> int:
         with torch.no_grad():
             samples = torch.cat(
                 [
-                    gen(torch.randn(min(1000, n_samples - i), latent_dim_of(gen), generator=gen_seed).to(dev)).cpu()
+                    gen(
+                        torch.randn(min(1000, n_samples - i), latent_dim_of(gen), generator=gen_seed).to(dev)
+                    ).cpu()
                     for i in range(0, n_samples, 1000)
                 ]
             )
@@ -309,7 +314,11 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                 ("histogram_min_max", "class histogram min/max (train images)"),
             ):
                 add(label, f"{samples[key]} ({floor[key]})", samples["n"])
-            add("class histogram of samples", " ".join(str(c) for c in samples["class_histogram"]), samples["n"])
+            add(
+                "class histogram of samples",
+                " ".join(str(c) for c in samples["class_histogram"]),
+                samples["n"],
+            )
         elif samples:
             add(
                 "Fréchet feature distance of samples (train-vs-test floor)",
@@ -329,6 +338,14 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                 f"{aa['clean_accuracy']:.4f} / {aa['robust_accuracy']:.4f}",
                 aa["n"],
             )
+        for key in sorted(k for k in fig if re.match(r"pgd\d+_", k)):
+            pg = fig[key]
+            steps, norm, eps = key.removeprefix("pgd").split("_")
+            add(
+                f"PGD-{steps} ({pg['version']}) {norm} {eps}: clean / robust accuracy",
+                f"{pg['clean_accuracy']:.4f} / {pg['robust_accuracy']:.4f}",
+                pg["n"],
+            )
         for key in sorted(k for k in fig if k.startswith("onmanifold_")):
             onm = fig[key]
             add(
@@ -342,7 +359,9 @@ def markdown_table(weights_dir: Path | None = None) -> str:
         for key in sorted(k for k in fig if k.startswith("overpowered_")):
             op = fig[key]
             add(
-                f"overpowered attack accuracy (pairs consistent), pair l2 <= {op['threat']['eps']:g} "
+                "overpowered attack accuracy ("
+                + ("start correct and " if "accuracy_meaning" in op else "")
+                + f"pairs consistent), pair l2 <= {op['threat']['eps']:g} "
                 f"({op['attack']['steps']} steps"
                 + (
                     f", logits / {op['attack']['temperature']:g}"
@@ -350,7 +369,8 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                     else ""
                 )
                 + ")",
-                f"{op['accuracy']:.4f}",
+                f"{op['accuracy']:.4f}"
+                + (f" (consistency {op['consistency']:.4f})" if "accuracy_meaning" in op else ""),
                 op["n"],
             )
         if "mse_G_of_E" in fig:

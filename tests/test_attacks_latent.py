@@ -151,3 +151,18 @@ def test_warns_on_training_generator(setup: tuple[nn.Module, nn.Module, Tensor, 
     generator = TinyGenerator().train()
     with pytest.warns(UserWarning, match="generator is in training mode"):
         LatentAttack(LatentAttackConfig(eps=1.0, steps=1))(model, generator, z, y)
+
+
+def test_found_step_gives_the_success_of_every_shorter_attack(
+    setup: tuple[nn.Module, nn.Module, Tensor, Tensor],
+) -> None:
+    """In pixel mode a t-step attack succeeds exactly where the long run's ``found_step <= t`` (one run gives the
+    success-vs-steps curve of :func:`eval.defense_figures.found_at_steps`)."""
+    model, generator, z, y = setup
+    long = LatentAttack(LatentAttackConfig(eps=0.6, constraint="pixel", steps=30))(model, generator, z, y)
+    assert long.found_step.dtype == torch.int64
+    assert torch.equal(long.success, long.found_step >= 0)  # success once found stays (best iterate kept)
+    for t in (0, 3, 10):
+        short = LatentAttack(LatentAttackConfig(eps=0.6, constraint="pixel", steps=t))(model, generator, z, y)
+        assert torch.equal(short.success, (long.found_step >= 0) & (long.found_step <= t))
+    assert int(((long.found_step > 3) & (long.found_step <= 30)).sum()) > 0  # the curve moves after step 3

@@ -115,3 +115,26 @@ def test_write_records_the_figure_in_the_zoo_record(tmp_path: Path) -> None:
     (tmp_path / "mnist-pgd-at.safetensors").write_bytes(b"tampered")
     with pytest.raises(zoo.ZooIntegrityError):
         record_figure("mnist-pgd-at", report, tmp_path)
+
+
+def test_pgd_steps_runs_pgd_and_records_its_own_key(tmp_path: Path) -> None:
+    """``--pgd-steps`` (Jalal et al.'s l2 PGD-100 evaluation) runs the library's PGD, audits it in the threat model
+    and records ``figures.pgd<steps>_<norm>_<eps>`` beside the AutoAttack figures; the zoo table shows it."""
+    from eval.zoo_cli import markdown_table
+
+    torch.manual_seed(0)
+    net = zoo.build("mnist-l2-at")
+    zoo.save(net, "mnist-l2-at", tmp_path, {"training": {"note": "test"}})
+    args = ["autoattack", "--model", "mnist-l2-at", "--weights-dir", str(tmp_path), "--n", "5", "--norm", "l2",
+            "--eps", "2.5", "--pgd-steps", "7", "--out", str(tmp_path / "pgd"), "--no-progress", "--threads", "1",
+            "--write"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "pgd" / "results.json").read_text())
+    assert report["attack"] == "pgd7" and report["version"] == "PGD 7 steps x 1 restarts"
+    assert report["audit"]["max_perturbation"] <= 2.5 + 1e-4
+    fig = zoo.record("mnist-l2-at", tmp_path)["figures"]["pgd7_l2_2.5"]
+    assert fig["robust_accuracy"] == report["robust_accuracy"] <= report["clean_accuracy"]
+    assert (
+        "| `mnist-l2-at` | PGD-7 (PGD 7 steps x 1 restarts) l2 2.5: clean / robust accuracy |"
+        in markdown_table(tmp_path)
+    )

@@ -184,6 +184,8 @@ def test_command_runs_every_figure_through_the_harness(tmp_path: Path) -> None:
     assert onm["eligible"] == 3 and 0 <= onm["successes"] <= 3 and onm["settings"]["budget_l2"] == 3.0
     op = und["attacks"]["overpowered"]["l2-4"]
     assert list(op["consistency_at_steps"]) == ["3"] and op["consistency_at_steps"]["3"] == op["consistency"]
+    assert op["accuracy_at_steps"]["3"] == op["accuracy"] <= op["consistency"]
+    assert onm["success_at_steps"]["3"] == onm["success_rate"]
     report = (out / "report.md").read_text()
     assert "## Projection (defended clean)" in report and "## Surrogate transfer" in report
     assert (out / "onmanifold_undefended_l2-4.png").read_bytes()[:4] == b"\x89PNG"
@@ -205,7 +207,7 @@ def test_load_zoo_models_picks_the_named_classifier(tmp_path: Path) -> None:
     from manifold_defense import zoo
 
     torch.manual_seed(0)
-    other = zoo.build("mnist-classifier")
+    other = zoo.build("mnist-rmd")
     zoo.save(other, "mnist-rmd", tmp_path, {"training": {"note": "test weights"}})
     models = load_zoo_models(torch.device("cpu"), classifier="mnist-rmd", classifier_dir=tmp_path)
     for key, value in other.state_dict().items():
@@ -228,7 +230,7 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     from eval.zoo_cli import markdown_table
     from manifold_defense import zoo
 
-    zoo.save(zoo.load("mnist-classifier"), "mnist-rmd", tmp_path, {"training": {"note": "test weights"}})
+    zoo.save(zoo.load("mnist-pgd-at"), "mnist-rmd", tmp_path, {"training": {"note": "test weights"}})
     base = ["defense", "--n", "2", "--latent-steps", "2", "--op-steps", "2", "--classifier", "mnist-rmd",
             "--classifier-dir", str(tmp_path), "--device", "cpu", "--threads", "1", "--write", "--no-progress"]  # fmt: skip
     out = tmp_path / "run"
@@ -239,11 +241,18 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     onm, op = rec["figures"]["onmanifold_l2_1.5"], rec["figures"]["overpowered_l2_4"]
     assert onm["success_rate"] == result["onmanifold"]["l2-1.5"]["success_rate"]
     assert onm["eligible"] == result["onmanifold"]["l2-1.5"]["eligible"] == 2 and onm["n"] == 2
-    assert op["accuracy"] == result["overpowered"]["l2-1.5"]["consistency"] and op["attack"]["steps"] == 2
+    entry = result["overpowered"]["l2-1.5"]
+    assert op["consistency"] == entry["consistency"] and op["attack"]["steps"] == 2
+    assert op["accuracy"] == entry["accuracy"] <= op["consistency"]
+    assert op["accuracy_at_steps"] == entry["accuracy_at_steps"] and list(op["accuracy_at_steps"]) == ["2"]
+    assert onm["success_at_steps"] == result["onmanifold"]["l2-1.5"]["success_at_steps"]
     assert onm["command"] == written["command"] and rec["training"] == {"note": "test weights"}
     table = markdown_table(tmp_path)
     assert "| `mnist-rmd` | on-manifold attack success rate, pixel l2 <= 1.5 (2 steps;" in table
-    assert "| `mnist-rmd` | overpowered attack accuracy (pairs consistent), pair l2 <= 4 (2 steps) |" in table
+    assert (
+        "| `mnist-rmd` | overpowered attack accuracy (start correct and pairs consistent), pair l2 <= 4 (2 steps) |"
+        in table
+    )
     assert (
         main([*base, "--figures", "overpowered", "--op-temperature", "10", "--out", str(tmp_path / "t10")])
         == 0
@@ -260,3 +269,34 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     with pytest.raises(zoo.ZooIntegrityError):
         main([*base, "--out", str(tmp_path / "t")])
     assert not (tmp_path / "t").exists()
+
+
+def test_attack_strength_curves_from_found_steps() -> None:
+    """One long run's first-success steps give the success (on-manifold), consistency and accuracy (overpowered)
+    of every shorter run: values checked by hand."""
+    from eval.defense_figures import accuracy_at_steps, consistency_at_steps, found_at_steps, step_marks
+
+    found = torch.tensor([-1, 0, 5, 12, 40, 250])
+    assert step_marks(300) == [10, 30, 100, 300] and step_marks(30) == [10, 30]
+    assert found_at_steps(found, 300) == {
+        10: round(2 / 6, 4),
+        30: 0.5,
+        100: round(4 / 6, 4),
+        300: round(5 / 6, 4),
+    }
+    among = torch.tensor([True, True, False, True, False, False])  # eligible: -1, 0, 12
+    assert found_at_steps(found, 30, among=among) == {10: round(1 / 3, 4), 30: round(2 / 3, 4)}
+    assert consistency_at_steps(found, 30) == {10: round(1 - 2 / 6, 4), 30: 0.5}
+    correct = torch.tensor([True, False, True, True, True, True])
+    # correct and not yet found: t=10 -> -1, 12, 40, 250 ; t=30 -> -1, 40, 250 ; t=300 -> -1
+    assert accuracy_at_steps(found, 300, correct) == {
+        10: round(4 / 6, 4),
+        30: 0.5,
+        100: round(2 / 6, 4),
+        300: round(1 / 6, 4),
+    }
+    assert math.isnan(found_at_steps(found, 10, among=torch.zeros(6, dtype=torch.bool))[10])
+    with pytest.raises(ValueError, match="non-empty 1-D integer"):
+        found_at_steps(torch.tensor([0.5]), 10)
+    with pytest.raises(ValueError, match="start_correct"):
+        accuracy_at_steps(found, 10, correct[:3])

@@ -544,3 +544,48 @@ def test_bad_eps_warmup_is_refused(value: Any) -> None:
         ValueError, match=r"AdversarialTrainConfig.eps_warmup: expected a fraction in \[0, 1\)"
     ):
         AdversarialTrainConfig(eps_warmup=value)
+
+
+# ------------------------------------------------------------------- Jalal et al.'s schedule (issue 17)
+
+
+def test_l2_pgd_training_lowers_l2_adversarial_loss() -> None:
+    """The ``l2-at`` baseline's configuration (l2 PGD with step 2 eps / steps, budget warm-up) on a tiny model."""
+    from eval.train_cli import l2_pgd
+
+    model, _, _ = _models()
+    evaluation = PGD(ThreatModel(Norm.L2, 1.0), PGDConfig(steps=10))
+    loss0, acc0 = _robustness(model, evaluation)
+    attack = l2_pgd(1.0, 5, seed=0)
+    assert attack.threat.norm is Norm.L2 and attack.config.step_size == pytest.approx(0.4)
+    adversarial_train(
+        model,
+        _data(),
+        attack,
+        AdversarialTrainConfig(steps=60, batch_size=32, lr=3e-2, schedule="constant", eps_warmup=0.2),
+        progress=False,
+    )
+    loss1, acc1 = _robustness(model, evaluation)
+    assert loss1 < 0.6 * loss0 and acc1 > acc0 + 0.3
+
+
+def test_op_consistency_on_valid_pairs_only() -> None:
+    """``op_pairs="valid"`` (Jalal et al.'s code) trains on the found pairs only; with none found the term is 0."""
+    model, gen, enc = _models()
+    hist = robust_manifold_train(
+        model, gen, _data(), _rmd_config(op_pairs="valid", op_every=1, steps=30), encoder=enc, progress=False
+    )
+    assert "op_loss" in hist[-1] and hist[-1]["op_loss"] >= 0
+    # an unreachable budget: no pair is ever valid, so the consistency term is exactly 0 on every OP step
+    model, gen, enc = _models()
+    hist = robust_manifold_train(
+        model,
+        gen,
+        _data(),
+        _rmd_config(op_pairs="valid", op_every=1, steps=4, op_eps=0.0, log_every=1),
+        encoder=enc,
+        progress=False,
+    )
+    assert all(e["op_loss"] == 0.0 for e in hist if "op_loss" in e)
+    with pytest.raises(ValueError, match="op_pairs"):
+        _rmd_config(op_pairs="some")

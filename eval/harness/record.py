@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eval.defense_figures import consistency_at_steps
+from eval.defense_figures import accuracy_at_steps, consistency_at_steps, found_at_steps
 from eval.harness.settings import (
     FLAGS,
     SURROGATE_STAGES,
@@ -72,7 +72,18 @@ def _latent_figures(attack: str, rec: Mapping[str, Any], settings: RobustnessSet
             "pixel_distance_of_successes_median": round(float(rec["pixel_distance"][hits].median()), 4)
             if bool(hits.any())
             else None,
-        }
+        } | (
+            {
+                "success_at_steps": {
+                    str(t): v
+                    for t, v in found_at_steps(
+                        rec["found_step"], settings.latent_steps, among=eligible
+                    ).items()
+                }
+            }
+            if "found_step" in rec and len(rec["found_step"])
+            else {}
+        )
     if attack == "overpowered" and "found_step" in rec and len(rec["found_step"]):
         return {
             "pairs_found": int(rec["found"].sum()),
@@ -80,7 +91,21 @@ def _latent_figures(attack: str, rec: Mapping[str, Any], settings: RobustnessSet
             "consistency_at_steps": {
                 str(t): v for t, v in consistency_at_steps(rec["found_step"], settings.op_steps).items()
             },
-        }
+        } | (
+            {
+                "accuracy": round(
+                    float((rec["start_correct"].bool() & ~rec["found"].bool()).float().mean()), 4
+                ),
+                "accuracy_at_steps": {
+                    str(t): v
+                    for t, v in accuracy_at_steps(
+                        rec["found_step"], settings.op_steps, rec["start_correct"].bool()
+                    ).items()
+                },
+            }
+            if "start_correct" in rec
+            else {}
+        )
     return {}
 
 

@@ -428,7 +428,7 @@ class Runner(SectionStages):
                 res = figures.evaluate_onmanifold(clf, gen, z, yb, cfg, batch_size=len(chunk))
                 cand, found = res.x_adv.to(xb.device), res.success
                 extra = {"eligible": res.eligible, "x0": res.x0, "candidate": res.x_adv, "pred_adv": res.pred_adv,
-                         "pixel_distance": res.pixel_distance}  # fmt: skip
+                         "pixel_distance": res.pixel_distance, "found_step": res.found_step}  # fmt: skip
             else:
                 ocfg = OverpoweredConfig(
                     eps=budget, steps=s.op_steps, step_size=s.op_step_size, multiplier_init=s.op_multiplier_init,
@@ -438,7 +438,9 @@ class Runner(SectionStages):
                 wrong1 = (op.pred1 != yb.cpu())[:, None, None, None]
                 cand = torch.where(wrong1, op.x1, op.x2).to(xb.device)
                 found = op.success
-                extra = {"found_step": op.found_step}
+                with torch.no_grad():
+                    start_pred = clf(gen(z)).argmax(1)
+                extra = {"found_step": op.found_step, "start_correct": start_pred.cpu() == yb.cpu()}
             x_adv = project_onto_threat(cand.to(xb.dtype), xb, threat)
             out = self._package(d, draws, xb, yb, x_adv, torch.ones(len(chunk), dtype=torch.bool), threat)
             out["found"] = found.cpu()
@@ -541,7 +543,15 @@ class Runner(SectionStages):
         rec["robust"] = parts["robust"]
         rec["first_ok"] = parts["first_ok"]
         rec["broken_x_adv"] = x_adv[broken].clone()
-        for k in ("surrogate_broken", "found", "eligible", "found_step", "pixel_distance", "pred_adv"):
+        for k in (
+            "surrogate_broken",
+            "found",
+            "eligible",
+            "found_step",
+            "pixel_distance",
+            "pred_adv",
+            "start_correct",
+        ):
             if k in parts:
                 rec[k] = parts[k]
         names = [k.split("|", 1)[1] for k in parts if k.startswith("tried|")]

@@ -272,6 +272,9 @@ class RobustManifoldConfig(RobustTrainConfig):
         op_multiplier_init: initial Lagrange multiplier > 0 of the OP pair-distance constraint (default 1e-3:
             with the attack library's 1.0 the pair is pulled together before the divergence term separates it, and
             the pairs collapse to distance ~0.04 where the divergence is stationary; measured in ``eval defense``).
+        op_pairs: ``"all"`` (default): the consistency loss is the mean over every pair the OP attack returned;
+            ``"valid"``: over the pairs it found valid only (labels differ within ``op_eps``; Jalal et al.'s code),
+            zero on a step without one.
         inversion: :class:`InversionConfig` of the latent search (default: encoder warm start, 20 Adam steps
             of 0.05, one restart).
     """
@@ -295,6 +298,7 @@ class RobustManifoldConfig(RobustTrainConfig):
     op_init_noise: float = 0.1
     op_temperature: float = 1.0
     op_multiplier_init: float = 0.001
+    op_pairs: Literal["all", "valid"] = "all"
     inversion: InversionConfig = field(default_factory=_default_inversion)
 
     def __post_init__(self) -> None:
@@ -319,6 +323,10 @@ class RobustManifoldConfig(RobustTrainConfig):
         if self.pixel_norm not in ("l2", "linf"):
             raise ValueError(
                 f"RobustManifoldConfig.pixel_norm: expected 'l2' or 'linf', got {self.pixel_norm!r}"
+            )
+        if self.op_pairs not in ("all", "valid"):
+            raise ValueError(
+                f"RobustManifoldConfig.op_pairs: expected 'all' or 'valid', got {self.op_pairs!r}"
             )
         if self.latent_constraint not in ("pixel", "latent"):
             raise ValueError(
@@ -820,6 +828,7 @@ def robust_manifold_train(
                     z2 = z + config.op_init_noise * _per_sample_normal(seeds, k, z)
                     pair = op_attack(classifier, generator, z, z2)
                     metrics["op_success"] = float(pair.success.float().mean())
+                    op_mask = pair.success if config.op_pairs == "valid" else torch.ones_like(pair.success)
                     parts += [("op1", pair.x1), ("op2", pair.x2)]
             if not parts:
                 raise ValueError("expected at least one loss term with a positive weight, got all weights 0")
@@ -837,7 +846,8 @@ def robust_manifold_train(
                     metrics[f"{name}_loss"] = float(term.detach())
                     metrics[f"{name}_acc"] = float((chunks[name].argmax(1) == y).float().mean())
             if do_op:
-                consistency = pair_divergence(chunks["op1"], chunks["op2"]).mean()
+                divergence = pair_divergence(chunks["op1"], chunks["op2"])
+                consistency = (divergence * op_mask).sum() / op_mask.sum().clamp_min(1)
                 loss = loss + config.op_weight * consistency
                 metrics["op_loss"] = float(consistency.detach())
             return loss, metrics
