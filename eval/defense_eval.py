@@ -220,10 +220,10 @@ def record_classifier_figures(
                     "consistency": entry["consistency"],
                     "consistency_at_steps": entry["consistency_at_steps"],
                 }
-                if "accuracy_at_steps" in entry:
+                if "op_accuracy_at_steps" in entry:
                     head |= {
-                        "accuracy": entry["accuracy"],
-                        "accuracy_at_steps": entry["accuracy_at_steps"],
+                        "accuracy": entry["op_accuracy"],
+                        "accuracy_at_steps": entry["op_accuracy_at_steps"],
                         "accuracy_meaning": "start G(z) labeled correctly and no class-changing pair found",
                     }
                 else:

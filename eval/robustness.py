@@ -111,7 +111,7 @@ def load_zoo_models(
     Args:
         device: where the models go.
         weights_dir: zoo folder of the generator and encoder (and of the classifier unless ``classifier_dir``).
-        classifier: :data:`CLASSIFIERS` name (``mnist-pgd-at`` and ``mnist-rmd`` are the robustly trained ones).
+        classifier: :data:`CLASSIFIERS` name (``mnist-pgd-at``, ``mnist-l2-at`` and ``mnist-rmd`` are the robustly trained ones).
         classifier_dir: folder of the classifier's weights if not ``weights_dir`` (e.g. a training run's ``--out``).
     """
     if classifier not in CLASSIFIERS:
@@ -210,7 +210,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classifier",
         default="mnist-classifier",
-        help="zoo name (mnist-classifier, mnist-pgd-at, mnist-rmd), package.module:factory or path.py:factory",
+        help=f"zoo name ({', '.join(CLASSIFIERS)}), package.module:factory or path.py:factory",
     )
     p.add_argument(
         "--generator", default=None, help="as --classifier; default mnist-gan on MNIST, 'none': no generator"

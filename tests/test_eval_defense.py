@@ -184,7 +184,9 @@ def test_command_runs_every_figure_through_the_harness(tmp_path: Path) -> None:
     assert onm["eligible"] == 3 and 0 <= onm["successes"] <= 3 and onm["settings"]["budget_l2"] == 3.0
     op = und["attacks"]["overpowered"]["l2-4"]
     assert list(op["consistency_at_steps"]) == ["3"] and op["consistency_at_steps"]["3"] == op["consistency"]
-    assert op["accuracy_at_steps"]["3"] == op["accuracy"] <= op["consistency"]
+    assert op["op_accuracy_at_steps"]["3"] == op["op_accuracy"] <= op["consistency"]
+    # the stage's own accuracy (robust after this attack of the cascade) is not overwritten by the OP figures
+    assert op["accuracy"] <= onm["accuracy"] and "op_accuracy" not in onm
     assert onm["success_at_steps"]["3"] == onm["success_rate"]
     report = (out / "report.md").read_text()
     assert "## Projection (defended clean)" in report and "## Surrogate transfer" in report
@@ -243,8 +245,8 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     assert onm["eligible"] == result["onmanifold"]["l2-1.5"]["eligible"] == 2 and onm["n"] == 2
     entry = result["overpowered"]["l2-1.5"]
     assert op["consistency"] == entry["consistency"] and op["attack"]["steps"] == 2
-    assert op["accuracy"] == entry["accuracy"] <= op["consistency"]
-    assert op["accuracy_at_steps"] == entry["accuracy_at_steps"] and list(op["accuracy_at_steps"]) == ["2"]
+    assert op["accuracy"] == entry["op_accuracy"] <= op["consistency"]
+    assert op["accuracy_at_steps"] == entry["op_accuracy_at_steps"] and list(op["accuracy_at_steps"]) == ["2"]
     assert onm["success_at_steps"] == result["onmanifold"]["l2-1.5"]["success_at_steps"]
     assert onm["command"] == written["command"] and rec["training"] == {"note": "test weights"}
     table = markdown_table(tmp_path)

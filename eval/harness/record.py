@@ -93,10 +93,10 @@ def _latent_figures(attack: str, rec: Mapping[str, Any], settings: RobustnessSet
             },
         } | (
             {
-                "accuracy": round(
+                "op_accuracy": round(
                     float((rec["start_correct"].bool() & ~rec["found"].bool()).float().mean()), 4
                 ),
-                "accuracy_at_steps": {
+                "op_accuracy_at_steps": {
                     str(t): v
                     for t, v in accuracy_at_steps(
                         rec["found_step"], settings.op_steps, rec["start_correct"].bool()

@@ -64,7 +64,18 @@ REGISTRY: dict[str, ZooEntry] = {
             {"channels": (32, 64), "hidden": 512},
             "compact classifier, Madry PGD adversarial training (Linf 0.3)",
         ),
-        ZooEntry("mnist-rmd", MNISTClassifier, {}, "classifier, robust manifold adversarial training"),
+        ZooEntry(
+            "mnist-l2-at",
+            CompactMNISTClassifier,
+            {"channels": (32, 64), "hidden": 512},
+            "compact classifier, l2 PGD adversarial training (eps 1.5; Jalal et al.'s baseline)",
+        ),
+        ZooEntry(
+            "mnist-rmd",
+            CompactMNISTClassifier,
+            {"channels": (32, 64), "hidden": 512},
+            "compact classifier, robust manifold training (Jalal et al.) fine-tuned from mnist-l2-at",
+        ),
         ZooEntry(
             "mnist-ambient-gan",
             Generator,
