@@ -22,7 +22,9 @@ def test_commands_are_registered() -> None:
 
 def test_set_overrides_parse_with_the_field_type() -> None:
     cfg = _override(
-        GANTrainConfig(), 10, _parse_sets(["rec_weight=5", "n_critic=3", "ema_decay=none", "objective=wgan-gp"])
+        GANTrainConfig(),
+        10,
+        _parse_sets(["rec_weight=5", "n_critic=3", "ema_decay=none", "objective=wgan-gp"]),
     )
     assert cfg.steps == 10 and cfg.rec_weight == 5.0 and cfg.n_critic == 3 and isinstance(cfg.n_critic, int)
     assert cfg.ema_decay is None and cfg.objective == "wgan-gp"
@@ -51,7 +53,9 @@ def test_set_parses_bools_optional_numbers_and_refuses_tuples() -> None:
 
 
 def test_init_flags_are_checked_before_training(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"--init/--init-dir apply to pgd-at and rmd only, got model 'gan'"):
+    with pytest.raises(
+        ValueError, match=r"--init/--init-dir apply to pgd-at, l2-at and rmd only, got model 'gan'"
+    ):
         main(["train", "gan", "--out", str(tmp_path), "--init", "mnist-classifier"])
     with pytest.raises(ValueError, match=r"--init-dir names where the --init weights live"):
         main(["train", "pgd-at", "--out", str(tmp_path), "--init-dir", str(tmp_path)])
@@ -60,6 +64,13 @@ def test_init_flags_are_checked_before_training(tmp_path: Path) -> None:
         ValueError, match=r"--init mnist-classifier is a MNISTClassifier, but mnist-pgd-at is a Compact"
     ):
         main(["train", "pgd-at", "--out", str(tmp_path), "--init", "mnist-classifier"])
+    with pytest.raises(ValueError, match=r"--attack-steps/--attack-step-size apply to pgd-at and l2-at only"):
+        main(["train", "rmd", "--out", str(tmp_path), "--attack-steps", "5"])
+    # mnist-rmd is fine-tuned from mnist-l2-at (same architecture), not from the standard classifier
+    with pytest.raises(
+        ValueError, match=r"--init mnist-classifier is a MNISTClassifier, but mnist-rmd is a Compact"
+    ):
+        main(["train", "rmd", "--out", str(tmp_path), "--init", "mnist-classifier"])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,7 +198,9 @@ def test_demo_summarizes_every_shipped_record() -> None:
     assert "MNIST score" in text and "Defense-GAN projection" in text and "no measured figures" not in text
 
 
-def test_measure_zoo_measures_only_the_chosen_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_measure_zoo_measures_only_the_chosen_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     from manifold_defense import zoo
