@@ -106,6 +106,21 @@ def autoattack_accuracy(
     """
     if version not in VERSIONS:
         raise ValueError(f"expected version in {VERSIONS}, got {version!r}")
+    num_classes = _check_inputs(model, images, labels, batch_size)
+    if version != "rand" and num_classes < 4:
+        raise ValueError(
+            f"expected a model with at least 4 classes for AutoAttack {version!r} (its targeted DLR loss "
+            f"compares the 4 largest logits), got {num_classes}"
+        )
+    attack = TorchattacksAttack("AutoAttack", threat, seed=seed, version=version)
+    return _run(model, images, labels, attack, batch_size, progress, "autoattack")
+
+
+def _check_inputs(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> int:
+    """Refuse bad arguments of :func:`attack_accuracy` / :func:`autoattack_accuracy`; put ``model`` in eval mode
+    and return its number of classes (one forward pass on the first image)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected the model as a torch.nn.Module, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"expected batch_size as an int >= 1, got {batch_size!r}")
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
@@ -125,14 +140,7 @@ def autoattack_accuracy(
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"expected the model to return logits (B, K), got {got}")
     check_finite_logits(out, f"model {model_name(model)}", "on image 0")
-    num_classes = int(out.shape[1])
-    if version != "rand" and num_classes < 4:
-        raise ValueError(
-            f"expected a model with at least 4 classes for AutoAttack {version!r} (its targeted DLR loss "
-            f"compares the 4 largest logits), got {num_classes}"
-        )
-    attack = TorchattacksAttack("AutoAttack", threat, seed=seed, version=version)
-    return attack_accuracy(model, images, labels, attack, batch_size=batch_size, progress=progress)
+    return int(out.shape[1])
 
 
 def attack_accuracy(
@@ -149,14 +157,32 @@ def attack_accuracy(
     audited from the returned adversarial images (threat model, value range, NaN count).
 
     Args:
-        model: ``(B, C, H, W)`` in [0, 1] -> ``(B, K)`` logits, in eval mode on the images' device (checked by
-            :func:`autoattack_accuracy`; call that for AutoAttack).
+        model: ``(B, C, H, W)`` in [0, 1] -> ``(B, K)`` logits, put in eval mode, on the images' device
+            (call :func:`autoattack_accuracy` for AutoAttack).
         images: ``(N, C, H, W)`` in [0, 1]; labels: ``(N,)`` int64.
         attack: the attack; its ``threat`` bounds the audit.
         batch_size: images per attack call; progress: show a bar; desc: its label.
+
+    Raises:
+        TypeError: model not an ``nn.Module``, attack not an :class:`attacks.Attack`, images or labels not tensors.
+        ValueError: as :func:`autoattack_accuracy` (batch size, shapes, value range, logits).
     """
+    if not isinstance(attack, Attack):
+        raise TypeError(f"expected attack as an attacks.Attack, got {type(attack).__name__}")
+    _check_inputs(model, images, labels, batch_size)
+    return _run(model, images, labels, attack, batch_size, progress, desc)
+
+
+def _run(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    attack: Attack,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> AutoAttackResult:
     threat = attack.threat
-    model.eval()
     clean_ok, robust_ok, max_pert, lo, hi, nans = [], [], 0.0, float("inf"), float("-inf"), 0
     start = time.perf_counter()
     batches = range(0, images.shape[0], batch_size)

@@ -138,3 +138,23 @@ def test_pgd_steps_runs_pgd_and_records_its_own_key(tmp_path: Path) -> None:
         "| `mnist-l2-at` | PGD-7 (PGD 7 steps x 1 restarts) l2 2.5: clean / robust accuracy |"
         in markdown_table(tmp_path)
     )
+
+
+def test_attack_accuracy_refuses_bad_input(linear_mnist: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    """The generic runner behind ``--pgd-steps`` checks its arguments like ``autoattack_accuracy`` and leaves the
+    caller's images alone."""
+    from attacks import PGD, Norm, PGDConfig, ThreatModel
+    from eval.autoattack import attack_accuracy
+
+    model, x, y = linear_mnist
+    pgd = PGD(ThreatModel(Norm.L2, 1.0), PGDConfig(steps=3))
+    before = x.clone()
+    result = attack_accuracy(model, x, y, pgd, progress=False)
+    assert torch.equal(x, before) and 0 <= result.robust_accuracy <= result.clean_accuracy <= 1
+    assert result.max_perturbation <= 1.0 + 1e-5
+    with pytest.raises(TypeError, match=r"expected attack as an attacks\.Attack"):
+        attack_accuracy(model, x, y, "pgd", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="as many labels as images"):
+        attack_accuracy(model, x, y[:-1], pgd, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        attack_accuracy(model, x, y, pgd, batch_size=0, progress=False)
