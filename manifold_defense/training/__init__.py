@@ -2,15 +2,14 @@
 
 from manifold_defense.training.adversarial import (
     AdversarialTrainConfig,
-    RobustManifoldConfig,
     RobustTrainConfig,
     adversarial_train,
     attack_mode,
-    robust_manifold_train,
 )
 from manifold_defense.training.distributed import DistContext, setup_distributed
 from manifold_defense.training.gan import GANTrainConfig, WeightAverage, recalibrate_batchnorm, train_gan
 from manifold_defense.training.loop import LoopConfig, run_loop
+from manifold_defense.training.manifold import RobustManifoldConfig, robust_manifold_train
 from manifold_defense.training.models import (
     ClassifierTrainConfig,
     EncoderTrainConfig,
