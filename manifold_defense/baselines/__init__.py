@@ -1,8 +1,8 @@
 """Compressed-sensing baselines: Lasso in pixel/DCT/wavelet bases and Deep Image Prior (CS-DIP).
 
-See :mod:`manifold_defense.baselines.lasso`, :mod:`manifold_defense.baselines.bases` and
-:mod:`manifold_defense.baselines.dip`. These baselines take plain matrices (Lasso) or any differentiable
-operator (DIP) and do not depend on the latent-optimization core.
+See :mod:`manifold_defense.baselines.lasso`, :mod:`manifold_defense.baselines.bases`,
+:mod:`manifold_defense.baselines.dip` and :mod:`manifold_defense.baselines.dip_network`. These baselines take
+plain matrices (Lasso) or any differentiable operator (DIP) and do not depend on the latent-optimization core.
 """
 
 from manifold_defense.baselines.bases import BASES, Basis, analysis, make_basis, synthesis, synthesis_matrix

@@ -10,14 +10,9 @@ prior (CSGM, Bora et al. 2017), sparse deviations (Dhar, Grover & Ermon 2018), n
 and the inner loop of robust manifold training.
 
 Sparse deviations: each loop step is one ``config.optimizer`` step on ``z`` and one FISTA step (Beck & Teboulle
-2009) on the deviation coefficients ``c`` (``v = c`` or ``v = IDCT(c)``): a gradient step ``1 / L`` on the data
-term at the extrapolated point ``c_k + (k-2)/(k+1) (c_k - c_{k-1})``, then the proximal map of the l1 term (a
-soft-threshold, clipped to ``config.deviation_range`` when set), so ``v`` is exactly sparse. ``L`` is the
-Lipschitz constant of the data term's gradient in ``c``, estimated per row by power iteration on its Hessian
-(exact up to the power-iteration margin for linear operators with the squared loss: ``2 ||A||_2^2 / m``; a local
-estimate at the start point for non-linear ones). With ``G(z)`` fixed this is FISTA on a Lasso and reaches the
-Lasso optimum; a per-coordinate Adam step on ``v`` (the earlier scheme) does not converge in a few hundred
-steps when the measurements determine a dense, small ``v``.
+2009) on the deviation coefficients; the FISTA machinery (state, proximal step, Lipschitz estimate) and its
+explanation are in :mod:`manifold_defense.inversion.deviation`. Input validation and the measurement-tree
+helpers are in :mod:`manifold_defense.inversion.checks`.
 
 Contract:
 - the objective is summed over samples and restarts, every operation is per row, and sample ``i``'s restart
@@ -34,25 +29,33 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from manifold_defense.modes import frozen
 
+from .checks import (
+    _check_device,
+    _check_generated,
+    _check_generator,
+    _check_range,
+    _leaves,
+    _probe_image_shape,
+    _resolve_seeds,
+    _take_rows,
+    _tree_map,
+    _working_dtype,
+)
 from .config import InversionConfig
-from .dct import dct_matrix, idct2
+from .deviation import _Deviation, _deviation_lipschitz, _deviation_step, _start_deviation
 from .operators import Identity, MeasurementOperator, Measurements
 
 __all__ = ["Inversion", "invert"]
 
 logger = logging.getLogger(__name__)
-
-#: Slack allowed on the generator's [0, 1] output range before it is rejected.
-RANGE_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -85,24 +88,6 @@ class Inversion:
 
 
 # ------------------------------------------------------------------------------------- small helpers
-
-
-def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], y: Any) -> Any:
-    """Apply ``fn`` to every tensor of a (possibly nested tuple) measurement."""
-    if isinstance(y, (tuple, list)):
-        return tuple(_tree_map(fn, item) for item in y)
-    return fn(y)
-
-
-def _leaves(y: Any) -> list[torch.Tensor]:
-    if isinstance(y, (tuple, list)):
-        return [leaf for item in y for leaf in _leaves(item)]
-    return [y]
-
-
-def _take_rows(y: Measurements, rows: torch.Tensor) -> Measurements:
-    """Index the batch dimension of every tensor of ``y``."""
-    return _tree_map(lambda t: t[rows], y)
 
 
 def _project_ball(z: torch.Tensor, radius: float | None) -> torch.Tensor:
@@ -144,11 +129,6 @@ def _optimizer_update(
             new_params.append(p - lr * m_hat / denom)
             new_state.append([m, v])
     return new_params, new_state
-
-
-def _soft_threshold(c: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """Proximal map of ``threshold * ||c||_1``: ``sign(c) * max(|c| - threshold, 0)``."""
-    return c.sign() * (c.abs() - threshold).clamp_min(0.0)
 
 
 def _initial_state(params: list[torch.Tensor], config: InversionConfig) -> list[list[torch.Tensor]]:
@@ -211,98 +191,6 @@ def _pruned_rows(loss: torch.Tensor, restarts: int, keep: int) -> torch.Tensor:
     order = per_sample.argsort(dim=1, stable=True)
     rank = order.argsort(dim=1, stable=True)
     return (rank >= keep).reshape(-1)
-
-
-# ---------------------------------------------------------------------------------------- validation
-
-
-def _check_generator(generator: Any) -> int:
-    if not isinstance(generator, nn.Module):
-        raise TypeError(f"expected the generator as a torch.nn.Module, got {type(generator).__name__}")
-    k = getattr(generator, "latent_dim", None)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise TypeError(f"expected generator.latent_dim as a positive int, got {k!r}")
-    return k
-
-
-def _check_device(module: nn.Module | None, device: torch.device, name: str) -> None:
-    if module is None:
-        return
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.device != device:
-            raise ValueError(
-                f"expected the {name} on y's device {device}, got a parameter/buffer on {tensor.device}; "
-                f"move it with .to({str(device)!r})"
-            )
-        return
-
-
-def _working_dtype(generator: nn.Module, y: Any) -> torch.dtype:
-    for p in generator.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    for leaf in _leaves(y):
-        if leaf.is_floating_point():
-            return leaf.dtype
-    return torch.get_default_dtype()
-
-
-def _resolve_seeds(seeds: Sequence[int] | torch.Tensor | None, batch: int, default: int) -> list[int]:
-    if seeds is None:
-        return [default] * batch
-    if isinstance(seeds, torch.Tensor):
-        if seeds.ndim != 1 or seeds.is_floating_point() or seeds.is_complex():
-            raise ValueError(
-                f"expected seeds as a 1-D integer tensor, got {seeds.dtype} {tuple(seeds.shape)}"
-            )
-        values = [int(s) for s in seeds.tolist()]
-    else:
-        values = list(seeds)
-    if len(values) != batch:
-        raise ValueError(f"expected {batch} seeds (one per sample), got {len(values)}")
-    for s in values:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
-            raise ValueError(f"expected every seed as an int in [0, 2**63), got {s!r}")
-    return values
-
-
-def _check_generated(x: Any, rows: int, operator: MeasurementOperator) -> None:
-    """First-forward checks of the generator's output: a (rows, C, H, W) tensor with values in [0, 1]."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] != rows:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected the generator to return images ({rows}, C, H, W), got {got}")
-    if operator.input_shape is not None and tuple(x.shape[1:]) != operator.input_shape:
-        raise ValueError(
-            f"expected generator images of shape {operator.input_shape} (the operator's input_shape), "
-            f"got {tuple(x.shape[1:])}"
-            + (
-                ": with the Identity operator the images y must have the generator's shape"
-                if isinstance(operator, Identity)
-                else ""
-            )
-        )
-    _check_range(x.detach().min(), x.detach().max(), "at the first step")
-
-
-def _check_range(low: torch.Tensor, high: torch.Tensor, when: str) -> None:
-    """Raise unless the generator's outputs ``[low, high]`` (NaN included) lie in [0, 1] up to the tolerance."""
-    lo, hi = float(low), float(high)
-    if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
-        raise ValueError(
-            "expected generator outputs in [0, 1] (e.g. a sigmoid output layer) on every step, "
-            f"got values in [{lo:.4g}, {hi:.4g}] {when}"
-        )
-
-
-def _probe_image_shape(generator: nn.Module, y: torch.Tensor, k: int) -> None:
-    """Before an encoder reads images ``y``: raise unless they have the generator's image shape ``(C, H, W)``."""
-    with torch.no_grad():
-        x = generator(torch.zeros(1, k, device=y.device, dtype=_working_dtype(generator, y)))
-    if isinstance(x, torch.Tensor) and x.ndim == 4 and tuple(x.shape[1:]) != tuple(y.shape[1:]):
-        raise ValueError(
-            f"expected images of the generator's shape {tuple(x.shape[1:])} (C, H, W), got "
-            f"{tuple(y.shape[1:])}: a {y.shape[1]}-channel batch cannot be projected onto this generator"
-        )
 
 
 def _initial_latents(
@@ -498,131 +386,6 @@ class _Outputs:
         self.loss = self.loss.index_copy(0, done, loss[frozen])
         if v is not None and self.v is not None:
             self.v = self.v.index_copy(0, done, v[frozen])
-
-
-@dataclass
-class _Deviation:
-    """State of the deviation's FISTA iteration for the active rows.
-
-    ``coef`` is the current (proximal, exactly sparse) iterate ``c_k``, ``prev`` the previous one ``c_{k-1}``,
-    ``lipschitz`` the per-row step constant ``L`` ``(N,)``, ``bases`` the DCT matrices (``None`` for pixels).
-    """
-
-    coef: torch.Tensor  # (N, C, H, W)
-    prev: torch.Tensor  # (N, C, H, W)
-    lipschitz: torch.Tensor | None  # (N,), estimated before the first update
-    bases: tuple[torch.Tensor, torch.Tensor] | None
-
-    def pixels(self, coef: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixel-space deviation ``v`` of ``coef`` (default the current iterate)."""
-        c = self.coef if coef is None else coef
-        return c if self.bases is None else idct2(c, self.bases)
-
-    def take(self, keep: torch.Tensor) -> None:
-        """Keep only the rows ``keep`` (bool mask over the active rows)."""
-        self.coef, self.prev = self.coef[keep], self.prev[keep]
-        if self.lipschitz is not None:
-            self.lipschitz = self.lipschitz[keep]
-
-
-#: Power-iteration steps and the safety factor on the estimated Lipschitz constant (the power iteration
-#: approaches the top eigenvalue from below; 30 steps reach >= 0.97 of it for CSGM's Gaussian matrices).
-_POWER_STEPS = 30
-_LIPSCHITZ_MARGIN = 1.1
-
-
-def _start_deviation(x_gen: torch.Tensor, config: InversionConfig) -> _Deviation | None:
-    """Zero deviation coefficients shaped like the images, with the DCT bases for ``deviation="dct"``."""
-    if config.deviation is None:
-        return None
-    coef = torch.zeros_like(x_gen, requires_grad=False)
-    bases = None
-    if config.deviation == "dct":
-        h, w = x_gen.shape[-2:]
-        bases = (
-            dct_matrix(h, dtype=x_gen.dtype, device=x_gen.device),
-            dct_matrix(w, dtype=x_gen.dtype, device=x_gen.device),
-        )
-    return _Deviation(coef=coef, prev=coef, lipschitz=None, bases=bases)
-
-
-def _row_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1)
-
-
-def _deviation_lipschitz(
-    operator: MeasurementOperator, x_gen: torch.Tensor, state: _Deviation, y_rows: Measurements
-) -> torch.Tensor:
-    """Per-row Lipschitz constant ``(N,)`` of the gradient of ``loss_A(A(x_gen + v(c)), y)`` in ``c``.
-
-    Power iteration on the Hessian (Hessian-vector products by double back-propagation through the operator
-    only), from a fixed pseudo-random direction shared by every row (so a row's estimate does not depend on
-    its batch), at the current coefficients; times :data:`_LIPSCHITZ_MARGIN`. For a linear operator with the
-    mean squared loss the Hessian is ``2 Psi^T A^T A Psi / m``, constant, so this is ``2 ||A||_2^2 / m``. Rows
-    with a zero (or non-finite) estimate get ``L = 1``.
-    """
-    x0 = x_gen.detach()
-    y0 = _tree_map(torch.Tensor.detach, y_rows)
-    with torch.enable_grad():
-        c = state.coef.detach().requires_grad_(True)
-        loss = operator.loss(operator(x0 + state.pixels(c)), y0).sum()
-        (grad,) = torch.autograd.grad(loss, c, create_graph=True)
-        direction = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(0), dtype=x0.dtype).to(
-            x0.device
-        )
-        u = direction.expand_as(x0)
-        hu = torch.zeros_like(x0)
-        for _ in range(_POWER_STEPS):
-            u = u / _row_norm(u).clamp_min(torch.finfo(x0.dtype).tiny).view(-1, *([1] * (x0.ndim - 1)))
-            if not grad.requires_grad:  # the loss is linear in c: zero curvature
-                break
-            (hvp,) = torch.autograd.grad(grad, c, grad_outputs=u, retain_graph=True, allow_unused=True)
-            if hvp is None:
-                break
-            hu = hvp.detach()
-            u = hu
-    estimate = _row_norm(hu) * _LIPSCHITZ_MARGIN
-    ok = torch.isfinite(estimate) & (estimate > 0)
-    return torch.where(ok, estimate, torch.ones_like(estimate))
-
-
-def _deviation_step(
-    operator: MeasurementOperator,
-    x_gen: torch.Tensor,
-    state: _Deviation,
-    y_rows: Measurements,
-    update: int,
-    config: InversionConfig,
-    differentiable: bool,
-) -> None:
-    """One FISTA step on the deviation coefficients (in place on ``state``; tensors are replaced, not
-    modified).
-
-    ``update`` counts from 1. The gradient of the data term is taken at the extrapolated point
-    ``w = c_k + (update - 2) / (update + 1) * (c_k - c_{k-1})`` (zero momentum for the first two updates) with
-    ``x_gen = G(z_k)``; then ``c_{k+1} = prox_{(weight / L) ||.||_1}(w - grad / L)``, clipped so that
-    ``x_gen + v`` stays in ``config.deviation_range`` (pixel deviations).
-    """
-    assert state.lipschitz is not None  # internal invariant: estimated before the first update
-    beta = max(update - 2, 0) / (update + 1)
-    w = state.coef + beta * (state.coef - state.prev) if beta else state.coef
-    base = x_gen if differentiable else x_gen.detach()
-    with torch.enable_grad():
-        if not differentiable:
-            w = w.detach().requires_grad_(True)
-        elif not w.requires_grad:
-            w = w.requires_grad_(True)
-        loss = operator.loss(operator(base + state.pixels(w)), y_rows).sum()
-        (grad,) = torch.autograd.grad(loss, w, create_graph=differentiable)
-    with torch.set_grad_enabled(differentiable):
-        step = (1.0 / state.lipschitz).view(-1, *([1] * (w.ndim - 1)))
-        coef = _soft_threshold(w - step * grad, step * config.deviation_weight)
-        if config.deviation_range is not None and state.bases is None:
-            lo, hi = config.deviation_range
-            coef = torch.minimum(torch.maximum(coef, lo - base), hi - base)
-        if not differentiable:
-            coef = coef.detach()
-    state.prev, state.coef = state.coef, coef
 
 
 def _objective(
