@@ -13,8 +13,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from manifold_defense.models import Critic, Encoder, Generator
-from manifold_defense.training import GANTrainConfig, WeightAverage, recalibrate_batchnorm, train_gan
+from manifold_defense.training import (
+    EncoderTrainConfig,
+    GANTrainConfig,
+    WeightAverage,
+    recalibrate_batchnorm,
+    train_encoder,
+    train_gan,
+)
 from manifold_defense.training.gan import _batchnorm_eval
+from manifold_defense.training.loop import module_fingerprint
 
 
 def _squares(n: int = 128) -> TensorDataset:
@@ -197,3 +205,24 @@ def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights() -> Non
     with pytest.raises(NonFiniteMetricError, match="in GAN training at step 0"):
         train_gan(gen, disc, _squares(64), GANTrainConfig(steps=2, batch_size=32), progress=False)
     torch.testing.assert_close(disc.state_dict(), before, rtol=0, atol=0)
+
+
+def test_encoder_checkpoint_is_bound_to_its_generator(tmp_path: Path) -> None:
+    """An encoder checkpoint trained for one generator is refused for another (it used to be returned finished,
+    silently, against the new weights); the same generator still resumes it."""
+    torch.manual_seed(0)
+    gen = Generator(latent_dim=8, width=8)
+    start = Encoder(latent_dim=8, width=8)
+    cfg = EncoderTrainConfig(steps=4, batch_size=32, checkpoint_every=2)
+    done = copy.deepcopy(start)
+    train_encoder(done, gen, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
+    assert not torch.equal(_params(done), _params(start))
+    other = copy.deepcopy(gen)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert module_fingerprint(other) != module_fingerprint(gen) == module_fingerprint(copy.deepcopy(gen))
+    with pytest.raises(ValueError, match="written by another run"):
+        train_encoder(copy.deepcopy(start), other, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
+    again = copy.deepcopy(start)  # same generator: the finished checkpoint is read back, no step is redone
+    train_encoder(again, gen, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
+    torch.testing.assert_close(_params(again), _params(done), rtol=0, atol=0)

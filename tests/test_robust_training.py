@@ -302,6 +302,19 @@ def test_robust_manifold_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert hist == ref_hist
 
 
+def test_robust_manifold_checkpoint_is_bound_to_its_generator(tmp_path: Path) -> None:
+    """A robust manifold checkpoint trained against one generator is refused for another (on-manifold examples
+    and pairs come from it), instead of being continued against other weights."""
+    cfg = _rmd_config(steps=4, checkpoint_every=2, log_every=2, op_every=2)
+    model, gen, enc = _models()
+    robust_manifold_train(model, gen, _data(), cfg, encoder=enc, checkpoint_dir=tmp_path, progress=False)
+    model, _, _ = _models()
+    _, other_gen, _ = _models(seed=1)  # another generator of the same shape
+    with pytest.raises(ValueError, match="written by another run"):
+        robust_manifold_train(model, other_gen, _data(), cfg, encoder=enc, checkpoint_dir=tmp_path, progress=False)
+
+
+
 # ----------------------------------------------------------------------------------- distributed (DDP)
 
 _DDP_ADV = AdversarialTrainConfig(steps=6, batch_size=32, lr=1e-2, checkpoint_every=2, log_every=2)

@@ -51,6 +51,7 @@ from manifold_defense.training.loop import (
     check_finite_metrics,
     check_images,
     dataset_tensors,
+    module_fingerprint,
     run_loop,
 )
 
@@ -358,6 +359,12 @@ StepLoss = Callable[
 ]
 
 
+def _fingerprint(modules: Sequence[nn.Module]) -> str:
+    """One fingerprint of the frozen models in order ('' when there are none, so plain adversarial training
+    checkpoints stay unbound and resume as before)."""
+    return ",".join(module_fingerprint(m) for m in modules)
+
+
 def _train(
     classifier: nn.Module,
     data: TrainData,
@@ -424,7 +431,8 @@ def _train(
             history = run_loop(
                 step_fn,
                 (images, labels, torch.arange(images.shape[0])),
-                config.loop(),
+                # bound to the frozen models (generator, encoder): a checkpoint is never resumed against others
+                replace(config.loop(), bound_to=_fingerprint(frozen)),
                 {"model": classifier, "opt": opt, "sched": sched},
                 device=ctx.device,
                 checkpoint_dir=checkpoint_dir,

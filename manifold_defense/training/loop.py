@@ -13,6 +13,7 @@ executes no code.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,9 @@ class LoopConfig:
         seed: seeds the batch order and the RNG of the step function.
         checkpoint_every: steps between checkpoints (and at the end) when a checkpoint directory is given.
         log_every: steps between entries of the returned history.
+        bound_to: fingerprint of the frozen inputs the run depends on (e.g. :func:`module_fingerprint` of the
+            generator an encoder is trained for); a checkpoint resumes only into a run with the same one, so a
+            folder's checkpoint is never continued against other weights. Empty: not bound.
     """
 
     steps: int
@@ -48,12 +52,15 @@ class LoopConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 100
+    bound_to: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LoopConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.bound_to, str):
+            raise TypeError(f"LoopConfig.bound_to must be a str, got {type(self.bound_to).__name__}")
 
 
 def dataset_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, ...]:
@@ -278,5 +285,26 @@ def _compatible(saved: Any, config: LoopConfig, extendable: bool) -> bool:
     return {**saved, "steps": record["steps"]} == record
 
 
-def _config_record(config: LoopConfig) -> dict[str, int]:
-    return {"steps": config.steps, "batch_size": config.batch_size, "seed": config.seed}
+def _config_record(config: LoopConfig) -> dict[str, int | str]:
+    record: dict[str, int | str] = {
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+    if config.bound_to:  # absent when unbound, so checkpoints written before the field still resume
+        record["bound_to"] = config.bound_to
+    return record
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a module's parameters and buffers, by name: the same weights give the same string.
+
+    Used as :attr:`LoopConfig.bound_to` by trainers whose result depends on a frozen model (the encoder on its
+    generator), so a checkpoint trained against one generator is not resumed against another.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -7,6 +7,7 @@ one of them is seeded, shows a tqdm bar and resumes from its last checkpoint aft
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from manifold_defense.training.loop import (
     check_finite_metrics,
     check_images,
     dataset_tensors,
+    module_fingerprint,
     run_loop,
 )
 
@@ -152,7 +154,12 @@ def train_encoder(
     checkpoint_dir: PathLike | None = None,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train ``encoder`` for ``generator`` (see :class:`EncoderTrainConfig`); the generator stays frozen, in eval mode."""
+    """Train ``encoder`` for ``generator`` (see :class:`EncoderTrainConfig`); the generator stays frozen, in eval mode.
+
+    The checkpoint is bound to the generator's weights (:func:`~manifold_defense.training.loop.module_fingerprint`):
+    a folder whose encoder checkpoint was trained for other weights raises instead of being resumed (or returned
+    finished) against this generator.
+    """
     dev = resolve_device(device)
     k = _check_latent_match(generator, encoder)
     images = dataset_tensors(dataset)[0]
@@ -186,7 +193,7 @@ def train_encoder(
         history = run_loop(
             step_fn,
             (images,),
-            config.loop(),
+            dataclasses.replace(config.loop(), bound_to=module_fingerprint(generator)),
             {"encoder": encoder, "opt": opt, "sched": sched},
             device=dev,
             checkpoint_dir=checkpoint_dir,
