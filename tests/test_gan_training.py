@@ -221,6 +221,8 @@ def test_encoder_checkpoint_is_bound_to_its_generator(tmp_path: Path) -> None:
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     assert module_fingerprint(other) != module_fingerprint(gen) == module_fingerprint(copy.deepcopy(gen))
+    with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
+        module_fingerprint(gen.state_dict())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="written by another run"):
         train_encoder(copy.deepcopy(start), other, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
     again = copy.deepcopy(start)  # same generator: the finished checkpoint is read back, no step is redone

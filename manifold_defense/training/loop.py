@@ -302,6 +302,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     Used as :attr:`LoopConfig.bound_to` by trainers whose result depends on a frozen model (the encoder on its
     generator), so a checkpoint trained against one generator is not resumed against another.
     """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module to fingerprint, got {type(module).__name__}")
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
