@@ -312,8 +312,10 @@ def markdown_table(weights_dir: Path | None = None) -> str:
                 ("mnist_score", "MNIST score (TF-GAN; train images)"),
                 ("confident_fraction", "share of samples classified with confidence >= 0.9 (train images)"),
                 ("histogram_min_max", "class histogram min/max (train images)"),
+                ("histogram_tv", "class histogram, total variation from the test images' (train images)"),
             ):
-                add(label, f"{samples[key]} ({floor[key]})", samples["n"])
+                if key in samples:  # records measured before a figure existed lack it
+                    add(label, f"{samples[key]} ({floor.get(key, '-')})", samples["n"])
             add(
                 "class histogram of samples",
                 " ".join(str(c) for c in samples["class_histogram"]),

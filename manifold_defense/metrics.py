@@ -75,12 +75,15 @@ def sample_quality(classifier: nn.Module, samples: torch.Tensor, reference: torc
 
     Returns a dict: ``frechet_features`` (Fréchet distance of the penultimate features, :func:`features`),
     ``frechet_logits`` and ``mnist_score`` (TF-GAN's MNIST protocol on the logits), ``confident_fraction`` (share of
-    samples whose top softmax probability is >= 0.9), ``class_histogram`` and its ``histogram_min_max`` ratio.
+    samples whose top softmax probability is >= 0.9), ``class_histogram`` and its ``histogram_min_max`` ratio, and
+    ``histogram_tv``: the total variation distance between the predicted-class frequencies of the samples and of
+    ``reference`` (0: the data's own balance; better posed than min/max, since real classes are not balanced).
     Compute the same figures for a second real set against ``reference`` to get the floors at this sample count.
     """
     logit_s, logit_r = logits(classifier, samples), logits(classifier, reference)
     probs = np.exp(logit_s - scipy.special.logsumexp(logit_s, axis=1, keepdims=True))
     hist = np.bincount(probs.argmax(1), minlength=logit_s.shape[1])
+    hist_r = np.bincount(logit_r.argmax(1), minlength=logit_s.shape[1])
     return {
         "n": len(samples),
         "frechet_features": round(frechet_distance(features(classifier, samples), features(classifier, reference)), 3),
@@ -89,6 +92,7 @@ def sample_quality(classifier: nn.Module, samples: torch.Tensor, reference: torc
         "confident_fraction": round(float((probs.max(1) >= 0.9).mean()), 4),
         "class_histogram": hist.tolist(),
         "histogram_min_max": round(float(hist.min() / max(hist.max(), 1)), 3),
+        "histogram_tv": round(float(0.5 * np.abs(hist / hist.sum() - hist_r / hist_r.sum()).sum()), 4),
     }
 
 

@@ -228,3 +228,50 @@ def test_encoder_checkpoint_is_bound_to_its_generator(tmp_path: Path) -> None:
     again = copy.deepcopy(start)  # same generator: the finished checkpoint is read back, no step is redone
     train_encoder(again, gen, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
     torch.testing.assert_close(_params(again), _params(done), rtol=0, atol=0)
+
+
+def test_learning_rate_decay_schedule_and_its_resume_rules(tmp_path: Path) -> None:
+    decay = dataclasses.replace(CFG, steps=60, lr_decay_from=40)
+    assert decay.lr_at(0) == decay.lr_at(40) == CFG.lr
+    assert decay.lr_at(50) == pytest.approx(CFG.lr / 2) and decay.lr_at(59) == pytest.approx(CFG.lr / 20)
+    with pytest.raises(ValueError, match="lr_decay_from must be None or an int in"):
+        dataclasses.replace(CFG, lr_decay_from=60)
+    torch.manual_seed(0)
+    start_g, start_d = Generator(latent_dim=8, width=8), Critic(width=8)
+    ref_g, ref_d = copy.deepcopy(start_g), copy.deepcopy(start_d)
+    train_gan(ref_g, ref_d, _squares(), decay, checkpoint_dir=tmp_path / "ref", progress=False)
+    flat_g = copy.deepcopy(start_g)
+    train_gan(flat_g, copy.deepcopy(start_d), _squares(), CFG, progress=False)
+    assert not torch.equal(_params(ref_g), _params(flat_g))  # the decay changes the weights
+    # a constant-rate run stopped at the decay's first step continues into the decay as one run
+    g, d = copy.deepcopy(start_g), copy.deepcopy(start_d)
+    train_gan(g, d, _squares(), dataclasses.replace(CFG, steps=40), checkpoint_dir=tmp_path / "run", progress=False)
+    g2, d2 = Generator(latent_dim=8, width=8), Critic(width=8)
+    train_gan(g2, d2, _squares(), decay, checkpoint_dir=tmp_path / "run", progress=False)
+    torch.testing.assert_close(g2.state_dict(), ref_g.state_dict(), rtol=0, atol=0)
+    # ... but not one whose decay would have started before the checkpoint, nor with another learning rate
+    with pytest.raises(ValueError, match="other learning rates"):
+        train_gan(g2, d2, _squares(), dataclasses.replace(decay, steps=80, lr_decay_from=20),
+                  checkpoint_dir=tmp_path / "run", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="other learning rates"):  # a decaying run extended changes its slope
+        train_gan(g2, d2, _squares(), dataclasses.replace(decay, steps=80), checkpoint_dir=tmp_path / "run",
+                  progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"trained with lr=0\.002, this run asks for lr=0\.001"):
+        train_gan(g2, d2, _squares(), dataclasses.replace(CFG, steps=80, lr=1e-3), checkpoint_dir=tmp_path / "run",
+                  progress=False)  # fmt: skip
+
+
+def test_a_checkpoint_from_before_the_schedule_guard_resumes_only_at_constant_rate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g, d = Generator(latent_dim=8, width=8), Critic(width=8)
+    short = dataclasses.replace(CFG, steps=40)
+    train_gan(g, d, _squares(), short, checkpoint_dir=tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state"]["schedule"]  # as written before the guard existed
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="constant learning rate, but lr_decay_from=20"):
+        train_gan(g, d, _squares(), dataclasses.replace(CFG, lr_decay_from=20), checkpoint_dir=tmp_path / "run",
+                  progress=False)  # fmt: skip
+    train_gan(g, d, _squares(), dataclasses.replace(CFG, lr_decay_from=40), checkpoint_dir=tmp_path / "run",
+              progress=False)  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manifold_defense.metrics import frechet_distance, mnist_score, sample_quality
+from manifold_defense.metrics import frechet_distance, logits, mnist_score, sample_quality
 
 
 class _Probe(nn.Module):
@@ -53,6 +53,17 @@ def test_frechet_distances_are_zero_for_identical_sets_and_grow_with_blur() -> N
     assert 0.0 < mild["frechet_features"] < strong["frechet_features"]
     assert 0.0 < mild["frechet_logits"] < strong["frechet_logits"]
     assert sum(same["class_histogram"]) == 300 and 0.0 <= same["histogram_min_max"] <= 1.0
+    assert same["histogram_tv"] == 0.0
+
+
+def test_histogram_total_variation_against_the_reference_balance() -> None:
+    clf = _Probe().eval()
+    x = _digits(300, 0)
+    labels = logits(clf, x).argmax(1)
+    majority = int(np.bincount(labels).argmax())
+    one_class = x[torch.as_tensor(labels == majority)]
+    share = float((labels == majority).mean())
+    assert sample_quality(clf, one_class, x)["histogram_tv"] == pytest.approx(1.0 - share, abs=1e-4)
 
 
 def test_mnist_score_bounds_and_value() -> None:

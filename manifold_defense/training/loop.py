@@ -201,7 +201,10 @@ def run_loop(
                     f"expected {_config_record(config)}: use a fresh checkpoint directory"
                 )
             for name, obj in state.items():
-                obj.load_state_dict(ckpt["state"][name])
+                saved_state = ckpt["state"].get(name)
+                if saved_state is None and not getattr(obj, "optional_in_checkpoint", False):
+                    raise ValueError(f"checkpoint {ckpt_path} holds no {name!r} state: use a fresh checkpoint directory")
+                obj.load_state_dict(saved_state)
             torch.set_rng_state(ckpt["rng_cpu"])
             if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
