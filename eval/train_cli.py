@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
             gen = zoo.build("mnist-gan")
             hist = train_gan(
                 gen,
-                Critic(width=GAN_DISCRIMINATOR_WIDTH),
+                Critic(width=GAN_DISCRIMINATOR_WIDTH, in_channels=config.pack),
                 train,
                 config,
                 device=device,
@@ -347,7 +347,10 @@ def run(args: argparse.Namespace) -> int:
                 encoder=zoo.build("mnist-encoder") if config.rec_weight > 0 else None,
             )
             info = _info(command, config, time.perf_counter() - start, device, hist)
-            info["training"]["discriminator"] = f"Critic(width={GAN_DISCRIMINATOR_WIDTH})"
+            info["training"]["discriminator"] = (
+                f"Critic(width={GAN_DISCRIMINATOR_WIDTH}"
+                + (f", in_channels={config.pack}: PacGAN{config.pack})" if config.pack > 1 else ")")
+            )
             zoo.save(gen, "mnist-gan", out, info)
         elif name == "encoder":
             config = _override(EncoderTrainConfig(seed=args.seed), args.steps, sets)

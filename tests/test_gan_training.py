@@ -275,3 +275,22 @@ def test_a_checkpoint_from_before_the_schedule_guard_resumes_only_at_constant_ra
                   progress=False)  # fmt: skip
     train_gan(g, d, _squares(), dataclasses.replace(CFG, lr_decay_from=40), checkpoint_dir=tmp_path / "run",
               progress=False)  # fmt: skip
+
+
+def test_pacgan_packing_judges_stacked_examples_and_refuses_an_unpacked_discriminator() -> None:
+    torch.manual_seed(0)
+    packed = dataclasses.replace(CFG, steps=30, pack=2)
+    seen: list[tuple[int, ...]] = []
+    disc = Critic(width=8, in_channels=2)
+    disc.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    gen = Generator(latent_dim=8, width=8)
+    before = _params(gen).clone()
+    train_gan(gen, disc, _squares(), packed, progress=False)
+    assert set(seen[1:]) == {(16, 2, 28, 28)}  # batches of 32 judged as 16 pairs (after the probe of one pair)
+    assert not torch.equal(_params(gen), before)
+    with pytest.raises(ValueError, match=r"does not take 2 examples stacked.*Critic\(in_channels=2\)"):
+        train_gan(Generator(latent_dim=8, width=8), Critic(width=8), _squares(), packed, progress=False)
+    with pytest.raises(ValueError, match="must be a multiple of pack"):
+        dataclasses.replace(CFG, pack=3)
+    with pytest.raises(ValueError, match="pack must be an int >= 1"):
+        dataclasses.replace(CFG, pack=0)

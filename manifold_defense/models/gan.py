@@ -43,12 +43,12 @@ class Generator(nn.Module):
         return self.net(h)
 
 
-def critic_features(width: int) -> list[nn.Module]:
-    """The critic's feature layers: ``(B, 1, 28, 28)`` images to ``(B, 4 width * 16)`` features (three strided
-    convolutions with ``width``, ``2 width``, ``4 width`` channels and leaky ReLU, then a flatten); shared by
+def critic_features(width: int, in_channels: int = 1) -> list[nn.Module]:
+    """The critic's feature layers: ``(B, in_channels, 28, 28)`` images to ``(B, 4 width * 16)`` features (three
+    strided convolutions with ``width``, ``2 width``, ``4 width`` channels and leaky ReLU, then a flatten); shared by
     :class:`Critic` and the conditional critics, so their layer indices (and checkpoints) stay as they were."""
     return [
-        nn.Conv2d(1, width, 4, stride=2, padding=1),
+        nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
         nn.LeakyReLU(0.2),
         nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
         nn.LeakyReLU(0.2),
@@ -62,12 +62,16 @@ class Critic(nn.Module):
     """Discriminator / critic: ``(B, 1, 28, 28)`` images to ``(B,)`` logits or scores.
 
     Three strided convolutions (``width``, ``2 width``, ``4 width`` channels) with leaky ReLU and a linear output; no
-    batch norm, so it also serves as a WGAN-GP critic (the gradient penalty is per sample).
+    batch norm, so it also serves as a WGAN-GP critic (the gradient penalty is per sample). ``in_channels`` > 1
+    makes a PacGAN discriminator (Lin et al., NeurIPS 2018): it judges ``in_channels`` images stacked along the
+    channels at once (``GANTrainConfig.pack``), which penalizes a generator that drops modes.
     """
 
-    def __init__(self, width: int = 64) -> None:
+    def __init__(self, width: int = 64, in_channels: int = 1) -> None:
         super().__init__()
-        self.net = nn.Sequential(*critic_features(width), nn.Linear(4 * width * 16, 1))
+        if width <= 0 or in_channels <= 0:
+            raise ValueError(f"width and in_channels must be positive, got {width} and {in_channels}")
+        self.net = nn.Sequential(*critic_features(width, in_channels), nn.Linear(4 * width * 16, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(1)

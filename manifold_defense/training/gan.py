@@ -73,6 +73,9 @@ class GANTrainConfig:
         bn_batches: prior batches of 256 used to re-estimate batch-norm statistics of the averaged weights.
         seed: batch order and latent noise.
         checkpoint_every: steps between checkpoints.
+        pack: PacGAN's packing (Lin et al., NeurIPS 2018): the discriminator judges ``pack`` images of one kind
+            (all real or all generated) stacked along the channels, so it must take ``pack`` times the image
+            channels (``Critic(in_channels=pack)``); 1 is the plain GAN. ``batch_size`` must be a multiple.
         lr_decay_from: from this step on, both learning rates fall linearly to 0 at ``steps`` (``None``: constant).
             Until that step the run is the constant-rate run, so a constant-rate checkpoint at or before it
             continues into the decay exactly; once decaying, a run resumes only with the same ``steps``.
@@ -92,8 +95,15 @@ class GANTrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     lr_decay_from: int | None = None
+    pack: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1:
+            raise ValueError(f"GANTrainConfig.pack must be an int >= 1, got {self.pack!r}")
+        if self.batch_size % self.pack:
+            raise ValueError(
+                f"GANTrainConfig.batch_size ({self.batch_size}) must be a multiple of pack ({self.pack})"
+            )
         if self.lr_decay_from is not None and (
             isinstance(self.lr_decay_from, bool)
             or not isinstance(self.lr_decay_from, int)
@@ -142,7 +152,9 @@ class _ScheduleGuard:
     """
 
     optional_in_checkpoint = True
-    _FIELDS = ("objective", "lr", "beta1", "beta2", "n_critic", "gp_weight", "ema_decay", "rec_weight", "batch_size")
+    _FIELDS = (
+        "objective", "lr", "beta1", "beta2", "n_critic", "gp_weight", "ema_decay", "rec_weight", "batch_size", "pack",
+    )  # fmt: skip
 
     def __init__(self, config: GANTrainConfig) -> None:
         self.config = config
@@ -435,8 +447,22 @@ def train_gan(
         return generator(z) if c is None else generator(z, c)
 
     def disc(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        if config.pack > 1:  # PacGAN: groups of `pack` consecutive examples stacked along the channels
+            x = x.reshape(x.shape[0] // config.pack, config.pack * x.shape[1], *x.shape[2:])
         return discriminator(x) if c is None else discriminator(x, c)
 
+    if config.pack > 1:
+        if conditional:
+            raise ValueError(f"expected pack=1 with conditional=True, got pack={config.pack}")
+        try:
+            with torch.no_grad():
+                disc(images[: config.pack].to(dev), None)
+        except RuntimeError as err:
+            raise ValueError(
+                f"the discriminator does not take {config.pack} examples stacked along the channels "
+                f"(GANTrainConfig.pack={config.pack}): build it for {config.pack}x the channels, e.g. "
+                f"Critic(in_channels={config.pack}) ({str(err).splitlines()[0]})"
+            ) from None
     if (config.rec_weight > 0) != (encoder is not None):
         raise ValueError(
             f"expected an encoder exactly when rec_weight > 0, got rec_weight {config.rec_weight} and "
