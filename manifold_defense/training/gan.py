@@ -48,6 +48,7 @@ from manifold_defense.training.loop import (
     run_loop,
 )
 from manifold_defense.training.models import _check_latent_match
+from manifold_defense.training.schedule import ScheduleGuard, linear_decay_lr
 
 PathLike = str | os.PathLike[str]
 Objective = Literal["ns", "wgan-gp"]
@@ -137,79 +138,7 @@ class GANTrainConfig:
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based)."""
-        if self.lr_decay_from is None or step < self.lr_decay_from:
-            return self.lr
-        return self.lr * (self.steps - step) / (self.steps - self.lr_decay_from)
-
-
-class _ScheduleGuard:
-    """Checkpointed record of the settings that shaped the optimizer steps so far, checked on resume.
-
-    The loop's own config record holds only steps, batch size and seed; this refuses a resume whose learning rate,
-    objective or other update settings differ from the checkpoint's, or whose decay schedule would differ over
-    the steps already done. Checkpoints written before the guard existed carry none: they were constant-rate
-    runs, accepted when the new schedule is constant up to their step.
-    """
-
-    optional_in_checkpoint = True
-    _FIELDS = (
-        "objective", "lr", "beta1", "beta2", "n_critic", "gp_weight", "ema_decay", "rec_weight", "batch_size", "pack",
-    )  # fmt: skip
-
-    def __init__(self, config: GANTrainConfig) -> None:
-        self.config = config
-        self.saved: dict[str, Any] | None = None
-        self.legacy = False
-        self.done = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            **{f: getattr(c, f) for f in self._FIELDS},
-            "lr_decay_from": c.lr_decay_from,
-            "steps": c.steps,
-            "done": self.done,
-        }
-
-    def load_state_dict(self, saved: dict[str, Any] | None) -> None:
-        if saved is None:
-            self.legacy = True
-            return
-        self.saved = dict(saved)
-        for f in self._FIELDS:
-            if saved.get(f) != getattr(self.config, f):
-                raise ValueError(
-                    f"the checkpoint was trained with {f}={saved.get(f)!r}, this run asks for "
-                    f"{f}={getattr(self.config, f)!r}: use a fresh checkpoint directory"
-                )
-
-    def check(self, start: int) -> None:
-        """Refuse to continue from step ``start`` when the learning rates of steps ``0..start-1`` would differ."""
-        c = self.config
-        if self.saved is None:
-            if self.legacy and c.lr_decay_from is not None and start > c.lr_decay_from:
-                raise ValueError(
-                    f"the checkpoint (step {start}) was trained at a constant learning rate, but lr_decay_from="
-                    f"{c.lr_decay_from} would have decayed it: set lr_decay_from >= {start}"
-                )
-            return
-        old_from, old_steps = self.saved.get("lr_decay_from"), int(self.saved.get("steps", c.steps))
-        old = GANTrainConfig(steps=max(old_steps, 1), lr=c.lr, lr_decay_from=old_from)
-        if any(old.lr_at(t) != c.lr_at(t) for t in _schedule_probe(start, old_from, c.lr_decay_from)):
-            raise ValueError(
-                f"the checkpoint (step {start}) followed lr_decay_from={old_from} over steps={old_steps}; "
-                f"lr_decay_from={c.lr_decay_from} over steps={c.steps} gives other learning rates for the steps "
-                "already done: resume with the checkpoint's schedule or use a fresh checkpoint directory"
-            )
-
-
-def _schedule_probe(start: int, *decay_from: int | None) -> list[int]:
-    """Steps where two piecewise-linear schedules that agree there agree on all of ``0..start-1``."""
-    points = {0, start - 1}
-    for d in decay_from:
-        if d is not None and d < start:
-            points |= {d, min(d + 1, start - 1)}
-    return sorted(p for p in points if 0 <= p < start)
+        return linear_decay_lr(self.lr, self.steps, self.lr_decay_from, step)
 
 
 class WeightAverage(nn.Module):
@@ -491,7 +420,7 @@ def train_gan(
             loss = F.softplus(-out_real).mean() + F.softplus(out_fake).mean()
         return loss, out_real, out_fake
 
-    guard = _ScheduleGuard(config)
+    guard = ScheduleGuard(config)
 
     def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         if guard.done == 0 and step > 0:
