@@ -7,6 +7,7 @@ One z-optimization loop serves the projection defense (Defense-GAN), compressed 
 from .config import InversionConfig
 from .core import Inversion, invert
 from .dct import dct2, dct_matrix, idct2
+from .nonlinear import Mixture, Nonlinear, SignMeasurements
 from .operators import (
     BlurDownsample,
     GaussianMatrix,
@@ -15,9 +16,6 @@ from .operators import (
     Mask,
     MeasurementOperator,
     Measurements,
-    Mixture,
-    Nonlinear,
-    SignMeasurements,
     measure,
 )
 
