@@ -3,7 +3,8 @@ ICLR 2018).
 
 For each grid point (block-pixels p in {0.5, 0.8, 0.9, 0.95}, convolve+noise sigma in {0.1, 0.2}) and each method
 (``ambient``: the measurement between generator and discriminator; ``ignore``: the measurements trained on as if
-clean; ``unmeasure``: biharmonic inpainting / Wiener deconvolution first, then a GAN), trains the ``gan``
+clean; ``unmeasure``: biharmonic inpainting (``--inpaint normalized-convolution``: a blur restoration like the
+paper's code) / Wiener deconvolution first, then a GAN), trains the ``gan``
 architecture of ``python -m eval train`` (zoo ``mnist-gan`` generator, ``Critic(32)``) on a measured copy of the
 training split (:func:`manifold_defense.ambient.training_data`, one seed for all methods) and measures its samples
 with :func:`manifold_defense.metrics.sample_quality` on the zoo classifier against test images, next to the real-data
@@ -29,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -388,6 +389,10 @@ def add_parsers(sub: Any) -> None:
                    "(a reduced grid for a CPU budget)")  # fmt: skip
     p.add_argument("--train-limit", type=positive_int_arg, default=None,
                    help="training images used by every method (default: the whole 50k split)")
+    p.add_argument("--inpaint", choices=get_args(ambient.InpaintMethod), default=None,
+                   help="the unmeasure baseline's inpainting of dropped pixels: biharmonic (scikit-image; the "
+                   "default) or normalized-convolution (a Gaussian blur of the kept pixels over a blur of the mask, "
+                   "close to the blur restoration of the paper's code; the --quick default)")  # fmt: skip
     p.add_argument("--objective", choices=("ns", "wgan-gp"), default="ns",
                    help="GAN loss: ns (DCGAN, the zoo trainer's default) or wgan-gp (AmbientGAN's MNIST setting: "
                    "5 critic steps, Adam 2e-4, betas 0.5/0.9)")  # fmt: skip
@@ -399,10 +404,8 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Handler of ``python -m eval ambient``."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def protocol_from_args(args: argparse.Namespace) -> AmbientProtocol:
+    """The protocol ``python -m eval ambient`` runs for parsed ``args`` (the full or ``--quick`` one, overridden)."""
     overrides: dict[str, Any] = {"seed": args.seed, "objective": args.objective}
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -412,7 +415,16 @@ def main(args: argparse.Namespace) -> int:
         overrides["train_limit"] = args.train_limit
     if args.methods is not None:
         overrides["methods"] = tuple(m for m in ambient.METHODS if m in args.methods)
-    protocol = quick_protocol(**overrides) if args.quick else full_protocol(**overrides)
+    if args.inpaint is not None:
+        overrides["inpaint"] = args.inpaint
+    return quick_protocol(**overrides) if args.quick else full_protocol(**overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Handler of ``python -m eval ambient``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    protocol = protocol_from_args(args)
     if protocol.quick:
         print("QUICK protocol (a smoke test, not the paper's): 3 points, "
               f"{protocol.steps} steps, {protocol.train_limit} training images, {protocol.n_samples} samples", flush=True)  # fmt: skip

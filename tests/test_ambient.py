@@ -396,9 +396,28 @@ def test_eval_ambient_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("samples_*.png"))) == 3
 
 
+def test_eval_ambient_inpaint_option_sets_the_protocol(tmp_path: Path) -> None:
+    """``--inpaint`` picks the unmeasure baseline's inpainting; the default is biharmonic (quick: the cheap one)."""
+    import argparse
+
+    from eval import ambient as ambient_cli
+
+    parser = argparse.ArgumentParser()
+    ambient_cli.add_parsers(parser.add_subparsers())
+    base = ["ambient", "--out", str(tmp_path)]
+    assert ambient_cli.protocol_from_args(parser.parse_args(base)).inpaint == "biharmonic"
+    assert ambient_cli.protocol_from_args(parser.parse_args([*base, "--quick"])).inpaint == "normalized-convolution"
+    chosen = ambient_cli.protocol_from_args(parser.parse_args([*base, "--inpaint", "normalized-convolution"]))
+    assert chosen.inpaint == "normalized-convolution" and not chosen.quick
+    assert chosen.item_settings()["inpaint"] == "normalized-convolution"  # part of the cache fingerprint
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--inpaint", "telea"])
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
+        (["--inpaint", "telea"], "invalid choice"),
         (["--points", "block-pixels"], "block-pixels:P"),
         (["--points", "keep-patch:0.5"], "block-pixels:P"),
         (["--points", "block-pixels:x"], "a number"),
