@@ -113,6 +113,7 @@ def write_markdown(record: Mapping[str, Any]) -> str:
                 f"{tk}: max {a['norm']} perturbation {a['max_perturbation']:.4g} (eps {a['eps']:g}), NaN {a['nan_count']}, {rng}"
             )
         lines.append(f"- audit {name}: " + "; ".join(parts))
+    lines += _cost_lines(record)
     lines += ["", "## Attacks", ""]
     for a, doc in record["attack_definitions"].items():
         lines.append(f"- `{a}`: {doc}")
@@ -159,6 +160,38 @@ def _projection_lines(record: Mapping[str, Any]) -> list[str]:
             f"{p['generator_passes_per_image'] if p['generator_passes_per_image'] is not None else '-'} | {p['seconds']} |"
         )
     return [*lines, ""]
+
+
+def _cost_lines(record: Mapping[str, Any]) -> list[str]:
+    """Per defense and stage: points, real forward rows (real projections of a projection defense) and seconds."""
+    lines: list[str] = []
+    for name, d in record["defenses"].items():
+        cost = d.get("cost")
+        if not cost or not cost["stages"]:
+            continue
+        t = cost["total"]
+        lines += [
+            "",
+            f"## Cost: {name}",
+            "",
+            "Real passes: rows through the defended model's forward or its preprocessing (for a projection defense, "
+            "projections by the real schedule: attack steps through it, verdict draws, clean projections). Process seconds: summed over every chunk, "
+            "resumed chunks included (under torchrun, over all processes).",
+            "",
+            "| stage | points | real passes | per point | process seconds |",
+            "|---|---|---|---|---|",
+        ]
+        for stage, r in cost["stages"].items():
+            per = (
+                f"{r['real_passes'] / r['points']:.1f}"
+                if r["real_passes"] is not None and r["points"]
+                else "-"
+            )
+            secs = "-" if r["process_seconds"] is None else f"{r['process_seconds']:.1f}"
+            lines.append(f"| {stage} | {_fmt(r['points'])} | {_fmt(r['real_passes'])} | {per} | {secs} |")
+        note = "" if t["complete"] else " (some stages were saved before these counts existed)"
+        lines.append(f"| **total**{note} | | **{t['real_passes']}** | | **{t['process_seconds']}** |")
+    return lines
 
 
 def _transfer_lines(record: Mapping[str, Any]) -> list[str]:

@@ -120,6 +120,17 @@ def test_surrogate_path_breaks_a_point_only_where_the_real_defense_is_wrong(tmp_
     assert entry["attacks"]["real-bpda-eot"]["l2-1"]["status"] == "ran"
     assert entry["surrogates"]["names"] == ["fast", "encoder"] and entry["surrogates"]["inner"] == "fast"
     assert "## Surrogate transfer" in (tmp_path / "report.md").read_text()
+    # cost: rows through the real defense, per stage (deterministic defense: one verdict draw per point)
+    cost = entry["cost"]
+    assert cost["stages"]["clean"]["real_passes"] == 12 and cost["stages"]["projection"]["real_passes"] == 12
+    e = entry["attacks"]["bpda-pgd"]["l2-1"]
+    assert cost["stages"]["l2-1|bpda-pgd"]["real_passes"] == e["attacked"] > 0  # inner loop on the surrogate
+    e = entry["attacks"]["real-bpda-eot"]["l2-1"]
+    assert cost["stages"]["l2-1|real-bpda-eot"]["real_passes"] > 3 * e["attacked"] > 0  # 3 real steps per point
+    assert cost["total"]["complete"] and cost["total"]["real_passes"] == sum(
+        r["real_passes"] for r in cost["stages"].values()
+    )
+    assert "## Cost: proj-sur" in (tmp_path / "report.md").read_text()
 
 
 def test_a_lying_surrogate_breaks_nothing_and_is_flagged(tmp_path: Path) -> None:

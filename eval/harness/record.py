@@ -369,7 +369,40 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
         if f"{name}|projection" in stages
         else None,
         "surrogates": info.get("surrogates"),
+        "cost": _cost(stages, name),
     }
+
+
+def _cost(stages: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Per stage of defense ``name`` (in run order): points, seconds of the last call, process seconds over every
+    chunk (resumed ones included) and rows through the real model's forward (real projections of a projection
+    defense); ``total`` sums them. Stages saved before these counts existed show ``None``."""
+    rows: dict[str, Any] = {}
+    total: dict[str, Any] = {"process_seconds": 0.0, "real_passes": 0.0, "complete": True}
+    for key, rec in stages.items():
+        if not key.startswith(f"{name}|") or not isinstance(rec, Mapping) or rec.get("status") != "ran":
+            continue
+        if "seconds" not in rec:
+            continue
+        per_point = next((rec[k] for k in ("indices", "robust", "mse") if k in rec), None)
+        points = len(per_point) if per_point is not None else None
+        if points == 0:  # nothing to attack: no chunk ran
+            rec = {**rec, "process_seconds": 0.0, "real_passes": 0.0}
+        row: dict[str, Any] = {
+            "points": points,
+            "seconds": round(float(rec["seconds"]), 1),
+            "process_seconds": round(rec["process_seconds"], 1) if "process_seconds" in rec else None,
+            "real_passes": round(rec["real_passes"]) if "real_passes" in rec else None,
+        }
+        for k in ("process_seconds", "real_passes"):
+            if row[k] is None:
+                total["complete"] = False
+            else:
+                total[k] += row[k]
+        rows[key.split("|", 1)[1]] = row
+    total["process_seconds"] = round(total["process_seconds"], 1)
+    total["real_passes"] = round(total["real_passes"])
+    return {"stages": rows, "total": total}
 
 
 def _gap(

@@ -125,6 +125,10 @@ class Runner(SectionStages):
             st.save_state(self.state, self.out)
 
     def _finish(self, key: str, record: dict[str, Any]) -> None:
+        # the per-point cost entries of run_chunks become stage totals (resumed chunks included)
+        for part, total in (("chunk_seconds", "process_seconds"), ("real_rows", "real_passes")):
+            if part in record:
+                record[total] = float(record.pop(part).sum())
         self.state["stages"][key] = record
         self.state["partial"].pop(key, None)
         self._save()
@@ -544,6 +548,7 @@ class Runner(SectionStages):
         rec["first_ok"] = parts["first_ok"]
         rec["broken_x_adv"] = x_adv[broken].clone()
         for k in (
+            *st.COST_PARTS,
             "surrogate_broken",
             "found",
             "eligible",

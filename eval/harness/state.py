@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,8 +33,10 @@ from eval.run_folder import MARKER as RUN_MARKER
 from manifold_defense.training.distributed import DistContext
 
 __all__ = [
+    "COST_PARTS",
     "StateMismatchError",
     "chunk_seed",
+    "counting_rows",
     "fingerprint",
     "load_state",
     "run_chunks",
@@ -160,6 +163,41 @@ def seeded(seed: int, defense: Defense, device: torch.device) -> Iterator[None]:
         yield
 
 
+#: Per-point bookkeeping entries :func:`run_chunks` adds to every chunk's result (each point carries its chunk's
+#: total divided by the chunk's size, so the sum over a stage's points is the stage's total, resumed chunks
+#: included): ``chunk_seconds`` (seconds of this process in the chunk) and ``real_rows`` (rows through the forward
+#: pass of the defended model, its BPDA variant or its preprocessing: for a projection defense, real projections).
+COST_PARTS = ("chunk_seconds", "real_rows")
+
+
+def _real_modules(defense: Defense) -> list[torch.nn.Module]:
+    """``defense.model``, ``defense.bpda_model`` and ``defense.preprocess``, without one nested inside another (no
+    double count)."""
+    found = [m for m in (defense.model, defense.bpda_model, defense.preprocess) if m is not None]
+    found = [m for i, m in enumerate(found) if all(m is not o for o in found[:i])]
+    return [m for m in found if not any(o is not m and any(s is m for s in o.modules()) for o in found)]
+
+
+@contextmanager
+def counting_rows(modules: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
+    """Count the rows (first dimension of the first tensor argument) passed to the forward of ``modules``.
+
+    Yields a one-element list holding the running count; the hooks are removed on exit.
+    """
+    count = [0]
+
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+            count[0] += int(args[0].shape[0])
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield count
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_chunks(
     state: dict[str, Any],
     key: str,
@@ -179,7 +217,8 @@ def run_chunks(
     A chunk finished by an interrupted run (saved in ``state["partial"][key]`` with the same point indices) is
     reused instead of recomputed; every chunk runs under its own seed (:func:`chunk_seed`), so reuse changes no
     other chunk. Rank 0 saves its chunks after each one; under ``torchrun`` other ranks' unfinished chunks are
-    redone. Returns the per-point results of every chunk, concatenated in chunk order (CPU tensors).
+    redone. Returns the per-point results of every chunk, concatenated in chunk order (CPU tensors), with the
+    :data:`COST_PARTS` entries added.
     """
     chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
     saved: dict[int, dict[str, Any]] = state.setdefault("partial", {}).setdefault(key, {})
@@ -193,9 +232,14 @@ def run_chunks(
         if done is not None and torch.equal(done["indices"], chunk.cpu()):
             mine.append((j, done["result"]))
             continue
-        with seeded(chunk_seed(seed, key, int(chunk[0])), defense, device):
+        start = time.perf_counter()
+        with seeded(chunk_seed(seed, key, int(chunk[0])), defense, device), counting_rows(
+            _real_modules(defense)
+        ) as rows:
             result = fn(chunk)
-        mine.append((j, {k: v.detach().cpu() for k, v in result.items()}))
+        share = torch.full((len(chunk),), 1.0 / len(chunk), dtype=torch.float64)
+        cost = {"chunk_seconds": share * (time.perf_counter() - start), "real_rows": share * rows[0]}
+        mine.append((j, {k: v.detach().cpu() for k, v in result.items()} | cost))
         if len(chunks) > 1:
             saved[j] = {"indices": chunk.cpu(), "result": mine[-1][1]}
             save()
@@ -208,4 +252,6 @@ def run_chunks(
     mine.sort(key=lambda item: item[0])
     if not mine:
         return {}
-    return {k: torch.cat([r[k] for _, r in mine]) for k in mine[0][1]}
+    # chunks saved before the cost entries existed lack them: a key is kept only when every chunk has it
+    keys = [k for k in mine[0][1] if all(k in r for _, r in mine)]
+    return {k: torch.cat([r[k] for _, r in mine]) for k in keys}
