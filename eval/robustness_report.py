@@ -174,9 +174,10 @@ def _cost_lines(record: Mapping[str, Any]) -> list[str]:
             "",
             f"## Cost: {name}",
             "",
-            "Real passes: rows through the defended model's forward or its preprocessing (for a projection defense, "
-            "projections by the real schedule: attack steps through it, verdict draws, clean projections). Process seconds: summed over every chunk, "
-            "resumed chunks included (under torchrun, over all processes).",
+            "Real passes: rows through the defended model's forward or its preprocessing (for a projection "
+            "defense, projections by the real schedule: attack steps through it, verdict draws, clean "
+            "projections). Process seconds: summed over every chunk, resumed chunks included (under torchrun, "
+            "over all processes).",
             "",
             "| stage | points | real passes | per point | process seconds |",
             "|---|---|---|---|---|",

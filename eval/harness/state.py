@@ -36,7 +36,6 @@ __all__ = [
     "COST_PARTS",
     "StateMismatchError",
     "chunk_seed",
-    "counting_rows",
     "fingerprint",
     "load_state",
     "run_chunks",
@@ -179,7 +178,7 @@ def _real_modules(defense: Defense) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def counting_rows(modules: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
+def _counting_rows(modules: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
     """Count the rows (first dimension of the first tensor argument) passed to the forward of ``modules``.
 
     Yields a one-element list holding the running count; the hooks are removed on exit.
@@ -233,7 +232,7 @@ def run_chunks(
             mine.append((j, done["result"]))
             continue
         start = time.perf_counter()
-        with seeded(chunk_seed(seed, key, int(chunk[0])), defense, device), counting_rows(
+        with seeded(chunk_seed(seed, key, int(chunk[0])), defense, device), _counting_rows(
             _real_modules(defense)
         ) as rows:
             result = fn(chunk)
