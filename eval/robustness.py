@@ -22,7 +22,8 @@ files: :mod:`eval.robustness_report`; documentation with commands: ``docs/robust
 ``--quick``: a smoke run of a few minutes on one CPU thread: 10 images, ``undefended`` and ``projection-fast`` (or
 ``projection-defense-gan`` on 2 images without an encoder), few steps; every reduced setting is listed.
 
-Scale-out: ``torchrun --nproc_per_node=N -m eval robustness ...`` shards every stage's points across the processes
+Scale-out: ``torchrun --nproc_per_node=N -m eval robustness --points N ...`` (``--points``: ``--n``'s spelling that
+torchrun's own parser lets through) shards every stage's points across the processes
 (gloo on CPU, NCCL on CUDA) and gives the same table as one process with the same seed.
 """
 
@@ -278,7 +279,15 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/robustness[-quick])")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 images, fast schedule, few steps")
-    p.add_argument("--n", type=int, default=None, help="first N evaluation points (full 200, quick 10)")
+    p.add_argument(
+        "--n",
+        "--points",
+        dest="n",
+        type=int,
+        default=None,
+        help="first N evaluation points (full 200, quick 10); under torchrun spell it --points (torchrun reads --n as "
+        "an abbreviation of its own options)",
+    )
     p.add_argument(
         "--dgan-n", type=int, default=None, help="points for projection-defense-gan (full 100, quick 2)"
     )

@@ -1,44 +1,74 @@
 #!/usr/bin/env bash
-# GPU checks of issue 19 (item 5), prepared on the CPU and not yet measured on a GPU.
+# GPU checks of issue 19 (item 5, the verbatim subset of item 4) and the fast defense's full protocol: one timed script.
 #
-#   bash scripts/gpu_checks.sh            # smoke: the same commands on few points (a few minutes)
-#   MODE=full bash scripts/gpu_checks.sh  # the verbatim full protocol of projection-defense-gan + the benchmark
+#   bash scripts/gpu_checks.sh                       # every job at once, all done or stopped within $BUDGET seconds
+#   JOBS=verbatim-full BUDGET=540 bash scripts/gpu_checks.sh   # a subset; rerun the same line to resume
 #
-# Each step runs under `timeout` ($STEP_LIMIT seconds) and prints its wall time; every output folder resumes
-# where an interrupted step stopped (rerun the same command). Outputs under $OUT (default runs/gpu-$MODE).
+# The jobs share the one GPU (each is bound by kernel launches, not by the device's arithmetic); every output
+# folder resumes where a stopped job ended:
+#   bench          python -m eval bench --device cuda --rows 1000: batched_over_loop (issue 19 target >= 20)
+#   verbatim       projection-defense-gan on the first 20 test images, every inner loop on the real defense
+#                  (--verbatim): clean, pgd, bpda-pgd, bpda-eot-pgd at Linf 0.3, l2 2, l2 4 (the side-by-side subset)
+#   surrogate      projection-defense-gan through the full cascade on the first 100 test images (the reference figure)
+#   verbatim-full  the same full cascade with --verbatim (every stage on the real defense), first 100 test images
+#   fast           undefended and projection-fast, full protocol, first 200 test images
+# Measured on an H200 (2026-11-30): bench, verbatim and surrogate (docs/robustness.md, "Reference defense").
+# A data warm-up runs first and stops the script at once if the device, the imports or MNIST are missing.
+# Outputs under $OUTDIR (default runs/gpu); with PACK=FILE.tar.gz they are packed into one file, every minute and
+# at the end (so a run cut short still leaves them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-MODE=${MODE:-smoke}
-OUT=${OUT:-runs/gpu-$MODE}
 DEVICE=${DEVICE:-cuda}
-STEP_LIMIT=${STEP_LIMIT:-3000}
-mkdir -p "$OUT"
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
+BUDGET=${BUDGET:-480}
+OUTDIR=${OUTDIR:-runs/gpu}
+PACK=${PACK:-}
+THREADS=${THREADS:-2}
+JOBS=${JOBS:-bench,verbatim,surrogate,verbatim-full,fast}  # a subset reruns only those jobs
+START=$SECONDS
+mkdir -p "$OUTDIR"
 
-step() {  # step NAME COMMAND...: run with a time limit, report the status and seconds
+$PY - "$DEVICE" <<'EOF' 2>&1 | tee "$OUTDIR/warmup.log" || exit 1
+import sys, time
+import torch
+t = time.time()
+device = torch.device(sys.argv[1])
+if device.type == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device"
+    print(torch.cuda.get_device_name(device), "torch", torch.__version__)
+import eval.bench, eval.robustness  # noqa: F401  (the two commands' imports)
+from manifold_defense.data import load_mnist
+test = load_mnist("test")
+print("mnist test", tuple(test.images.shape), f"warm-up {time.time() - t:.1f} s")
+EOF
+
+remaining() { echo $((BUDGET - (SECONDS - START) - 25)); }
+job() {  # job NAME COMMAND...: in the background, stopped by `timeout` before the budget ends
   local name=$1; shift
-  local start=$SECONDS
-  echo "== $name: $*"
-  timeout "$STEP_LIMIT" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - start)) s (log $OUT/$name.log)"
-  tail -n 12 "$OUT/$name.log"
+  [[ ",$JOBS," == *",$name,"* ]] || return 0
+  echo "== $name: $*" | tee "$OUTDIR/$name.log"
+  ( s=$SECONDS; timeout "$(remaining)" "$@" >> "$OUTDIR/$name.log" 2>&1; rc=$?
+    echo "== $name: exit $rc after $((SECONDS - s)) s" | tee -a "$OUTDIR/$name.log" ) &
 }
 
-if [ "$MODE" = full ]; then
-  # the projection benchmark: batched_over_loop is its last lines (target >= 20 on a GPU)
-  step bench $PY -m eval bench --out "$OUT/bench" --device "$DEVICE"
-  # Defense-GAN's schedule through the full cascade with every inner loop on the real defense (--verbatim),
-  # first 100 test images, Linf 0.3, l2 2, l2 4
-  step dgan-verbatim $PY -m eval robustness --out "$OUT/robustness-dgan-verbatim" --defenses projection-defense-gan \
-    --n 100 --dgan-n 100 --verbatim --device "$DEVICE" --no-progress
-  # the surrogate path on the same points, for the side-by-side
-  step dgan-surrogate $PY -m eval robustness --out "$OUT/robustness-dgan" --defenses projection-defense-gan \
-    --n 100 --dgan-n 100 --device "$DEVICE" --no-progress
-else
-  step bench $PY -m eval bench --quick --out "$OUT/bench" --device "$DEVICE"
-  step dgan-verbatim $PY -m eval robustness --quick --out "$OUT/robustness-dgan-verbatim" \
-    --defenses projection-defense-gan --n 5 --dgan-n 5 --verbatim --device "$DEVICE" --no-progress
+job bench $PY -m eval bench --out "$OUTDIR/bench" --device "$DEVICE" --rows 1000 --threads "$THREADS"
+job verbatim $PY -m eval robustness --out "$OUTDIR/robustness-dgan-verbatim" --defenses projection-defense-gan \
+  --n 20 --dgan-n 20 --batch 20 --verbatim --attacks clean,pgd,bpda-pgd,bpda-eot-pgd --no-curves \
+  --device "$DEVICE" --threads "$THREADS" --no-progress
+job surrogate $PY -m eval robustness --out "$OUTDIR/robustness-dgan" --defenses projection-defense-gan \
+  --n 100 --dgan-n 100 --batch 100 --device "$DEVICE" --threads "$THREADS" --no-progress
+job verbatim-full $PY -m eval robustness --out "$OUTDIR/robustness-dgan-verbatim-full" \
+  --defenses projection-defense-gan --n 100 --dgan-n 100 --batch 100 --verbatim --device "$DEVICE" \
+  --threads "$THREADS" --no-progress
+job fast $PY -m eval robustness --out "$OUTDIR/robustness-n200" --defenses undefended,projection-fast --n 200 \
+  --batch 200 --device "$DEVICE" --threads "$THREADS" --no-progress
+if [ -n "$PACK" ]; then  # pack every minute too, so a run cut short still leaves its outputs
+  ( while sleep 60; do tar czf "$PACK.part" "$OUTDIR" 2> /dev/null && mv "$PACK.part" "$PACK"; done ) > /dev/null 2>&1 &
+  PACKER=$!
 fi
-grep -h "batched_over_loop" "$OUT"/bench/results.md 2>/dev/null || true
+if command -v nvidia-smi > /dev/null; then (sleep 30; nvidia-smi > "$OUTDIR/nvidia-smi.txt" 2>&1) & fi
+wait $(jobs -p | grep -v "^${PACKER:-none}$")
+[ -n "${PACKER:-}" ] && { pkill -P "$PACKER"; kill "$PACKER"; } 2> /dev/null
+grep -h "batched_over_loop" "$OUTDIR"/bench/results.md 2>/dev/null || true
+echo "== all jobs ended after $((SECONDS - START)) s"
+if [ -n "$PACK" ]; then tar czf "$PACK" "$OUTDIR" && ls -la "$PACK"; fi

@@ -509,3 +509,23 @@ def test_two_torchrun_processes_equal_one(tmp_path: Path) -> None:
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert r1["world_size"] == 1 and r2["world_size"] == 2
     assert _strip_times(r1["defenses"]) == _strip_times(r2["defenses"])
+
+
+@pytest.mark.parametrize("command", ["robustness", "defense"])
+def test_documented_torchrun_command_line_parses(command: str) -> None:
+    """torchrun's own parser reads ``--n`` as an ambiguous abbreviation of its options and stops; ``--points``
+    passes through it and reaches the command as ``n``."""
+    from torch.distributed.run import get_args_parser
+
+    from eval.cli import build_parser
+
+    launcher = get_args_parser()
+    with pytest.raises(SystemExit):
+        launcher.parse_args(["--nproc_per_node=2", "-m", "eval", command, "--n", "7"])
+    launched = launcher.parse_args(
+        ["--nproc_per_node=2", "-m", "eval", command, "--out", "x", "--points", "7"]
+    )
+    assert launched.training_script == "eval"
+    args = build_parser().parse_args(launched.training_script_args)
+    assert args.n == 7
+    assert build_parser().parse_args([command, "--n", "5"]).n == 5
