@@ -12,7 +12,9 @@
 #   surrogate      projection-defense-gan through the full cascade on the first 100 test images (the reference figure)
 #   verbatim-full  the same full cascade with --verbatim (every stage on the real defense), first 100 test images
 #   fast           undefended and projection-fast, full protocol, first 200 test images
-# Measured on an H200 (2026-11-30): bench, verbatim and surrogate (docs/robustness.md, "Reference defense").
+#   cuda-tests     the test files with CUDA cases (skipped on a machine without a GPU)
+# Measured on an H200 (2026-11-30): bench, verbatim and surrogate (docs/robustness.md, "Reference defense");
+# not yet run on a GPU: verbatim-full, fast, cuda-tests.
 # A data warm-up runs first and stops the script at once if the device, the imports or MNIST are missing.
 # Outputs under $OUTDIR (default runs/gpu); with PACK=FILE.tar.gz they are packed into one file, every minute and
 # at the end (so a run cut short still leaves them).
@@ -24,7 +26,7 @@ BUDGET=${BUDGET:-480}
 OUTDIR=${OUTDIR:-runs/gpu}
 PACK=${PACK:-}
 THREADS=${THREADS:-2}
-JOBS=${JOBS:-bench,verbatim,surrogate,verbatim-full,fast}  # a subset reruns only those jobs
+JOBS=${JOBS:-bench,verbatim,surrogate,verbatim-full,fast,cuda-tests}  # a subset reruns only those jobs
 START=$SECONDS
 mkdir -p "$OUTDIR"
 
@@ -62,12 +64,15 @@ job verbatim-full $PY -m eval robustness --out "$OUTDIR/robustness-dgan-verbatim
   --threads "$THREADS" --no-progress
 job fast $PY -m eval robustness --out "$OUTDIR/robustness-n200" --defenses undefended,projection-fast --n 200 \
   --batch 200 --device "$DEVICE" --threads "$THREADS" --no-progress
+job cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_inversion_cuda.py tests/test_attacks_cuda.py \
+  tests/test_ambient.py -rs
 if [ -n "$PACK" ]; then  # pack every minute too, so a run cut short still leaves its outputs
   ( while sleep 60; do tar czf "$PACK.part" "$OUTDIR" 2> /dev/null && mv "$PACK.part" "$PACK"; done ) > /dev/null 2>&1 &
   PACKER=$!
 fi
 if command -v nvidia-smi > /dev/null; then (sleep 30; nvidia-smi > "$OUTDIR/nvidia-smi.txt" 2>&1) & fi
-wait $(jobs -p | grep -v "^${PACKER:-none}$")
+pids=$(jobs -p | grep -v "^${PACKER:-none}$")
+[ -n "$pids" ] && wait $pids  # not the packer: it stops below
 [ -n "${PACKER:-}" ] && { pkill -P "$PACKER"; kill "$PACKER"; } 2> /dev/null
 grep -h "batched_over_loop" "$OUTDIR"/bench/results.md 2>/dev/null || true
 echo "== all jobs ended after $((SECONDS - START)) s"
