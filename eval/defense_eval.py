@@ -35,6 +35,7 @@ from eval.robustness import (
     CLASSIFIERS,
     DefenseModels,
     add_model_args,
+    add_points_arg,
     load_zoo_models,
     run_evaluation,
     summary_lines,
@@ -131,14 +132,7 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/defense[-quick])")
     p.add_argument("--quick", action="store_true", help="smoke run: n 20, fast schedule, fewer steps")
-    p.add_argument(
-        "--n",
-        "--points",
-        dest="n",
-        type=int,
-        default=None,
-        help="first N evaluation points (default 100; quick 20); under torchrun spell it --points",
-    )
+    add_points_arg(p, "default 100; quick 20")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="projection schedule (default fast)")
     p.add_argument("--figures", type=_parse_figures, default=FIGURES, help=f"subset of {','.join(FIGURES)}")
     p.add_argument("--batch", type=int, default=100, help="points per attack call")

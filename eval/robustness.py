@@ -205,6 +205,19 @@ def zoo_defenses(
     ), m
 
 
+def add_points_arg(p: argparse.ArgumentParser, defaults: str) -> None:
+    """``--n`` (alias ``--points``, the spelling torchrun's own parser lets through: it reads ``--n`` as an
+    ambiguous abbreviation of its options), stored as ``n``; ``defaults`` names the default counts in the help."""
+    p.add_argument(
+        "--n",
+        "--points",
+        dest="n",
+        type=int,
+        default=None,
+        help=f"first N evaluation points ({defaults}); under torchrun spell it --points",
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--classifier/--generator/--encoder`` (zoo name, module:factory or path.py:factory), their
     ``--*-weights FILE.safetensors``, ``--classifier-dir``, ``--weights-dir`` and ``--data``."""
@@ -279,15 +292,7 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/robustness[-quick])")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 images, fast schedule, few steps")
-    p.add_argument(
-        "--n",
-        "--points",
-        dest="n",
-        type=int,
-        default=None,
-        help="first N evaluation points (full 200, quick 10); under torchrun spell it --points (torchrun reads --n as "
-        "an abbreviation of its own options)",
-    )
+    add_points_arg(p, "full 200, quick 10")
     p.add_argument(
         "--dgan-n", type=int, default=None, help="points for projection-defense-gan (full 100, quick 2)"
     )
