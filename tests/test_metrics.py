@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +57,25 @@ def test_frechet_distances_are_zero_for_identical_sets_and_grow_with_blur() -> N
     assert 0.0 < mild["frechet_logits"] < strong["frechet_logits"]
     assert sum(same["class_histogram"]) == 300 and 0.0 <= same["histogram_min_max"] <= 1.0
     assert same["histogram_tv"] == 0.0
+
+
+def test_frechet_distance_is_exact_for_singular_covariances_without_warnings() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(400, 6)) * 2.0 + 0.5
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(
+        cov_a + cov_b - 2.0 * scipy.linalg.sqrtm(cov_a @ cov_b).real
+    )
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-9)
+    dead = np.concatenate([a, np.zeros((500, 3))], axis=1)  # three dead ReLU units: rank-deficient covariance
+    shift = np.array([0.3, -0.2, 0.0, 0.1, 0.0, 0.4, 0.0, 0.0, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert frechet_distance(dead, dead + shift) == pytest.approx(float((shift**2).sum()), abs=1e-9)
+        assert frechet_distance(dead, dead) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="finite"):
+        frechet_distance(np.full((5, 3), np.nan), np.zeros((5, 3)))
 
 
 def test_histogram_total_variation_against_the_reference_balance() -> None:
