@@ -529,3 +529,30 @@ def test_documented_torchrun_command_line_parses(command: str) -> None:
     args = build_parser().parse_args(launched.training_script_args)
     assert args.n == 7
     assert build_parser().parse_args([command, "--n", "5"]).n == 5
+
+
+def test_process_group_waits_longer_than_a_slow_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's 30-minute default killed a 2-process CPU run: one process waited in ``all_gather_object`` while the
+    other attacked its second Square chunk. The group is created with a 24-hour timeout, settable, validated."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from manifold_defense.training import distributed
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    ctx = distributed.setup_distributed("cpu")
+    assert (ctx.rank, ctx.world_size) == (1, 2)
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(hours=24)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7200")
+    assert distributed.collective_timeout() == datetime.timedelta(hours=2)
+    for bad in ("soon", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=distributed.TIMEOUT_ENV):
+            distributed.collective_timeout()

@@ -22,6 +22,8 @@ Conventions of the trainers built on it (Li et al., "PyTorch Distributed", VLDB 
 from __future__ import annotations
 
 import atexit
+import datetime
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,6 +129,30 @@ class DistContext:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+TIMEOUT_ENV = "MANIFOLD_DEFENSE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 24 * 3600.0
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective (``all_gather_object`` of a stage's chunks) waits for the slowest process.
+
+    torch's default is 30 minutes, less than one chunk of a slow stage can take on a CPU (a Square chunk of 50 points
+    through the fast projection runs about 45 minutes): a process that finished its chunks early then timed out
+    while the other was still attacking, and the run died. The default here is 24 hours;
+    ``MANIFOLD_DEFENSE_DIST_TIMEOUT_S`` (seconds, a finite number > 0) sets another.
+    """
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"expected {TIMEOUT_ENV} to be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"expected {TIMEOUT_ENV} to be a finite number of seconds > 0, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
     """The :class:`DistContext` of this process, initializing ``torch.distributed`` under ``torchrun``.
 
@@ -138,7 +164,7 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
         The context: rank, world size and device (world size 1 and rank 0 without ``torch.distributed``).
 
     The process group is created with backend ``nccl`` for CUDA and ``gloo`` for CPU from the ``env://``
-    variables when ``WORLD_SIZE > 1`` and no group exists yet; it is kept for later calls and destroyed when
+    variables when ``WORLD_SIZE > 1`` and no group exists yet, with the :func:`collective_timeout`; it is kept for later calls and destroyed when
     the process exits. An existing group (initialized by the user) is used as it is.
     """
     dev = resolve_device(device)
@@ -160,6 +186,7 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
+        timeout = collective_timeout()
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(
@@ -167,6 +194,7 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
             init_method="env://",
             world_size=world,
             rank=rank,
+            timeout=timeout,
         )
         atexit.register(_destroy_at_exit)
     return DistContext(rank=rank, world_size=world, device=dev)
