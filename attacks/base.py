@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, NamedTuple, Self, final
+from typing import Any, NamedTuple, TypeVar, final
 
 import torch
 from torch import Tensor, nn
@@ -295,6 +295,11 @@ def warn_if_training(model: Any, name: str = "model") -> None:
         )
 
 
+#: The type of an attack's copy (:meth:`Attack.with_eps` returns the subclass it is called on); a TypeVar rather
+#: than ``typing.Self``, which needs Python 3.11.
+_AttackT = TypeVar("_AttackT", bound="Attack")
+
+
 class Attack(ABC):
     """Base of all pixel-space attacks: a final ``__call__`` around an abstract :meth:`run`.
 
@@ -334,7 +339,7 @@ class Attack(ABC):
         """The attack's threat model."""
         return self._threat
 
-    def with_eps(self, eps: float) -> Self:
+    def with_eps(self: _AttackT, eps: float) -> _AttackT:
         """A shallow copy of this attack whose threat model has budget ``eps`` (same norm, same settings).
 
         The copy's results are projected onto the new ball by :meth:`__call__`. An attack that keeps its own

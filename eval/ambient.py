@@ -36,11 +36,12 @@ import torch
 
 from eval.cli import command_line
 from eval.inputs import positive_int_arg
-from eval.run_folder import claim_run_folder
+from eval.run_folder import claim_run_folder, run_folder_session, write_record
 from eval.train_cli import GAN_DISCRIMINATOR_WIDTH
 from manifold_defense import ambient, zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
+from manifold_defense.integrity import atomic_write_text, load_checked, save_checked
 from manifold_defense.metrics import sample_quality
 from manifold_defense.models import Critic, latent_dim_of
 from manifold_defense.training import GANTrainConfig
@@ -145,16 +146,16 @@ class _Cache:
         path = self.folder / f"{item}.pt"
         if not path.is_file():
             return None
-        entry = torch.load(path, weights_only=True)
-        if entry.get("fingerprint") != self.fingerprint:
+        entry = load_checked(
+            path, what="ambient result cache entry", recover="delete it to recompute that item (or use a new --out)"
+        )
+        if not isinstance(entry, dict) or entry.get("fingerprint") != self.fingerprint:
             raise ValueError(f"{path}: expected a result of this run's protocol, found another run's: use a new --out")
         return json.loads(entry["figures"]), entry["shown"]
 
     def save(self, item: str, figures: dict[str, Any], shown: torch.Tensor) -> None:
-        path = self.folder / f"{item}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "figures": json.dumps(figures), "shown": shown.cpu().clone()}, tmp)
-        tmp.replace(path)
+        entry = {"fingerprint": self.fingerprint, "figures": json.dumps(figures), "shown": shown.cpu().clone()}
+        save_checked(entry, self.folder / f"{item}.pt")  # SHA-256 header, unique temporary file, atomic rename
 
 
 @torch.no_grad()
@@ -173,18 +174,19 @@ def _train_item(
     extra = {"inpaint": protocol.inpaint} if method == "unmeasure" and isinstance(f, ambient.BlockPixels) else {}
     data_file = ckpt / "training_data.pt"  # the unmeasure restoration is the slow part: kept until trained
     if data_file.is_file():
-        data = torch.load(data_file, weights_only=True)
+        data = load_checked(data_file, what="ambient training data cache", recover="delete it to recompute it")
     else:
         data = ambient.training_data(clean, f, method, protocol.measure_seed, **extra)  # type: ignore[arg-type]
         if method == "unmeasure":
             ckpt.mkdir(parents=True, exist_ok=True)
-            torch.save(data, data_file)
+            save_checked(data, data_file)
     with torch.random.fork_rng():
         torch.manual_seed(protocol.seed)  # the initial weights, as `train --seed`
         gen, disc = zoo.build("mnist-gan"), Critic(width=GAN_DISCRIMINATOR_WIDTH)
     start = time.perf_counter()
     hist = ambient.train_ambient(
-        gen, disc, data, f, method, protocol.config(), device=device, checkpoint_dir=ckpt, progress=progress  # type: ignore[arg-type]
+        gen, disc, data, f, method, protocol.config(), device=device, checkpoint_dir=ckpt, progress=progress,  # type: ignore[arg-type]
+        data_settings={"measure_seed": protocol.measure_seed, **extra},
     )
     data_file.unlink(missing_ok=True)
     zoo.save(gen, "mnist-gan", out / "generators" / item, {"training": {
@@ -196,6 +198,7 @@ def _train_item(
     return gen
 
 
+@run_folder_session()  # --out stays locked against other writers until the call returns
 def run_grid(
     protocol: AmbientProtocol, out: Path, device: str | torch.device = "cpu", *, data_dir: Path | None = None,
     command: str = "", progress: bool = False,
@@ -242,7 +245,7 @@ def run_grid(
         "checks": figure_checks(protocol, methods),
         "reused_from_cache": reused,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_record(out / "results.json", results)
     _write_markdown(results, out / "results.md")
     _plot_scores(results, out / "mnist_score_vs_p.png")
     _sample_grids(protocol, shown, data_dir, out)
@@ -300,7 +303,7 @@ def _write_markdown(results: dict[str, Any], path: Path) -> None:
         for method, rows in results["methods"].items():
             lines.append(f"- {p['tag']} {method}: {rows[i]['class_histogram']}")
     lines += ["", f"Checks: `{json.dumps(results['checks'])}`", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _plot_scores(results: dict[str, Any], path: Path) -> None:

@@ -36,6 +36,7 @@ from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.metrics import accuracy
 from manifold_defense.progress import progress as progress_display
+from manifold_defense.training.loop import load_checkpoint
 
 __all__ = [
     "AutoAttackResult",
@@ -212,12 +213,18 @@ def _run(
 def load_checkpoint_classifier(path: Path, name: str, device: torch.device) -> nn.Module:
     """The classifier held in a training checkpoint (``state["model"]``), built as zoo model ``name``.
 
-    Checkpoints of :mod:`manifold_defense.training` are read with ``weights_only=True`` (no code runs).
+    Checkpoints of :mod:`manifold_defense.training` are read with
+    :func:`~manifold_defense.training.loop.load_checkpoint`: their integrity hash is verified (a cut or altered
+    file raises :class:`~manifold_defense.integrity.IntegrityError`) and ``weights_only=True`` runs no code.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state", {}).get("model") if isinstance(ckpt, dict) else None
+    ckpt = load_checkpoint(path)
+    saved = ckpt["state"] if isinstance(ckpt["state"], dict) else {}
+    state = saved.get("model")
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a training checkpoint with state['model'], got keys {list(ckpt)}")
+        raise ValueError(
+            f"{path}: expected a training checkpoint of a classifier trainer with state['model'], got the "
+            f"{ckpt.get('trainer') or 'unnamed'} trainer's with state {sorted(saved)}"
+        )
     model = zoo.build(name)
     model.load_state_dict(state, strict=True)
     log.info("loaded %s from %s (step %s)", name, path, ckpt.get("step"))

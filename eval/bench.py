@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import platform
@@ -61,10 +60,12 @@ from eval.bench_core import (
 )
 from eval.cli import command_line
 from eval.defense_eval import DefenseModels, load_zoo_models
-from eval.defense_figures import defended_model, evaluate_pgd, schedule_config
 from eval.inputs import check_labeled_images
-from eval.run_folder import claim_run_folder
+from eval.run_folder import claim_run_folder, run_folder_session, write_record
+from manifold_defense.evaluation import evaluate_pgd
+from manifold_defense.integrity import atomic_write_text
 from manifold_defense.inversion import InversionConfig
+from manifold_defense.presets import defended_model, schedule_config
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def reference_config(seed: int = 0) -> InversionConfig:
 
 
 def fast_config(seed: int = 0) -> InversionConfig:
-    """The ``"fast"`` schedule of :mod:`eval.defense_figures` with the losing restart pruned after 5 steps.
+    """The ``"fast"`` schedule of :mod:`manifold_defense.presets` with the losing restart pruned after 5 steps.
 
     Measured on 60 test images: pruning leaves the median MSE unchanged (restart 0 at E(x) almost always wins)
     and cuts the generator passes from 102 to 57 per image; early stopping (tol 3e-6, patience 5) saved under 1
@@ -343,6 +344,7 @@ class _Bench:
         return rows
 
 
+@run_folder_session()  # ``out`` stays locked against other writers until the call returns
 def run_bench(
     settings: BenchSettings,
     x: Tensor,
@@ -421,8 +423,8 @@ def run_bench(
         "growth_plot": "growth.png",
         "seconds_total": _round(time.perf_counter() - start, 4),
     }
-    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "results.md").write_text(write_markdown(record))
+    write_record(out / "results.json", record)  # with its SHA-256, atomically
+    atomic_write_text(out / "results.md", write_markdown(record))
     return record
 
 

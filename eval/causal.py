@@ -40,12 +40,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from eval.causal_report import SETTINGS, SHOWN, figure_checks, plot_do_vs_condition, write_markdown, write_zoo
 from eval.cli import command_line
 from eval.inputs import positive_int_arg
-from eval.run_folder import claim_run_folder
+from eval.run_folder import claim_run_folder, read_record, run_folder_session, write_record
 from manifold_defense import zoo
 from manifold_defense.causal import (
     CausalController,
@@ -58,12 +57,13 @@ from manifold_defense.causal import (
     marginal,
     one_hot_labels,
     read_attributes,
+    train_causal_gan,
     train_controller,
     tvd,
 )
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
-from manifold_defense.training import GANTrainConfig, train_gan
+from manifold_defense.training import GANTrainConfig
 
 __all__ = ["SETTINGS", "CausalProtocol", "add_parsers", "baseline_graphs", "main", "run", "write_zoo"]
 
@@ -171,7 +171,9 @@ def _figures(
 
 
 class _Cache:
-    """Per-item figures in ``folder`` as JSON, fingerprinted by the protocol and the models' SHA-256."""
+    """Per-item figures in ``folder`` as JSON, fingerprinted by the protocol and the models' SHA-256; each entry
+    carries a SHA-256 of its content (:func:`eval.run_folder.write_record`): a cut or altered one raises
+    :class:`~manifold_defense.integrity.IntegrityError` naming it."""
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
         self.folder, self.fingerprint = folder, json.dumps(fingerprint, sort_keys=True)
@@ -181,17 +183,16 @@ class _Cache:
         path = self.folder / f"{item}.json"
         if not path.is_file():
             return None
-        entry = json.loads(path.read_text())
+        entry = read_record(
+            path, what="causal figures cache entry", recover="delete it to recompute that item (or use a new --out)"
+        )
         if entry.get("fingerprint") != self.fingerprint:
             return None  # figures of other weights (a continued run): recomputed
         figures: dict[str, Any] = entry["figures"]
         return figures
 
     def put(self, item: str, figures: dict[str, Any]) -> None:
-        path = self.folder / f"{item}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "figures": figures}))
-        tmp.replace(path)
+        write_record(self.folder / f"{item}.json", {"fingerprint": self.fingerprint, "figures": figures})
 
 
 def _common_record(protocol: CausalProtocol, command: str, dev: torch.device) -> dict[str, Any]:
@@ -245,7 +246,6 @@ def _train_gan(
         disc = ProjectionCritic(label_dim=9, width=32)
     if not isinstance(gen, ConditionalGenerator):
         raise TypeError(f"zoo entry causal-digit-gan: expected a ConditionalGenerator, got {type(gen)}")
-    conditions = one_hot_labels(DigitWorld.graph, data.labels)
     val_labels = DigitWorld.sample_labels(500, protocol.seed + 7)
 
     def validate(sample_gen: nn.Module, step: int) -> dict[str, float]:
@@ -258,14 +258,14 @@ def _train_gan(
 
     start = time.perf_counter()
     config = protocol.gan_config()
-    hist = train_gan(gen, disc, TensorDataset(data.images, conditions), config, device=dev,
-                     checkpoint_dir=out / "checkpoints" / "gan", progress=progress, conditional=True,
-                     validate=validate, validate_every=min(1000, config.steps))  # fmt: skip
+    hist = train_causal_gan(gen, disc, data.images, data.labels, DigitWorld.graph, config, device=dev,
+                            checkpoint_dir=out / "checkpoints" / "gan", progress=progress,
+                            validate=validate, validate_every=min(1000, config.steps))  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     zoo.save(gen, "causal-digit-gan", models, {"training": {
         **_common_record(protocol, command, dev), "config": dataclasses.asdict(config),
         "discriminator": "ProjectionCritic(label_dim=9, width=32)",
-        "conditional": "train_gan(conditional=True): one-hot (D, T, S) of the batch's real images",
+        "conditional": "train_causal_gan (train_gan(conditional=True)): one-hot (D, T, S) of the batch's real images",
         "seconds": seconds, "seconds_note": "wall time of the last invocation (a resumed run counts its part)",
         "final_metrics": hist[-1] if hist else {}}})  # fmt: skip
     (models / "history.json").write_text(json.dumps(hist, indent=1) + "\n")
@@ -288,6 +288,7 @@ def _label_figures(ctrl: CausalController) -> dict[str, Any]:
     return out
 
 
+@run_folder_session()  # --out stays locked against other writers until the call returns
 def run(
     protocol: CausalProtocol, out: Path, device: str | torch.device = "cpu", *, data_dir: Path | None = None,
     command: str = "", progress: bool = False,
@@ -389,7 +390,7 @@ def run(
         "real_floor": floor,
         "checks": figure_checks(models),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_record(out / "results.json", results)
     write_markdown(results, out / "results.md")
     plot_do_vs_condition(shown, out / "do_vs_condition.png")
     return results

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from eval.run_folder import check_out_arg, run_folder_session
+
 # Modules that define commands, in the order --help lists them.
 COMMAND_MODULES = (
     "eval.demo",
@@ -28,6 +30,7 @@ COMMAND_MODULES = (
     "eval.bench",
     "eval.robustness",
     "eval.autoattack",
+    "eval.diffpure",
 )
 
 
@@ -92,10 +95,37 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _check_out(arguments: Sequence[str]) -> None:
+    """Refuse an empty or whitespace-only ``--out`` (``--out "$UNSET"``), which would write into ``.``."""
+    for i, word in enumerate(arguments):
+        if word == "--":
+            break
+        if word == "--out" and i + 1 < len(arguments):
+            check_out_arg(arguments[i + 1])
+        elif word.startswith("--out="):
+            check_out_arg(word[len("--out=") :])
+
+
+def _check_threads(args: argparse.Namespace) -> None:
+    """Every command's ``--threads``, checked before the command runs (``torch.set_num_threads(0)`` raises a
+    RuntimeError, a traceback with exit status 1, after the command may have done work)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"expected --threads as a positive int (>= 1), got {threads!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; its exit code.
+
+    The command runs inside one :func:`eval.run_folder.run_folder_session`: the run folders it claims stay
+    locked against other writers until it returns.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(arguments)
+    _check_out(arguments)
+    _check_threads(args)
     args.command_line = _format(arguments)
-    result: int = args.func(args)
+    with run_folder_session():
+        result: int = args.func(args)
     return result

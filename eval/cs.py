@@ -57,10 +57,11 @@ from eval.cs_core import (
 )
 from eval.cs_figures import draw_panels, operator_grids, plot_mse, write_markdown
 from eval.inputs import positive_int_arg
-from eval.run_folder import claim_run_folder
+from eval.run_folder import claim_run_folder, run_folder_session, write_record
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
+from manifold_defense.integrity import load_checked, save_checked
 from manifold_defense.progress import progress as progress_display
 
 __all__ = ["add_parsers", "figure_checks", "lasso_ratio", "main", "run_benchmark"]
@@ -219,9 +220,11 @@ def _record(
 class ResultCache:
     """Per-(method, m) results of one protocol in ``folder`` (``None``: keep nothing).
 
-    Each entry is ``<method>-m<m>.pt`` (loaded with ``weights_only=True``): per-image MSE, wall seconds, the
-    validation choice (JSON text), the grid images and a fingerprint of the protocol (all settings but the m grid)
-    and device type. An entry with another fingerprint raises ``ValueError``: a folder holds one protocol's run.
+    Each entry is ``<method>-m<m>.pt`` (behind a SHA-256 header, :func:`manifold_defense.integrity.save_checked`;
+    loaded with ``weights_only=True``): per-image MSE, wall seconds, the validation choice (JSON text), the grid
+    images and a fingerprint of the protocol (all settings but the m grid) and device type. An entry with another
+    fingerprint raises ``ValueError`` (a folder holds one protocol's run); a cut or altered entry raises
+    :class:`~manifold_defense.integrity.IntegrityError` naming it.
     """
 
     def __init__(self, folder: Path | None, protocol: CSProtocol, device: torch.device) -> None:
@@ -239,8 +242,12 @@ class ResultCache:
         """``(mse per image, seconds, selection, shown images)`` or ``None`` when this result is not kept."""
         if self.folder is None or not self._path(method, m).exists():
             return None
-        entry = torch.load(self._path(method, m), weights_only=True)
-        if entry.get("fingerprint") != self.fingerprint:
+        entry = load_checked(
+            self._path(method, m),
+            what="cs result cache entry",
+            recover="delete it to recompute that result (or use a new --out folder or --no-resume)",
+        )
+        if not isinstance(entry, dict) or entry.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"{self._path(method, m)}: expected a result of this run's protocol, found one of another run "
                 f"(settings or device differ); use a new --out folder or --no-resume"
@@ -256,12 +263,11 @@ class ResultCache:
         selection: dict[str, Any],
         shown: torch.Tensor,
     ) -> None:
-        """Keep one result (written to a temporary file, then renamed, so a kill never leaves half a file)."""
+        """Keep one result behind its SHA-256 (written to a temporary file unique to this writer, then renamed, so
+        a kill never leaves half a file)."""
         if self.folder is None:
             return
-        path = self._path(method, m)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
+        save_checked(
             {
                 "fingerprint": self.fingerprint,
                 "mse": mse.detach().cpu(),
@@ -269,11 +275,11 @@ class ResultCache:
                 "selection": json.dumps(selection),
                 "shown": shown.detach().cpu().clone(),  # a copy: a saved view would carry its whole storage
             },
-            tmp,
+            self._path(method, m),
         )
-        tmp.replace(path)
 
 
+@run_folder_session()  # --out stays locked against other writers until the call returns
 def run_benchmark(
     protocol: CSProtocol,
     out_dir: Path,
@@ -470,7 +476,7 @@ def run_benchmark(
     results["lasso_over_csgm_measurements_at_m50"] = ratio
     results["checks"] = figure_checks(results)
     _check_finite(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_record(out_dir / "results.json", results)
     write_markdown(results, out_dir / "results.md")
     plot_mse(results, out_dir / "mse_vs_m.png")
     return results

@@ -29,7 +29,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from eval.defense_figures import SCHEDULES
 from eval.harness import RobustnessSettings
 from eval.robustness import (
     CLASSIFIERS,
@@ -42,6 +41,7 @@ from eval.robustness import (
 )
 from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
+from manifold_defense.presets import SCHEDULES
 
 log = logging.getLogger(__name__)
 

@@ -88,8 +88,8 @@ def _figure_lines(name: str, rec: dict[str, Any]) -> list[str]:
 
 
 def _robustness(out: Path, args: argparse.Namespace) -> list[str]:
+    from eval.harness import ATTACKS, RobustnessSettings
     from eval.robustness import QUICK_DEFENSES, run_evaluation, summary_lines
-    from eval.robustness_core import ATTACKS, RobustnessSettings
 
     settings = RobustnessSettings.quick_preset(n=args.n)
     claim_run_folder(out, "robustness", legacy_owners=("demo",))  # a demo folder from before run.json

@@ -17,7 +17,7 @@ def check_labeled_images(x: Any, y: Any, n: int) -> None:
 
     Raises:
         TypeError: not tensors, labels not int64 or on another device.
-        ValueError: wrong shapes, fewer than ``n`` points, values outside [0, 1].
+        ValueError: wrong shapes, fewer than ``n`` points, NaN or inf pixels, values outside [0, 1].
     """
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError(f"expected x and y as tensors, got {type(x).__name__} and {type(y).__name__}")
@@ -29,6 +29,11 @@ def check_labeled_images(x: Any, y: Any, n: int) -> None:
         raise TypeError(f"expected y as int64 on x's device {x.device}, got {y.dtype} on {y.device}")
     if x.shape[0] < n:
         raise ValueError(f"expected at least n={n} images, got {x.shape[0]}")
+    if x.numel() and not bool(torch.isfinite(x).all()):  # NaN slips past a min/max comparison
+        bad = torch.nonzero(~torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)).reshape(-1)
+        raise ValueError(
+            f"expected finite images in [0, 1], got NaN or inf in {len(bad)} image(s), the first at index {int(bad[0])}"
+        )
     if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
         raise ValueError(
             f"expected images in [0, 1], got values in [{float(x.min()):.4g}, {float(x.max()):.4g}]"

@@ -19,6 +19,11 @@ another shape than (1, 28, 28) need ``--threats``.
 The attack cascade, curves, red-flag checks, surrogates, resume and sharding: :mod:`eval.harness`; the output
 files: :mod:`eval.robustness_report`; documentation with commands: ``docs/robustness.md``.
 
+Your own purifier: ``--purifier FILE.py:factory`` (images in [0, 1] -> images in [0, 1]) evaluates defense
+``purified`` = the classifier behind it, next to ``undefended``; ``--purifier-surrogate NAME=FILE.py:factory``
+(repeatable), ``--purifier-randomized`` / ``--purifier-deterministic`` (default: detected) and ``--purifier-exact``
+(its autograd gradient is exact: ``unrolled-pgd`` runs): :mod:`eval.harness.purifiers`.
+
 ``--quick``: a smoke run of a few minutes on one CPU thread: 10 images, ``undefended`` and ``projection-fast`` (or
 ``projection-defense-gan`` on 2 images without an encoder), few steps; every reduced setting is listed.
 
@@ -51,7 +56,8 @@ from eval.harness import (
     run_robustness,
     undefended_defense,
 )
-from eval.harness.models import load_data, load_model
+from eval.harness.models import check_data_fits_models, load_data, load_model
+from eval.harness.purifiers import add_purifier_args, purifier_defense_from_args
 from eval.harness.settings import MNIST_SHAPE, default_curve_eps
 from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
@@ -146,7 +152,7 @@ def build_defenses(
     ``surrogate-pgd`` stage) when an encoder is given and ``surrogates``; ``projection-fast`` is cheap enough to
     be attacked directly (no surrogates: on the demo's 10 points ``G(E(x))``'s successes did not transfer to it). Raises ``ValueError`` for a defense the models do not allow (no generator / encoder).
     """
-    from eval.defense_figures import schedule_config
+    from manifold_defense.presets import schedule_config
 
     unknown = [n for n in names if n not in DEFENSES]
     if unknown:
@@ -338,6 +344,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_model_args(p)
+    add_purifier_args(p)
     p.set_defaults(func=run_command)
 
 
@@ -406,7 +413,7 @@ def run_evaluation(
     another shape than MNIST's need ``args.threats`` (:func:`check_image_shape`); their curve budgets are derived
     from the threats (:func:`eval.harness.settings.default_curve_eps`).
     """
-    from eval.defense_figures import schedule_config
+    from manifold_defense.presets import schedule_config
     from manifold_defense.training.distributed import setup_distributed
 
     if getattr(args, "threads", None) is not None:
@@ -420,6 +427,10 @@ def run_evaluation(
         curve: dict[str, Any] = dict(default_curve_eps(settings.threats, shape))
         settings = dataclasses.replace(settings, **curve)
     models = load_models(args, ctx.device, mnist=data == "mnist")
+    check_data_fits_models(x, y, what, models.classifier, models.generator, models.encoder)
+    purified = purifier_defense_from_args(args, models.classifier, x, settings.seed)
+    if defenses is None and purified is not None:
+        defenses = ("undefended",)  # the purifier next to the bare classifier; --defenses adds projections
     if defenses is None:
         full: list[str] = [
             d
@@ -431,6 +442,8 @@ def run_evaluation(
             full = full[:1] + [str(d) for d in ("projection-fast", "projection-defense-gan") if d in full][:1]
         defenses = tuple(full)
     built = build_defenses(defenses, models, settings.seed, surrogates=not getattr(args, "verbatim", False))
+    if purified is not None:
+        built.append(purified)
     meta = {
         "command": command_line(args),
         "device": str(ctx.device),

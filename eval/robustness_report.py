@@ -24,13 +24,15 @@ The attacks and the per-threat results are nested ``attacks[attack][threat]`` an
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from eval.run_folder import write_record
+from manifold_defense.integrity import atomic_write_text
 
 __all__ = ["plot_curves", "plot_examples", "write_markdown", "write_outputs"]
 
@@ -335,10 +337,11 @@ def plot_examples(ex: Mapping[str, Any], y: list[int] | None, title: str, path: 
 def write_outputs(
     record: Mapping[str, Any], stages: Mapping[str, Any], out: Path, labels: list[int] | None = None
 ) -> None:
-    """Write ``results.json``, ``report.md``, ``accuracy_vs_eps.png`` and ``grid_<defense>_<threat>.png``."""
+    """Write ``results.json`` (with its SHA-256: :func:`eval.run_folder.write_record`), ``report.md``,
+    ``accuracy_vs_eps.png`` and ``grid_<defense>_<threat>.png``; the text files atomically."""
     out = Path(out)
-    (out / "results.json").write_text(json.dumps(_finite(record), indent=1) + "\n")
-    (out / "report.md").write_text(write_markdown(record))
+    write_record(out / "results.json", _finite(record))
+    atomic_write_text(out / "report.md", write_markdown(record))
     plot_curves(record, out / "accuracy_vs_eps.png")
     for name, d in record["defenses"].items():
         for tk in record["threat_models"]:

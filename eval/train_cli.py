@@ -3,8 +3,13 @@
 Models: ``classifier``, ``gan`` (generator trained against a discriminator, weights averaged), ``encoder`` (a new
 encoder for the generator found in DIR, trained on real images and on the generator's samples), ``vae``, ``zoo`` (those four in that order), ``pgd-at`` (Madry PGD adversarial
 training of a new classifier, Linf 0.3), ``l2-at`` (l2 PGD adversarial training at eps 1.5, the baseline of Jalal et al.'s
-Robust Manifold Defense) or ``rmd`` (robust manifold training with the zoo's GAN and encoder). Checkpoints go to
-``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there.
+Robust Manifold Defense), ``rmd`` (robust manifold training with the zoo's GAN and encoder) or ``ddpm`` (the
+diffusion prior ``mnist-ddpm``: noise prediction, EMA weights; its step target may grow on resume). Checkpoints go to
+``DIR/checkpoints/<model>/``; running the same command again after an interruption resumes from there. Each
+checkpoint records its trainer and the settings that define its run (config fields, the attack, the measurement and
+measured data of ``ambient``): a resume with other ones is refused, naming them (``docs/refusals.md``); only
+``--steps`` of the GAN trainers (and ``ddpm``) and the checkpoint/logging intervals may change. A checkpoint of the
+older format converts with ``scripts/upgrade_checkpoint.py``.
 
 ``--init MODEL [--init-dir DIR]`` (pgd-at, l2-at, rmd): start from a zoo classifier's weights instead of a random
 initialization, e.g. robust manifold fine-tuning of ``mnist-l2-at``; the record names the starting weights by SHA-256.
@@ -46,9 +51,10 @@ from manifold_defense.training import (
     train_gan,
     train_vae,
 )
+from manifold_defense.training.diffusion import DDPMTrainConfig, train_ddpm
 
 log = logging.getLogger(__name__)
-MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "l2-at", "rmd", "ambient")
+MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "l2-at", "rmd", "ambient", "ddpm")
 #: The robustly trained classifiers (``mnist-<name>`` in the zoo).
 ROBUST_MODELS = ("pgd-at", "l2-at", "rmd")
 #: Jalal et al.'s l2 training budget on MNIST (the ``l2-at`` baseline and ``rmd``'s pixel term).
@@ -245,10 +251,12 @@ def _train_ambient(
     config = _override(GANTrainConfig(seed=args.seed), args.steps, sets)
     gen = zoo.build("mnist-gan")
     disc = ambient_discriminator(measurement, method, (1, 28, 28))
+    masks = ("block-pixels", "block-patch", "keep-patch")  # restored by inpainting (the --inpaint setting)
+    restoration = {"inpaint": args.inpaint or "biharmonic"} if method == "unmeasure" and measurement.name in masks else {}
     hist = ambient.train_ambient(
         gen, disc, data, measurement, method, config, device=device, checkpoint_dir=ckpt, progress=progress,  # type: ignore[arg-type]
         validate=_sample_quality_monitor(args.data_dir, device) if args.val_every else None,
-        validate_every=args.val_every or None,
+        validate_every=args.val_every or None, data_settings={"measure_seed": seed, **restoration},
     )  # fmt: skip
     record = {
         "paper": "AmbientGAN (Bora, Price, Dimakis, ICLR 2018)",
@@ -370,6 +378,12 @@ def run(args: argparse.Namespace) -> int:
             info["training"]["data"] = record["data"]
             info["training"]["discriminator"] = record["discriminator"]
             zoo.save(gen, "mnist-gan", out, info)
+        elif name == "ddpm":
+            config = _override(DDPMTrainConfig(seed=args.seed), args.steps, sets)
+            ema, hist = train_ddpm(
+                zoo.build("mnist-ddpm"), train, config, device=device, checkpoint_dir=ckpt, progress=progress  # type: ignore[arg-type]
+            )
+            zoo.save(ema.module, "mnist-ddpm", out, _info(command, config, time.perf_counter() - start, device, hist))
         elif name in ROBUST_MODELS:
             trained, hist = _train_robust(name, args, sets, device, ckpt, progress)
             config = trained.config

@@ -14,7 +14,9 @@ into the records (``--write``) together with the exact command, ``n`` and the de
 - the VAE also with CSGM's schedule (Adam lr 0.01, 1000 steps, 10 restarts) on ``--csgm-n`` images, without CSGM's
   z-prior (its weight 0.1 is scaled for unnormalized Gaussian measurements and dominates a per-pixel loss);
 - encoder: per-pixel MSE of G(E(x)), and the inversion steps an encoder warm start needs to reach the median MSE of
-  the Defense-GAN schedule from random starts.
+  the Defense-GAN schedule from random starts;
+- the diffusion prior (``mnist-ddpm``): the same sample-quality figures, its samples drawn by DDIM with
+  ``--ddim-steps`` network passes each (seed 0), with the time per sample.
 """
 
 from __future__ import annotations
@@ -32,20 +34,21 @@ from torch import nn
 from torchvision.utils import save_image
 
 from eval.cli import command_line
-from eval.defense_figures import schedule_config
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
+from manifold_defense.diffusion import DiffusionModel, sample
 from manifold_defense.inversion import InversionConfig, invert
 from manifold_defense.metrics import accuracy, sample_quality
 from manifold_defense.models import latent_dim_of
+from manifold_defense.presets import schedule_config
 
 log = logging.getLogger(__name__)
 
 #: Generators ``measure-zoo`` measures (projection schedules and sample quality), each when its weights are present.
 GENERATORS: tuple[str, ...] = ("mnist-gan", "mnist-vae", "mnist-ambient-gan")
 #: Every model ``measure-zoo`` measures, in its order (``--models`` chooses among them).
-MEASURED: tuple[str, ...] = ("mnist-classifier", *GENERATORS, "mnist-encoder")
+MEASURED: tuple[str, ...] = ("mnist-classifier", *GENERATORS, "mnist-encoder", "mnist-ddpm")
 
 
 def add_parsers(sub: Any) -> None:
@@ -67,6 +70,9 @@ def add_parsers(sub: Any) -> None:
         help="test images for the VAE's CSGM-schedule projection (10k generator passes per image; default 200)",
     )
     p.add_argument("--batch", type=int, default=500, help="images per inversion batch")
+    p.add_argument(
+        "--ddim-steps", type=int, default=50, help="network passes per mnist-ddpm sample (DDIM, eta 0; default 50)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -207,8 +213,45 @@ def measure(args: argparse.Namespace) -> int:
             _merge_figures(name, fig, folder)
     if "mnist-encoder" in models:
         results["mnist-encoder"] = _measure_encoder(args, x, y, clf, reference_median, common, folder)
+    if "mnist-ddpm" in models:
+        fig = _measure_ddpm(args, dev, clf, reference, real_floor, common, folder)
+        results["mnist-ddpm"] = fig
+        if args.write:
+            _merge_figures("mnist-ddpm", fig, folder)
     print(json.dumps(results, indent=1))
     return 0
+
+
+def _measure_ddpm(
+    args: argparse.Namespace,
+    dev: torch.device,
+    clf: nn.Module,
+    reference: torch.Tensor,
+    real_floor: dict[str, Any],
+    common: dict[str, Any],
+    folder: Path,
+) -> dict[str, Any]:
+    """Sample quality of the diffusion prior (DDIM samples, seed 0) against ``reference``, with the time per sample."""
+    if args.ddim_steps <= 0:
+        raise ValueError(f"expected --ddim-steps > 0, got {args.ddim_steps}")
+    model = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
+    assert isinstance(model, DiffusionModel)
+    start = time.perf_counter()
+    samples = sample(model, len(reference), steps=args.ddim_steps, seed=0, batch_size=args.batch, device=dev)
+    seconds = time.perf_counter() - start
+    if args.write:
+        save_image(samples[:100], folder / "mnist-ddpm-samples.png", nrow=10, padding=1)
+    return {
+        **common,
+        "samples": {
+            **sample_quality(clf, samples, reference),
+            "sampler": f"DDIM, eta 0, {args.ddim_steps} network passes per sample, seed 0",
+            "seconds_per_sample": round(seconds / len(reference), 4),
+            "reference": f"the first {len(reference)} test images",
+            "floor_train_vs_test": real_floor,
+            "grid": "mnist-ddpm-samples.png",
+        },
+    }
 
 
 def _measure_encoder(

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from manifold_defense.training.gan import GANTrainConfig, train_gan
+from manifold_defense.training.gan import GANTrainConfig, _train_gan
 
 __all__ = [
     "MEASUREMENTS",
@@ -86,6 +86,13 @@ def _check_images(x: Any, what: str = "images") -> torch.Tensor:
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what}: expected a float tensor (B, C, H, W), got {got}")
     return x
+
+
+def _check_finite_images(x: torch.Tensor, what: str = "images") -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):  # name the images (first five)
+        bad = torch.nonzero(~torch.isfinite(x).flatten(1).all(dim=1)).flatten().tolist()
+        shown = ", ".join(str(i) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{what}: expected finite values to measure, got NaN or inf in images {shown}")
 
 
 def _check_generator(generator: Any) -> torch.Generator | None:
@@ -144,13 +151,18 @@ class RandomMeasurement(nn.Module):
     def measure(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, theta)`` for images ``x`` ``(B, C, H, W)``; ``theta`` fresh per sample and call."""
+        """``(y, theta)`` for images ``x`` ``(B, C, H, W)``; ``theta`` fresh per sample and call. ``ValueError``
+        naming the images if ``x`` holds NaN or inf (a dropped NaN pixel still measures NaN: ``NaN * 0``)."""
         x = self.check_input(x)
+        _check_finite_images(x)
         theta = self.sample_theta(x, _check_generator(generator))
         return self.apply_theta(x, theta), theta
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.measure(x, generator)[0]
+        """``y``: :meth:`measure` without its finiteness check (the GAN trainer's per-step call; its loss check
+        stops on NaN)."""
+        x = self.check_input(x)
+        return self.apply_theta(x, self.sample_theta(x, _check_generator(generator)))
 
     def as_image(self, y: torch.Tensor) -> torch.Tensor:
         """The measurement read as a clean image (the "ignore" baseline): clipped to [0, 1]."""
@@ -469,6 +481,7 @@ def _chunks(
     if not isinstance(measurement, RandomMeasurement):
         raise TypeError(f"expected a RandomMeasurement, got {type(measurement).__name__}")
     images = _check_images(images, "images to measure")
+    _check_finite_images(images, "images to measure")  # here, so the message counts images over the whole set
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"expected an int seed, got {type(seed).__name__}")
     _check_int(batch_size, "batch_size")
@@ -555,6 +568,7 @@ def train_ambient(
     progress: bool = True,
     validate: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
     validate_every: int | None = None,
+    data_settings: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``generator`` by ``method`` on ``data`` made by :func:`training_data` for the same ``method``.
 
@@ -564,12 +578,24 @@ def train_ambient(
     projections). ``"ignore"`` / ``"unmeasure"``: the same GAN trained on ``data`` as clean images. ``config``
     defaults to ``GANTrainConfig()``; other arguments and the returned history are
     :func:`~manifold_defense.training.train_gan`'s.
+
+    ``data_settings``: how ``data`` was made beyond ``method`` and ``measurement`` (JSON-like, e.g.
+    ``{"measure_seed": 0, "inpaint": "biharmonic"}``). The checkpoint records the ``ambient`` trainer, the run-defining
+    fields of ``config`` (:class:`~manifold_defense.training.GANTrainConfig` says which may change),
+    ``method``, ``measurement.spec()`` and ``data_settings``; a resume with other ones is refused, naming them.
     """
     if method not in METHODS:
         raise ValueError(f"expected method in {METHODS}, got {method!r}")
     if not isinstance(measurement, RandomMeasurement):
         raise TypeError(f"expected a RandomMeasurement, got {type(measurement).__name__}")
-    return train_gan(
+    if data_settings is not None and not isinstance(data_settings, Mapping):
+        raise TypeError(f"expected data_settings to be a mapping or None, got {type(data_settings).__name__}")
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(
+            f"expected data as one tensor (N, ...) made by training_data (measurements or images), got "
+            f"{type(data).__name__}"
+        )
+    return _train_gan(
         generator,
         discriminator,
         TensorDataset(data),
@@ -579,5 +605,9 @@ def train_ambient(
         progress=progress,
         validate=validate,
         validate_every=validate_every,
+        encoder=None,
         measurement=measurement if method == "ambient" else None,
+        conditional=False,
+        trainer="ambient",
+        extra_settings={"method": method, "measured_by": measurement.spec(), "data": dict(data_settings or {})},
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import importlib.util
+import io
 import os
 import pickle
 import zlib
@@ -28,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from manifold_defense.integrity import atomic_write_bytes
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -173,11 +176,11 @@ def _default_cache_dir() -> Path:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    """``np.savez`` to ``path`` through a temporary file unique to this writer (two processes filling the cache at
+    once never share one), renamed into place; ``DiskFullError`` when the disk is full."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:

@@ -16,6 +16,11 @@ torchattacks, foolbox and AutoAttack accept it unchanged; how it is differentiat
 
 The projection is :func:`manifold_defense.inversion.invert` with the Identity operator: there is no second
 optimization loop. Each sample's projection is independent of the rest of its batch.
+
+The projector is one purifier among others (images in [0, 1] -> images in [0, 1]): it goes behind a classifier in
+:class:`manifold_defense.purification.PurifiedClassifier` like any other, with ``randomized=projector.randomize``
+and ``exact=projector.with_gradient("unrolled")``; the named schedules and ready-made defenses are in
+:mod:`manifold_defense.presets`.
 """
 
 from __future__ import annotations
@@ -132,6 +137,31 @@ class LatentProjector(nn.Module):
         self.seed = seed
         self._stream = torch.Generator().manual_seed(seed)
 
+    def with_gradient(
+        self,
+        gradient: GradientMode | Callable[[Tensor], Tensor],
+        *,
+        config: InversionConfig | None = None,
+        randomize: bool | None = None,
+    ) -> LatentProjector:
+        """The same projection (generator, encoder, seed) differentiated by ``gradient``: e.g. the exact-gradient
+        variant ``with_gradient("unrolled")`` of a BPDA projector, as a purifier's ``exact``.
+
+        Args:
+            gradient: as the constructor's.
+            config: another schedule (default this one's), e.g. a cheaper one for a surrogate.
+            randomize: default this one's.
+        """
+        cfg = self.config if config is None else config
+        return LatentProjector(
+            self.generator,
+            cfg,
+            gradient,
+            encoder=self.encoder,
+            seed=self.seed,
+            randomize=self.randomize if randomize is None else randomize,
+        ).train(self.training)
+
     def _call_seed(self) -> int:
         if not self.randomize:
             return self.seed
@@ -172,6 +202,10 @@ class LatentProjector(nn.Module):
 
 class ProjectedClassifier(nn.Module):
     """The defended model: ``classifier(projector(x))``, [0, 1] images ``(B, C, H, W)`` to logits ``(B, classes)``.
+
+    Gradients are the projector's own (its ``gradient`` mode). The general form, for any purifier, with declared
+    randomness, output checks and BPDA / exact / surrogate variants:
+    :class:`manifold_defense.purification.PurifiedClassifier`.
 
     Args:
         classifier: ``nn.Module`` from [0, 1] images to logits (normalization inside it).

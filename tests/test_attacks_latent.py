@@ -157,7 +157,7 @@ def test_found_step_gives_the_success_of_every_shorter_attack(
     setup: tuple[nn.Module, nn.Module, Tensor, Tensor],
 ) -> None:
     """In pixel mode a t-step attack succeeds exactly where the long run's ``found_step <= t`` (one run gives the
-    success-vs-steps curve of :func:`eval.defense_figures.found_at_steps`)."""
+    success-vs-steps curve of :func:`manifold_defense.evaluation.found_at_steps`)."""
     model, generator, z, y = setup
     long = LatentAttack(LatentAttackConfig(eps=0.6, constraint="pixel", steps=30))(model, generator, z, y)
     assert long.found_step.dtype == torch.int64

@@ -149,7 +149,7 @@ def test_found_step_gives_the_success_of_every_shorter_run(
 ) -> None:
     """One long run's ``found_step`` is the success of each shorter run from the same starts (pairs are frozen when
     found and do not interact), which is what ``consistency_at_steps`` reports as an accuracy-vs-steps curve."""
-    from eval.defense_figures import consistency_at_steps
+    from manifold_defense.evaluation import consistency_at_steps
 
     model, generator, z = setup
     config = OverpoweredConfig(eps=0.1, steps=60, step_size=0.05)

@@ -23,10 +23,11 @@ from attacks import PGD, Norm, PGDConfig, ThreatModel
 from attacks.base import NonFiniteLogitsError
 from eval.autoattack import autoattack_accuracy
 from eval.cli import run
-from eval.defense_figures import correct_in_every_draw
 from eval.run_folder import MARKER, RunFolderError, claim_run_folder
 from manifold_defense import data as mdata
 from manifold_defense import zoo
+from manifold_defense.evaluation import correct_in_every_draw
+from manifold_defense.integrity import checked_json
 from manifold_defense.training import AdversarialTrainConfig, LoopConfig, adversarial_train, run_loop
 from manifold_defense.training.loop import NonFiniteMetricError
 
@@ -89,7 +90,7 @@ def _folder(tmp_path: Path, command: str | None, protocol: Any = None, legacy: s
     out = tmp_path / "run"
     out.mkdir(parents=True)
     if command is not None:
-        (out / MARKER).write_text(json.dumps({"command": command, "protocol": protocol}))
+        (out / MARKER).write_text(json.dumps(checked_json({"command": command, "protocol": protocol})))
     if legacy is not None:
         (out / "results.json").write_text(json.dumps({"command": legacy, "figure": 0.5}))
     return out
@@ -102,7 +103,8 @@ RUN_CASES: list[tuple[str, dict[str, Any], str, Any, str]] = [
     ("legacy-unknown-results", {"command": None, "legacy": "my script"}, "cs", None, r"holds a run of unknown origin"),
     ("other-protocol", {"command": "defense", "protocol": {"n": 1}}, "defense", {"n": 2},
      r"holds another run: a `defense` run of another protocol \(n: 1 -> 2\)"),
-    ("marker-corrupt", {"command": "defense"}, "defense", None, r"run.json is unreadable"),
+    ("marker-corrupt", {"command": "defense", "legacy": "python -m eval defense"}, "defense", None,
+     r"run.json is unreadable \(not JSON.*\) and .* holds other files \(results.json\)"),
 ]  # fmt: skip
 
 
@@ -126,9 +128,10 @@ def test_a_run_folder_accepts_its_own_rerun_and_refuses_a_file(tmp_path: Path) -
     assert claim_run_folder(out, "defense", {"n": 1, "eps": [0.1, 0.2]}) == out  # a resume
     assert claim_run_folder(out, "defense", {"n": 2}, replace=True) == out  # e.g. --fresh
     assert json.loads((out / MARKER).read_text())["protocol"] == {"n": 2}
-    demo = _folder(tmp_path / "demo", None, legacy="python -m eval demo --n 5")  # the demo's old sub-run
-    assert claim_run_folder(demo, "robustness", legacy_owners=("demo",)) == demo
-    assert json.loads((demo / MARKER).read_text())["command"] == "robustness"
+    demo = _folder(tmp_path / "demo", None, legacy="python -m eval demo --n 5")  # an older version's sub-run
+    with pytest.raises(RunFolderError, match=r"holds a `python -m eval robustness` run that cannot be resumed "
+                       r"\(written by an older version"):  # fmt: skip
+        claim_run_folder(demo, "robustness", legacy_owners=("demo",))
     (tmp_path / "f").write_text("x")
     with pytest.raises(RunFolderError, match=r"expected --out .*f to be a folder, got a file"):
         claim_run_folder(tmp_path / "f", "cs")

@@ -15,6 +15,7 @@ from eval.autoattack import autoattack_accuracy, load_checkpoint_classifier, rec
 from eval.cli import main
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
+from manifold_defense.integrity import IntegrityError, save_checked
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +68,20 @@ def test_checkpoint_classifier_and_command(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = zoo.build("mnist-classifier")
     ckpt = tmp_path / "checkpoint.pt"
-    torch.save({"step": 7, "state": {"model": net.state_dict()}}, ckpt)
+    save_checked({"step": 7, "config": {}, "trainer": "classifier", "state": {"model": net.state_dict()}}, ckpt)
     loaded = load_checkpoint_classifier(ckpt, "mnist-classifier", torch.device("cpu"))
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(loaded(x), net.eval()(x))
-    torch.save({"step": 1, "state": {}}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="state\\['model'\\]"):
+    save_checked({"step": 1, "config": {}, "trainer": "gan", "state": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="state\\['model'\\], got the gan trainer's"):
         load_checkpoint_classifier(tmp_path / "bad.pt", "mnist-classifier", torch.device("cpu"))
+    torch.save({"step": 7, "state": {"model": net.state_dict()}}, tmp_path / "old.pt")  # the unchecked format
+    with pytest.raises(IntegrityError, match=r"older format.*upgrade_checkpoint"):
+        load_checkpoint_classifier(tmp_path / "old.pt", "mnist-classifier", torch.device("cpu"))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[:-100])
+    with pytest.raises(IntegrityError, match=r"cut\.pt does not match the SHA-256"):
+        load_checkpoint_classifier(cut, "mnist-classifier", torch.device("cpu"))
     out = tmp_path / "aa"
     code = main(
         ["autoattack", "--model", "mnist-classifier", "--checkpoint", str(ckpt), "--n", "6", "--eps", "0.1",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from eval.cs_core import (
     measurements_to_reach,
     quick_protocol,
 )
+from eval.run_folder import read_record
 
 PNGS = ("mse_vs_m.png", "grid_cs.png", "grid_inpainting.png", "grid_superres.png", "grid_nonlinear.png")
 
@@ -236,7 +236,7 @@ def test_quick_cli_end_to_end(
     assert code == 0
     stdout = capsys.readouterr().out
     assert "QUICK protocol" in stdout and "csgm_steps: 300 (full 1000)" in stdout
-    results = json.loads((out / "results.json").read_text())
+    results = read_record(out / "results.json")  # verified against its SHA-256, which it drops
     _check_schema(results, [25, 50], METHODS)
     proto = results["protocol"]
     assert proto["quick"] is True and proto["n_images"] == 2 and proto["seed"] == 0

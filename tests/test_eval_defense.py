@@ -1,4 +1,4 @@
-"""``eval.defense_eval`` (a preset of the robustness harness) / ``eval.defense_figures``: reusable pieces, the preset's
+"""``eval.defense_eval`` (a preset of the robustness harness) / ``manifold_defense.evaluation``: reusable pieces, the preset's
 settings, the command on tiny settings, ``--write``, errors."""
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ from torch import Tensor, nn
 from attacks import LatentAttackConfig, Norm, PGDConfig, ThreatModel
 from eval.cli import build_parser, main
 from eval.defense_eval import FIGURES, load_zoo_models, preset
-from eval.defense_figures import (
-    correct_in_every_draw,
-    evaluate_onmanifold,
-    evaluate_pgd,
-    plot_pairs,
-    schedule_config,
-)
+from eval.defense_figures import plot_pairs
+from manifold_defense.evaluation import correct_in_every_draw, evaluate_onmanifold, evaluate_pgd
+from manifold_defense.presets import schedule_config
 
 
 class _Alternating(nn.Module):
@@ -276,7 +272,12 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
 def test_attack_strength_curves_from_found_steps() -> None:
     """One long run's first-success steps give the success (on-manifold), consistency and accuracy (overpowered)
     of every shorter run: values checked by hand."""
-    from eval.defense_figures import accuracy_at_steps, consistency_at_steps, found_at_steps, step_marks
+    from manifold_defense.evaluation import (
+        accuracy_at_steps,
+        consistency_at_steps,
+        found_at_steps,
+        step_marks,
+    )
 
     found = torch.tensor([-1, 0, 5, 12, 40, 250])
     assert step_marks(300) == [10, 30, 100, 300] and step_marks(30) == [10, 30]

@@ -21,6 +21,7 @@ from eval.harness import (
     run_robustness,
 )
 from eval.harness.models import load_model, parse_spec
+from manifold_defense.integrity import load_checked
 from manifold_defense.inversion import InversionConfig
 from tests.test_eval_robustness import TINY_INVERSION, _strip_times, tiny_settings, tiny_setup
 
@@ -83,7 +84,7 @@ def test_surrogate_path_breaks_a_point_only_where_the_real_defense_is_wrong(tmp_
         "square_queries": 30,
     }
     record = _run(setup, [d], tmp_path, **kw)
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state = load_checked(tmp_path / "state.pt")
     checked = 0
     for key, rec in state["stages"].items():
         if not key.startswith("proj-sur|") or not isinstance(rec, dict) or "broken_x_adv" not in rec:
@@ -177,7 +178,7 @@ def test_interrupted_surrogate_stage_resumes_to_the_same_record(
     with pytest.raises(Stop):
         _run(setup, [surrogate_defense(setup, randomized=True)], tmp_path / "b", **kw)
     monkeypatch.setattr(state_module, "chunk_seed", original)
-    saved = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    saved = load_checked(tmp_path / "b" / "state.pt")
     assert list(saved["partial"]["proj-sur|l2-1|surrogate-pgd"]) == [0]  # one chunk done when interrupted
     resumed = _run(setup, [surrogate_defense(setup, randomized=True)], tmp_path / "b", **kw)
     assert resumed["resumed_stages"] > 0
@@ -316,7 +317,7 @@ def test_model_specs_and_weights_are_checked(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_model(f"{path}:classifier", "classifier", cpu, weights=tmp_path / "missing.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="to hold the weights of the classifier"):
+    with pytest.raises(ValueError, match="to be a safetensors file holding the weights of the classifier"):
         load_model(f"{path}:classifier", "classifier", cpu, weights=tmp_path / "bad.safetensors")
     with pytest.raises(TypeError, match="positive int latent_dim"):
         load_model(f"{path}:classifier", "generator", cpu)

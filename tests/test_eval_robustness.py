@@ -26,6 +26,7 @@ from eval.harness import (
     run_robustness,
     undefended_defense,
 )
+from manifold_defense.integrity import load_checked, save_checked
 from manifold_defense.inversion import InversionConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,7 +383,7 @@ def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
     computed.clear()
     with pytest.raises(Stop):
         _run(setup, tiny_defenses(setup), tmp_path / "b", **kw)
-    saved = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    saved = load_checked(tmp_path / "b" / "state.pt")
     assert sorted(saved["partial"][target]) == [0, 1]  # the two chunks finished before the interruption
     computed.clear()
     stop_at = None
@@ -390,7 +391,7 @@ def test_interruption_inside_a_stage_resumes_at_its_first_missing_chunk(
     assert (target, int(saved["partial"][target][0]["indices"][0])) not in computed  # reused, not redone
     assert len(computed) < total - 2
     assert _strip_times(resumed["defenses"]) == _strip_times(full["defenses"])
-    final = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    final = load_checked(tmp_path / "b" / "state.pt")
     assert all(not chunks for chunks in final["partial"].values()) and len(final["latents"]) > 0
 
 
@@ -413,9 +414,9 @@ def test_state_saved_before_a_new_setting_resumes_only_at_its_legacy_value(tmp_p
     kw: dict[str, Any] = {"attacks": ("clean", "pgd"), "threats": ("linf-0.3",)}
     _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=1.0, **kw)
     state_path = tmp_path / "state.pt"
-    state = torch.load(state_path, weights_only=True)
+    state = load_checked(state_path)
     del state["fingerprint"]["settings"]["op_temperature"]  # as written by the harness before the setting
-    torch.save(state, state_path)
+    save_checked(state, state_path)
     with pytest.raises(StateMismatchError, match=r"op_temperature: saved 1\.0, now 10\.0"):
         _run(setup, [undefended_defense(setup["classifier"])], tmp_path, **kw)
     resumed = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=1.0, **kw)
@@ -428,7 +429,7 @@ def test_state_saved_before_a_new_setting_resumes_only_at_its_legacy_value(tmp_p
 def test_op_temperature_reaches_the_overpowered_attack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import eval.defense_figures as core
+    import manifold_defense.evaluation as core
 
     seen: list[float] = []
     original = core.evaluate_overpowered

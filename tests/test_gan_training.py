@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from manifold_defense.integrity import save_checked
 from manifold_defense.models import Critic, Encoder, Generator
 from manifold_defense.training import (
     EncoderTrainConfig,
@@ -22,7 +23,7 @@ from manifold_defense.training import (
     train_gan,
 )
 from manifold_defense.training.gan import _batchnorm_eval
-from manifold_defense.training.loop import module_fingerprint
+from manifold_defense.training.loop import load_checkpoint, module_fingerprint
 
 
 def _squares(n: int = 128) -> TensorDataset:
@@ -56,7 +57,7 @@ def test_training_lowers_the_adversarial_loss_and_saves_the_average(tmp_path: Pa
     assert _gen_loss(gen, disc) < 0.5 * _gen_loss(initial, disc)
     assert {"loss_d", "loss_g", "d_real", "d_fake"} <= set(hist[-1])
     # the generator returned holds the EMA weights, not the last iterate kept in the checkpoint
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     raw = Generator(latent_dim=8, width=8)
     raw.load_state_dict(ckpt["state"]["generator"])
     averaged = Generator(latent_dim=8, width=8)
@@ -189,7 +190,7 @@ def test_a_finished_run_continues_to_more_steps_as_one_longer_run(tmp_path: Path
     torch.testing.assert_close(g2.state_dict(), long_g.state_dict(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="has done 60 steps, more than the 40 asked for"):
         train_gan(g2, d2, _squares(), short, checkpoint_dir=tmp_path / "run", progress=False)
-    with pytest.raises(ValueError, match="written by another run"):
+    with pytest.raises(ValueError, match=r"other settings \(seed: checkpoint 0, this run 1\)"):
         train_gan(g2, d2, _squares(), dataclasses.replace(CFG, seed=1), checkpoint_dir=tmp_path / "run", progress=False)
 
 
@@ -223,7 +224,7 @@ def test_encoder_checkpoint_is_bound_to_its_generator(tmp_path: Path) -> None:
     assert module_fingerprint(other) != module_fingerprint(gen) == module_fingerprint(copy.deepcopy(gen))
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
         module_fingerprint(gen.state_dict())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="written by another run"):
+    with pytest.raises(ValueError, match=r"written by another run \(bound_to \(the frozen models"):
         train_encoder(copy.deepcopy(start), other, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
     again = copy.deepcopy(start)  # same generator: the finished checkpoint is read back, no step is redone
     train_encoder(again, gen, _squares(), cfg, checkpoint_dir=tmp_path, progress=False)
@@ -256,7 +257,7 @@ def test_learning_rate_decay_schedule_and_its_resume_rules(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="other learning rates"):  # a decaying run extended changes its slope
         train_gan(g2, d2, _squares(), dataclasses.replace(decay, steps=80), checkpoint_dir=tmp_path / "run",
                   progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"trained with lr=0\.002, this run asks for lr=0\.001"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0\.002, this run 0\.001\)"):
         train_gan(g2, d2, _squares(), dataclasses.replace(CFG, steps=80, lr=1e-3), checkpoint_dir=tmp_path / "run",
                   progress=False)  # fmt: skip
 
@@ -267,9 +268,9 @@ def test_a_checkpoint_from_before_the_schedule_guard_resumes_only_at_constant_ra
     short = dataclasses.replace(CFG, steps=40)
     train_gan(g, d, _squares(), short, checkpoint_dir=tmp_path / "run", progress=False)
     path = tmp_path / "run" / "checkpoint.pt"
-    ckpt = torch.load(path, weights_only=True)
-    del ckpt["state"]["schedule"]  # as written before the guard existed
-    torch.save(ckpt, path)
+    ckpt = load_checkpoint(path)
+    del ckpt["state"]["schedule"]  # as written before the guard existed (then converted to the checked format)
+    save_checked(ckpt, path)
     with pytest.raises(ValueError, match="constant learning rate, but lr_decay_from=20"):
         train_gan(g, d, _squares(), dataclasses.replace(CFG, lr_decay_from=20), checkpoint_dir=tmp_path / "run",
                   progress=False)  # fmt: skip

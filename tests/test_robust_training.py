@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from attacks import PGD, Norm, PGDConfig, ThreatModel
 from manifold_defense.inversion import InversionConfig
@@ -33,6 +33,7 @@ from manifold_defense.training import (
     attack_mode,
     robust_manifold_train,
 )
+from manifold_defense.training.loop import load_checkpoint
 
 K = 4  # latent size of the toy generator
 
@@ -130,7 +131,7 @@ def test_adversarial_train_lowers_adversarial_loss(tmp_path: Path) -> None:
     x, y = _data()
     hist = adversarial_train(
         model,
-        DataLoader(TensorDataset(x, y), batch_size=7),  # a loader's dataset is used; batches from the config
+        TensorDataset(x, y.int()),  # any integer labels (converted to int64); batches from the config
         _train_attack(),
         AdversarialTrainConfig(steps=60, batch_size=32, lr=3e-2, schedule="constant", log_every=20),
         val_data=(x[:32], y[:32]),
@@ -421,7 +422,7 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path, monkeypatch: pytest.
                 assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
     # only rank 0 wrote (no stray temporary files), and the checkpoint holds the finished run
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint.pt", "history.json"]
-    assert torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["step"] == _DDP_ADV.steps
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["step"] == _DDP_ADV.steps
 
 
 def test_torchrun_environment_without_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -453,7 +454,7 @@ def test_images_outside_unit_range_are_refused() -> None:
     model, gen, enc = _models()
     before = _params(model).clone()
     x, y = _data()
-    loader = DataLoader(TensorDataset(x * 2 - 0.5, y), batch_size=32)
+    loader = TensorDataset(x * 2 - 0.5, y)
     with pytest.raises(ValueError, match=r"training images: expected values in \[0, 1\], got range"):
         adversarial_train(
             model, loader, _train_attack(), AdversarialTrainConfig(steps=2, batch_size=32), progress=False
@@ -517,9 +518,9 @@ def test_other_bad_arguments() -> None:
         ThreatModel(Norm.L2, -1.0)
     with pytest.raises(TypeError, match=r"expected attack to be an attacks\.Attack"):
         adversarial_train(model, _data(), "pgd", progress=False)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="expected int64 labels"):
+    with pytest.raises(ValueError, match=r"training labels: expected whole-number class indices, got 0\.5 at row 0"):
         x, y = _data()
-        adversarial_train(model, (x, y.float()), _train_attack(), progress=False)
+        adversarial_train(model, (x, y.float() + 0.5), _train_attack(), progress=False)
 
 
 class _RecordingPGD(PGD):

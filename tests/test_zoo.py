@@ -105,7 +105,7 @@ def test_encoder_reconstructs_test_digits(tmp_path: Path) -> None:
 
 #: Registered zoo entries whose weights are not shipped yet (none now; a new entry may be registered before its
 #: weights are trained, as causal-digit-gan was).
-NOT_SHIPPED_YET: set[str] = set()
+NOT_SHIPPED_YET: set[str] = {"mnist-ddpm"}  # training; shipped when its first run ends
 
 
 def test_every_registered_model_is_shipped_and_a_missing_one_says_how_to_get_it(tmp_path: Path) -> None:

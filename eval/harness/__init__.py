@@ -5,12 +5,15 @@ sharding; surrogate attacks verified on the real defense. Modules (each one a re
 
 - :mod:`eval.harness.settings`: the cascade (:data:`ATTACKS`), red-flag rules (:data:`FLAGS`), threat models and
   :class:`RobustnessSettings`;
-- :mod:`eval.harness.defenses`: :class:`Defense` (model, BPDA / unrolled variants, surrogates) and constructors;
+- :mod:`eval.harness.defenses`: :class:`Defense` (model, BPDA / unrolled variants, surrogates) and constructors
+  (:func:`purifier_defense`: any purifier in front of a classifier; :func:`projection_defense`: Defense-GAN's);
 - :mod:`eval.harness.state`: fingerprint, saved state, per-chunk seeds and the sharded chunk runner;
 - :mod:`eval.harness.stages`: the runner (info, clean, the attack cascade and its verdicts);
 - :mod:`eval.harness.sections`: the other stages (projection figures, accuracy-vs-eps curves, example grids);
 - :mod:`eval.harness.record`: the per-defense record (transfer counts, flags, audit);
-- :mod:`eval.harness.api`: :func:`run_robustness`;
+- :mod:`eval.harness.api`: :func:`run_robustness` and :func:`evaluate_robustness` (one call: models or purifier
+  defenses, tensors, threats -> a typed :class:`RobustnessReport`, :mod:`eval.harness.report`);
+- :mod:`eval.harness.purifiers`: a user's purifier on the command line (``--purifier FILE.py:factory``...);
 - :mod:`eval.harness.models`: models and data named on the command line (zoo names, ``module:factory``,
   ``path.py:factory``, safetensors weights);
 - :mod:`eval.robustness_report`: ``results.json`` schema, ``report.md`` and the plots;
@@ -42,14 +45,22 @@ to the real defense. Attacks that do not apply are skipped and marked so.
 Resume and sharding: :mod:`eval.harness.state`.
 """
 
-from eval.harness.api import run_robustness, summary_json, tensors_from_loader
+from eval.harness.api import (
+    as_defense,
+    evaluate_robustness,
+    run_robustness,
+    summary_json,
+    tensors_from_loader,
+)
 from eval.harness.defenses import (
     Defense,
     EncoderProjection,
     projection_defense,
     projection_surrogates,
+    purifier_defense,
     undefended_defense,
 )
+from eval.harness.report import Check, DefenseReport, RobustnessReport, StageReport, Transfer
 from eval.harness.settings import (
     ATTACK_DOCS,
     ATTACKS,
@@ -73,16 +84,24 @@ __all__ = [
     "LEGACY_SETTINGS",
     "SCHEMA",
     "STATE_FILE",
+    "Check",
     "Defense",
+    "DefenseReport",
     "EncoderProjection",
+    "RobustnessReport",
     "RobustnessSettings",
+    "StageReport",
     "StateMismatchError",
+    "Transfer",
+    "as_defense",
     "check_monotone",
+    "evaluate_robustness",
     "fingerprint",
     "load_state",
     "parse_threat",
     "projection_defense",
     "projection_surrogates",
+    "purifier_defense",
     "run_robustness",
     "summary_json",
     "tensors_from_loader",

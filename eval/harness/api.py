@@ -6,12 +6,20 @@ Usage (any classifier, any generator, tensors)::
     record = run_robustness(RobustnessSettings(n=100), defenses, x, y, Path("runs/rob"), generator=gen,
                             encoder=enc, latent_config=config)
 
+One call for a model or a purifier defense, returning a typed report (:mod:`eval.harness.report`)::
+
+    defended = PurifiedClassifier(clf, my_purifier, randomized=True)
+    report = evaluate_robustness(defended, x, y, threats=["linf-0.1"], settings=RobustnessSettings.quick_preset())
+    report["purified"].worst_case, report["purified"].flags
+
 The cascade, verdict rule, surrogates, resume and sharding: :mod:`eval.harness` (package docs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,18 +28,21 @@ from typing import Any
 from torch import Tensor, nn
 
 from eval.harness import state as st
-from eval.harness.defenses import Defense
+from eval.harness.defenses import Defense, purifier_defense, undefended_defense
 from eval.harness.record import defense_record
+from eval.harness.report import RobustnessReport
 from eval.harness.settings import ATTACK_DOCS, FLAGS, SCHEMA, STATE_FILE, RobustnessSettings
 from eval.harness.stages import Runner
 from eval.inputs import check_labeled_images
-from eval.run_folder import claim_run_folder
+from eval.run_folder import claim_run_folder, run_folder_session
 from manifold_defense.inversion import InversionConfig
+from manifold_defense.purification import PurifiedClassifier
 from manifold_defense.training.distributed import DistContext
 
-__all__ = ["run_robustness", "summary_json", "tensors_from_loader"]
+__all__ = ["as_defense", "evaluate_robustness", "run_robustness", "summary_json", "tensors_from_loader"]
 
 
+@run_folder_session()  # the folder stays locked against other writers until the call returns
 def run_robustness(
     settings: RobustnessSettings,
     defenses: Sequence[Defense],
@@ -168,3 +179,88 @@ def tensors_from_loader(loader: Any, limit: int | None = None) -> tuple[Tensor, 
 def summary_json(record: Mapping[str, Any]) -> str:
     """The record as JSON text (indent 1)."""
     return json.dumps(record, indent=1) + "\n"
+
+
+def as_defense(model: Defense | nn.Module, name: str | None = None) -> Defense:
+    """``model`` as a :class:`Defense`: a :class:`~manifold_defense.purification.PurifiedClassifier` becomes
+    :func:`~eval.harness.defenses.purifier_defense` of its parts (default name ``"purified"``), any other module
+    the bare model (``"undefended"``); a :class:`Defense` is returned as it is (``name`` must then be ``None``)."""
+    if isinstance(model, Defense):
+        if name is not None and name != model.name:
+            raise ValueError(f"expected no other name for the Defense {model.name!r}, got {name!r}")
+        return model
+    if isinstance(model, PurifiedClassifier):
+        exact: nn.Module | bool | None = True if model.exact_is_purifier else model.exact
+        return purifier_defense(
+            name or "purified", model.classifier, model.purifier, randomized=model.randomized,
+            surrogates=dict(model.surrogates.items()), exact=exact, seed=model.seed,
+        )  # fmt: skip
+    if isinstance(model, nn.Module):
+        return undefended_defense(model, name or "undefended")
+    raise TypeError(f"expected a Defense, a PurifiedClassifier or an nn.Module, got {type(model).__name__}")
+
+
+def evaluate_robustness(
+    defenses: Defense | nn.Module | Sequence[Defense | nn.Module] | Mapping[str, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    *,
+    threats: Sequence[str] | None = None,
+    settings: RobustnessSettings | None = None,
+    out: Path | str | None = None,
+    generator: nn.Module | None = None,
+    encoder: nn.Module | None = None,
+    latent_config: InversionConfig | None = None,
+    progress: bool = False,
+) -> RobustnessReport:
+    """Evaluate models or purifier defenses on ``(x, y)`` under a list of threats: the whole cascade, verdicts
+    on the real defense, transfer counts and red flags, as a typed :class:`~eval.harness.report.RobustnessReport`.
+
+    Args:
+        defenses: one model or a sequence of them, or ``name -> model``; each a
+            :class:`~manifold_defense.purification.PurifiedClassifier` (every stage its variants allow), a bare
+            classifier, or a :class:`Defense` (:func:`as_defense`).
+        x: ``(N, C, H, W)`` images in [0, 1]; y: ``(N,)`` int64 labels on the same device. Neither is modified.
+        threats: threat models, e.g. ``["linf-0.3", "l2-2"]`` (replace the settings'); required for images of
+            another shape than MNIST's unless the settings name them.
+        settings: :class:`RobustnessSettings` (e.g. :meth:`RobustnessSettings.quick_preset`); default the full
+            protocol on all ``N`` points. Images of another shape than MNIST's get curve budgets derived from the
+            threats (:func:`eval.harness.settings.default_curve_eps`).
+        out: folder for ``report.md``, ``results.json`` and the plots (resumable there); ``None``: a temporary
+            folder, removed on return.
+        generator, encoder, latent_config: for the latent attacks (skipped without a generator).
+        progress: progress bar.
+
+    Raises:
+        ValueError / TypeError: as :func:`run_robustness`; MNIST's default threats on images of another shape.
+    """
+    from eval.harness.settings import MNIST_SHAPE, default_curve_eps
+
+    if isinstance(defenses, Mapping):
+        built = [as_defense(m, n) for n, m in defenses.items()]
+    elif isinstance(defenses, (Defense, nn.Module)):
+        built = [as_defense(defenses)]
+    else:
+        built = [as_defense(m) for m in defenses]
+    shape = tuple(int(s) for s in x.shape[1:]) if isinstance(x, Tensor) else ()
+    if settings is None:
+        if threats is None and shape != MNIST_SHAPE:
+            raise ValueError(
+                f"the images have shape {shape}, not MNIST's {MNIST_SHAPE}: the default threat models are "
+                "MNIST's budgets; pass threats=[NORM-EPS, ...] chosen for your images"
+            )
+        settings = RobustnessSettings(n=len(x) if isinstance(x, Tensor) else 1)
+    if not isinstance(settings, RobustnessSettings):
+        raise TypeError(f"expected settings as RobustnessSettings, got {type(settings).__name__}")
+    if threats is not None:
+        settings = dataclasses.replace(settings, threats=tuple(threats))
+    if shape != MNIST_SHAPE and (settings.curve_eps_linf or settings.curve_eps_l2):
+        curve: dict[str, Any] = dict(default_curve_eps(settings.threats, shape))
+        settings = dataclasses.replace(settings, **curve)
+    kw: dict[str, Any] = dict(generator=generator, encoder=encoder, latent_config=latent_config)
+    if out is not None:
+        record = run_robustness(settings, built, x, y, Path(out), progress=progress, **kw)
+        return RobustnessReport.from_record(record, Path(out))
+    with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
+        record = run_robustness(settings, built, x, y, Path(tmp) / "run", progress=progress, **kw)
+    return RobustnessReport.from_record(record, None)

@@ -1,5 +1,7 @@
 """The evaluated models of the harness: :class:`Defense` (a model, its differentiable variants and its cheaper
-surrogates) and the constructors of the bare classifier and the projection defense (Defense-GAN).
+surrogates) and its constructors: the bare classifier, any purifier in front of a classifier
+(:func:`purifier_defense`, from a :class:`manifold_defense.purification.PurifiedClassifier`'s parts) and the
+projection defense (Defense-GAN), which is one purifier among others.
 
 A *surrogate* is a cheaper model that stands in for the defense inside an attack's inner loop (its gradients, or
 its queries for Square); the verdict on every adversarial example is still decided by the real defense (worst case
@@ -21,12 +23,14 @@ from torch import Tensor, nn
 
 from manifold_defense.defense import LatentProjector, ProjectedClassifier
 from manifold_defense.inversion import InversionConfig
+from manifold_defense.purification import FixedSeed, PurifiedClassifier
 
 __all__ = [
     "Defense",
     "EncoderProjection",
     "projection_defense",
     "projection_surrogates",
+    "purifier_defense",
     "undefended_defense",
 ]
 
@@ -153,7 +157,7 @@ def projection_surrogates(
 
     Args:
         classifier: [0, 1] images -> logits; generator: with int ``latent_dim``; encoder: images -> latents.
-        fast_config: the cheap projection schedule (e.g. ``eval.defense_figures.schedule_config("fast")``).
+        fast_config: the cheap projection schedule (e.g. ``manifold_defense.presets.schedule_config("fast")``).
         seed: seed of the fast projection's restart noise.
     """
     enc = encoder if fast_config.init == "encoder" else None
@@ -162,6 +166,72 @@ def projection_surrogates(
         "fast": ProjectedClassifier(classifier, fast).eval(),
         "encoder": ProjectedClassifier(classifier, EncoderProjection(generator, encoder)).eval(),
     }
+
+
+def purifier_defense(
+    name: str,
+    classifier: nn.Module,
+    purifier: nn.Module,
+    *,
+    randomized: bool,
+    surrogates: Mapping[str, nn.Module] | None = None,
+    exact: nn.Module | bool | None = None,
+    seed: int = 0,
+    preprocess: nn.Module | None = None,
+    stand_ins: Mapping[str, nn.Module] | None = None,
+    surrogate: str | None = None,
+) -> Defense:
+    """A classifier behind any purifier as a :class:`Defense`: every stage of the cascade that applies runs.
+
+    Built from :class:`manifold_defense.purification.PurifiedClassifier`: ``model`` = ``bpda_model`` =
+    ``classifier(purifier(x))`` with a BPDA (identity) backward; ``unrolled_model`` (the ``unrolled-pgd``
+    stage) = the exact-gradient variant when ``exact`` is given; ``surrogates`` = ``classifier(surrogate(x))``
+    per purifier surrogate (the ``surrogate-pgd`` stage, then ``real-bpda-eot`` on the survivors); ``classifier``
+    = the bare classifier (the naive ``pgd`` and the latent attacks); ``preprocess`` = a deterministic purifier.
+
+    Args:
+        name: shown in the report (no ``|``).
+        classifier: [0, 1] images -> logits; purifier: [0, 1] images -> [0, 1] images of the same shape.
+        randomized, surrogates, exact, seed: see :class:`~manifold_defense.purification.PurifiedClassifier`
+            (surrogates: purifier-level, images -> images; exact: an exact-gradient module or ``True``).
+        preprocess: the deterministic purifier of the projection figures and the example grids; default the
+            purifier under a fixed seed (:class:`~manifold_defense.purification.FixedSeed`), or for a randomized
+            :class:`~manifold_defense.defense.LatentProjector` the same projector with ``randomize=False``; a
+            purifier with another seed stream of its own needs its own.
+        stand_ins: ready-made cheaper models of the whole defense (images -> logits), added to the surrogates.
+        surrogate: a surrogate name that replaces the BPDA model in the inner loops (see :class:`Defense`).
+    """
+    label = f"{type(purifier).__name__} of defense {name}"
+    real = PurifiedClassifier(classifier, purifier, randomized=randomized, seed=seed, name=label).eval()
+    spec = PurifiedClassifier(  # validates the parts and builds the stand-ins
+        classifier, purifier, randomized=randomized, surrogates=surrogates, exact=exact, seed=seed, name=label
+    )
+    unrolled = None  # registers only the module it runs (the records name its schedule; the fingerprint hashes it)
+    if spec.exact is not None or spec.exact_is_purifier:
+        module = spec.exact if spec.exact is not None else purifier
+        unrolled = PurifiedClassifier(
+            classifier, module, randomized=randomized, exact=True, gradient="exact", seed=seed, name=label
+        ).eval()
+    models: dict[str, nn.Module] = {n: spec.surrogate_model(n).eval() for n in spec.surrogates}
+    clash = sorted(set(models) & set(stand_ins or {}))
+    if clash:
+        raise ValueError(f"expected distinct surrogate names for defense {name!r}, got {clash} twice")
+    models |= dict(stand_ins or {})
+    if preprocess is None and isinstance(purifier, LatentProjector) and purifier.randomize:
+        preprocess = purifier.with_gradient("bpda", randomize=False)  # its own seed stream, fixed
+    elif preprocess is None:
+        preprocess = FixedSeed(purifier, seed)
+    return Defense(
+        name=name,
+        model=real,
+        classifier=classifier.eval(),
+        preprocess=preprocess.eval(),
+        bpda_model=real,
+        unrolled_model=unrolled,
+        randomized=randomized,
+        surrogates=models,
+        surrogate=surrogate,
+    )
 
 
 def projection_defense(
@@ -177,38 +247,37 @@ def projection_defense(
     surrogate: str | None = None,
     unrolled_config: InversionConfig | None = None,
 ) -> Defense:
-    """The projection defense ``classifier(G(z*(x)))`` (Defense-GAN) with its BPDA and unrolled variants.
+    """The projection defense ``classifier(G(z*(x)))`` (Defense-GAN): :func:`purifier_defense` with the latent
+    projection as purifier, its unrolled projection as exact variant and the same projection with a fixed seed
+    as preprocess.
 
     Args:
         name: e.g. ``"projection-fast"``.
         classifier: [0, 1] images -> logits; generator: ``nn.Module`` with int ``latent_dim``.
-        config: projection schedule (e.g. :func:`eval.defense_figures.schedule_config`).
+        config: projection schedule (e.g. :func:`manifold_defense.presets.schedule_config`).
         encoder: needed when ``config.init == "encoder"``.
         randomized: fresh restart noise on every call (Defense-GAN's random restarts; the honest setting);
             ``False``: a deterministic function of the input.
         seed: seed of the restart noise.
-        surrogates, surrogate: see :class:`Defense` (e.g. :func:`projection_surrogates`).
+        surrogates: cheaper models of the whole defense (images -> logits, e.g. :func:`projection_surrogates`);
+            surrogate: see :class:`Defense`.
         unrolled_config: the schedule the ``unrolled-pgd`` stage differentiates through (default ``config``); a
             cheaper one (the fast schedule for Defense-GAN's 2010-pass projection) makes the unrolled attack a
             surrogate attack: its verdicts stay the real defense's and its transfer counts are reported.
     """
 
-    def projector(
-        gradient: str, randomize: bool = randomized, cfg: InversionConfig = config
-    ) -> LatentProjector:
+    def projector(gradient: str, randomize: bool, cfg: InversionConfig) -> LatentProjector:
         start = encoder if cfg.init == "encoder" else None
         return LatentProjector(generator, cfg, gradient, encoder=start, seed=seed, randomize=randomize)  # type: ignore[arg-type]
 
-    bpda = ProjectedClassifier(classifier, projector("bpda")).eval()
-    unrolled = ProjectedClassifier(classifier, projector("unrolled", cfg=unrolled_config or config)).eval()
-    return Defense(
-        name=name,
-        model=bpda,
-        classifier=classifier.eval(),
-        preprocess=projector("bpda", randomize=False).eval(),
-        bpda_model=bpda,
-        unrolled_model=unrolled,
+    return purifier_defense(
+        name,
+        classifier,
+        projector("bpda", randomized, config),
         randomized=randomized,
-        surrogates=dict(surrogates or {}),
+        exact=projector("unrolled", randomized, unrolled_config or config),
+        seed=seed,
+        preprocess=projector("bpda", False, config),
+        stand_ins=surrogates,
         surrogate=surrogate,
     )

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eval.defense_figures import accuracy_at_steps, consistency_at_steps, found_at_steps
 from eval.harness.settings import (
     FLAGS,
     SURROGATE_STAGES,
@@ -20,6 +19,7 @@ from eval.harness.settings import (
     jsonable,
     parse_threat,
 )
+from manifold_defense.evaluation import accuracy_at_steps, consistency_at_steps, found_at_steps
 
 __all__ = ["defense_record", "transfer_counts"]
 

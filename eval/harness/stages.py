@@ -36,11 +36,11 @@ from attacks import (
     project_onto_threat,
 )
 from attacks.base import check_logits
-from eval import defense_figures as figures
 from eval.harness import state as st
 from eval.harness.defenses import Defense
 from eval.harness.sections import ChunkFn, SectionStages
 from eval.harness.settings import RobustnessSettings, parse_threat, threat_key
+from manifold_defense import evaluation
 from manifold_defense.inversion import InversionConfig
 from manifold_defense.progress import progress as progress_display
 from manifold_defense.training.distributed import DistContext
@@ -158,7 +158,7 @@ class Runner(SectionStages):
             if not len(todo):
                 break
             dev = todo.to(x_adv.device)
-            ok = figures.correct_in_every_draw(d.model, x_adv[dev], y[dev], 1, max(1, len(todo)), name=name)
+            ok = evaluation.correct_in_every_draw(d.model, x_adv[dev], y[dev], 1, max(1, len(todo)), name=name)
             robust[todo] = ok
             if k == 0:
                 first = robust.clone()
@@ -345,7 +345,7 @@ class Runner(SectionStages):
         def fn(chunk: Tensor) -> dict[str, Tensor]:
             xb, yb = self.x[chunk], self.y[chunk]
             cfg = dataclasses.replace(config, seed=int(torch.initial_seed() % (2**62)))
-            res = figures.evaluate_pgd(model, xb, yb, threat, cfg, draws=1, batch_size=len(chunk))
+            res = evaluation.evaluate_pgd(model, xb, yb, threat, cfg, draws=1, batch_size=len(chunk))
             x_adv = res.x_adv.to(xb.device)
             if real:
                 return self._package(d, draws, xb, yb, x_adv, res.robust, threat)
@@ -429,7 +429,7 @@ class Runner(SectionStages):
                 cfg = LatentAttackConfig(
                     eps=budget, constraint="pixel", steps=s.latent_steps, step_size=s.latent_step_size
                 )
-                res = figures.evaluate_onmanifold(clf, gen, z, yb, cfg, batch_size=len(chunk))
+                res = evaluation.evaluate_onmanifold(clf, gen, z, yb, cfg, batch_size=len(chunk))
                 cand, found = res.x_adv.to(xb.device), res.success
                 extra = {"eligible": res.eligible, "x0": res.x0, "candidate": res.x_adv, "pred_adv": res.pred_adv,
                          "pixel_distance": res.pixel_distance, "found_step": res.found_step}  # fmt: skip
@@ -438,7 +438,7 @@ class Runner(SectionStages):
                     eps=budget, steps=s.op_steps, step_size=s.op_step_size, multiplier_init=s.op_multiplier_init,
                     temperature=s.op_temperature, seed=int(torch.initial_seed() % (2**62)),
                 )  # fmt: skip
-                op = figures.evaluate_overpowered(clf, gen, z, yb, ocfg, batch_size=len(chunk))
+                op = evaluation.evaluate_overpowered(clf, gen, z, yb, ocfg, batch_size=len(chunk))
                 wrong1 = (op.pred1 != yb.cpu())[:, None, None, None]
                 cand = torch.where(wrong1, op.x1, op.x2).to(xb.device)
                 found = op.success
@@ -587,7 +587,7 @@ class Runner(SectionStages):
                 else InversionConfig.defense_gan(seed=self.s.seed)
             )
             enc = self.encoder if cfg.init == "encoder" else None
-            z, _ = figures.invert_latents(
+            z, _ = evaluation.invert_latents(
                 self.generator, self.x[missing], cfg, encoder=enc, batch_size=len(missing)
             )
             for i, zi in zip(missing, z, strict=True):

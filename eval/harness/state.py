@@ -1,11 +1,13 @@
 """Resumable state and sharding of the harness: the run's fingerprint, the saved ``state.pt``, per-chunk seeds and
 the chunk runner that splits a stage's points over ``torchrun`` ranks.
 
-Resume: after every ``(defense, threat, attack)`` stage rank 0 writes ``DIR/state.pt`` (atomic replace), keyed by
+Resume: after every ``(defense, threat, attack)`` stage rank 0 writes ``DIR/state.pt`` (atomic replace through a
+temporary file unique to the writer, behind a SHA-256 header: :mod:`manifold_defense.integrity`), keyed by
 a fingerprint of the settings, the data and the models' parameters; a later call with the same fingerprint skips
 the finished stages, one with a different fingerprint is refused (never mixed). Within a stage rank 0 also saves
 each chunk it finishes (and the starting latents of the latent attacks), so a long stage resumes at its first
-missing chunk; chunks of other ranks are redone.
+missing chunk; chunks of other ranks are redone. A state file that fails its hash (cut, altered, empty, random,
+or written by an older version without one) is refused naming the file, never read into a figure.
 
 Sharding: every stage splits the global (sorted) list of points it attacks into chunks; each chunk runs under its
 own seed, a function of the run's seed, the stage and the chunk's first *global* point index, and randomized
@@ -16,7 +18,6 @@ are gathered (gloo on CPU, NCCL on CUDA), so ``W`` processes give exactly the ta
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,8 @@ from torch import Tensor
 from eval.harness.defenses import Defense
 from eval.harness.settings import LEGACY_SETTINGS, SCHEMA, STATE_FILE, RobustnessSettings, jsonable
 from eval.run_folder import MARKER as RUN_MARKER
+from eval.run_folder import is_bookkeeping
+from manifold_defense.integrity import load_checked, save_checked
 from manifold_defense.training.distributed import DistContext
 
 __all__ = [
@@ -106,20 +109,36 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"]
 
 
+#: How to recover from a state file that fails its integrity check (the message of :class:`IntegrityError`).
+RECOVER = (
+    "its stages cannot be trusted: run the same command with --fresh (fresh=True) to discard it and recompute "
+    "the run, or use a new --out"
+)
+
+
 def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
-    """The saved state in ``out`` if it matches ``fp``; a fresh one if there is none; refuse another run's."""
+    """The saved state in ``out`` if it matches ``fp``; a fresh one if there is none; refuse another run's.
+
+    Raises:
+        IntegrityError: ``state.pt`` does not match the SHA-256 written with it (cut, altered, empty, random) or
+            was written by an older version without one; the message names the file and how to recompute.
+        StateMismatchError: the state is another run's, or ``out`` holds other files and no state.
+    """
     path = out / STATE_FILE
     if not path.exists():
-        foreign = [p.name for p in out.iterdir() if p.name != RUN_MARKER] if out.exists() else []
+        foreign = (
+            [p.name for p in out.iterdir() if p.name != RUN_MARKER and not is_bookkeeping(p.name)]
+            if out.exists()
+            else []
+        )
         if foreign:
             raise StateMismatchError(
                 f"expected {out} to be empty or to hold a robustness run's {STATE_FILE}, got other files "
                 f"{sorted(foreign)[:5]}: choose another output folder"
             )
         return {"fingerprint": fp, "stages": {}}
-    state = torch.load(
-        path, map_location="cpu", weights_only=True
-    )  # tensors and plain data only: no code runs
+    # verified against its SHA-256, then read with weights_only=True: tensors and plain data only, no code runs
+    state = load_checked(path, what="robustness harness state", recover=RECOVER)
     if not isinstance(state, dict) or "fingerprint" not in state:
         raise StateMismatchError(f"expected {path} to be a robustness state file, got {type(state).__name__}")
     saved_settings = state["fingerprint"].get("settings") if isinstance(state["fingerprint"], dict) else None
@@ -137,10 +156,13 @@ def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_state(state: dict[str, Any], out: Path) -> None:
-    """Write ``state`` to ``out/state.pt`` atomically (a temporary file, then ``os.replace``)."""
-    tmp = out / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+    """Write ``state`` to ``out/state.pt`` behind its SHA-256, atomically (a temporary file unique to this writer,
+    then ``os.replace``: a kill leaves the previous state).
+
+    Raises:
+        DiskFullError: no space left (the previous ``state.pt`` is unchanged; free space and run again to resume).
+    """
+    save_checked(state, out / STATE_FILE)
 
 
 def chunk_seed(seed: int, stage: str, first: int) -> int:

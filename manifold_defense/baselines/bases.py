@@ -121,9 +121,9 @@ class Basis:
             return np.asarray(scipy.fft.idctn(w, axes=(-2, -1), norm="ortho"))
         lead = (slice(None),) * (w.ndim - 2)
         slices = self._slices()
-        coeffs: list[Any] = [w[(*lead, *slices[0])]]
+        coeffs: list[Any] = [w[lead + tuple(slices[0])]]  # (a tuple, not w[*...]: mypy's 3.10 target)
         for detail in slices[1:]:
-            coeffs.append(tuple(w[(*lead, *detail[key])] for key in ("da", "ad", "dd")))
+            coeffs.append(tuple(w[lead + tuple(detail[key])] for key in ("da", "ad", "dd")))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
             return np.asarray(pywt.waverec2(coeffs, self.wavelet, mode="periodization", axes=(-2, -1)))

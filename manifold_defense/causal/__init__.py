@@ -6,7 +6,8 @@
   sampler and the morphometrics that read a sample's attributes back from its pixels.
 - :mod:`~manifold_defense.causal.controller`: the causal controller (one small network per node, topological order).
 - :mod:`~manifold_defense.causal.models`: the label-conditioned generator, its projection discriminator and
-  :class:`CausalGAN` (``sample(n, condition=...)`` versus ``sample(n, intervene=...)``).
+  :class:`CausalGAN` (``sample(n, condition=...)`` versus ``sample(n, intervene=...)``), and its trainer
+  :func:`train_causal_gan`.
 """
 
 from manifold_defense.causal.controller import CausalController, train_controller
@@ -17,6 +18,7 @@ from manifold_defense.causal.models import (
     ConditionalGenerator,
     ProjectionCritic,
     one_hot_labels,
+    train_causal_gan,
 )
 from manifold_defense.causal.world import DigitWorld, WorldData, read_attributes, render
 
@@ -35,6 +37,7 @@ __all__ = [
     "one_hot_labels",
     "read_attributes",
     "render",
+    "train_causal_gan",
     "train_controller",
     "tvd",
 ]

@@ -67,7 +67,11 @@ class CausalController(nn.Module):
 
     def log_likelihood(self, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Mean log-likelihood per example of label rows ``(N, len(nodes))`` (columns in topological order),
-        each row counted ``weights[i]`` times when given (distinct rows with their counts: the same value)."""
+        each row counted ``weights[i]`` times when given (distinct rows with their counts: the same value).
+        Labels are checked as :meth:`CausalGraph.label_rows` checks them."""
+        return self._log_likelihood(self.graph.label_rows(labels), weights)
+
+    def _log_likelihood(self, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         values = {name: labels[:, i] for i, name in enumerate(self.graph.order)}
         n = labels.shape[0]
         dev = next(self.parameters()).device
@@ -162,19 +166,17 @@ def train_controller(
     """Fit the controller to label rows ``(N, len(nodes))`` by maximum likelihood (full-batch Adam over the
     distinct rows weighted by their counts, the same objective as over all rows).
 
+    Labels are value indices of any integer dtype (or whole-number floats); a fractional value or one outside a
+    node's range raises ``ValueError`` naming the node and the value (:meth:`CausalGraph.label_rows`). The
+    controller has no checkpoint: it trains in seconds, from scratch on every call (its weights re-initialized
+    from ``seed``).
+
     Returns:
         ``{"nll": final mean negative log-likelihood per example, "seconds": wall time}``.
     """
-    order = controller.graph.order
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != len(order):
-        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"expected label rows (N, {len(order)}) in the order {list(order)}, got {got}")
-    for i, name in enumerate(order):
-        k = controller.graph[name].cardinality
-        if int(labels[:, i].min()) < 0 or int(labels[:, i].max()) >= k:
-            raise ValueError(
-                f"labels of {name!r}: expected value indices in 0..{k - 1}, got {labels[:, i].unique()}"
-            )
+    labels = controller.graph.label_rows(labels, "controller training labels")
+    if labels.shape[0] == 0:
+        raise ValueError("controller training labels: expected at least one label row, got 0")
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -185,9 +187,9 @@ def train_controller(
     opt = torch.optim.Adam(controller.parameters(), lr=lr)
     controller.train()
     nll = torch.zeros(())
-    rows, counts = labels.long().unique(dim=0, return_counts=True)
+    rows, counts = labels.unique(dim=0, return_counts=True)
     for _ in range(steps):
-        nll = -controller.log_likelihood(rows, counts)
+        nll = -controller._log_likelihood(rows, counts)  # rows checked once, above
         opt.zero_grad(set_to_none=True)
         nll.backward()
         opt.step()

@@ -146,6 +146,31 @@ class CausalGraph:
             )
         return {self.check_node(k): self.value_index(k, v) for k, v in values.items()}
 
+    def label_rows(self, labels: Any, what: str = "label rows") -> torch.Tensor:
+        """Label rows ``(N, len(nodes))`` of value indices (columns in topological order), checked, as a new int64
+        tensor (the caller's is not modified).
+
+        Any integer dtype is accepted, and floats whose values are whole numbers; a fractional or non-finite
+        value, or a value index outside a node's ``0..cardinality-1``, raises ``ValueError`` naming the node,
+        the value and the allowed range (:func:`manifold_defense.training.loop.check_labels`).
+        """
+        from manifold_defense.training.loop import check_labels  # the trainers' one label check
+
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != len(self.order):
+            got = (
+                f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            )
+            raise ValueError(f"{what}: expected label rows (N, {len(self.order)}) in the order {list(self.order)}, "
+                             f"got {got}")  # fmt: skip
+        n = int(labels.shape[0])
+        columns = [
+            check_labels(
+                labels[:, i], n, f"labels of node {name!r}", num_classes=self[name].cardinality, kind="value indices"
+            )
+            for i, name in enumerate(self.order)
+        ]
+        return torch.stack(columns, dim=1) if n else torch.zeros(0, len(self.order), dtype=torch.int64)
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Cardinalities in topological order (the shape of :func:`joint_table`)."""

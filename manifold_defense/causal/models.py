@@ -3,34 +3,42 @@ samples labels from a causal controller (conditioned or intervened) and images f
 
 The paper (Kocaoglu et al., ICLR 2018) trains its image generator with a label-estimating "Labeler" and
 "Anti-Labeler"; we use the simpler projection discriminator (Miyato & Koyama, ICLR 2018), trained by the shared
-GAN trainer (:func:`manifold_defense.training.train_gan` with ``conditional=True``). The controller and the image
-generator are trained separately, as in the paper.
+GAN trainer (:func:`train_causal_gan`: :func:`manifold_defense.training.train_gan` with ``conditional=True`` on the
+one-hot label rows). The controller and the image generator are trained separately, as in the paper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from manifold_defense.causal.controller import CausalController
 from manifold_defense.causal.graph import CausalGraph
 from manifold_defense.models import latent_dim_of
 from manifold_defense.models.gan import critic_features
+from manifold_defense.training.gan import GANTrainConfig, _train_gan
+from manifold_defense.training.loop import check_images
 
-__all__ = ["CausalGAN", "CausalSample", "ConditionalGenerator", "ProjectionCritic", "one_hot_labels"]
+__all__ = [
+    "CausalGAN", "CausalSample", "ConditionalGenerator", "ProjectionCritic", "one_hot_labels", "train_causal_gan",
+]  # fmt: skip
 
 
 def one_hot_labels(graph: CausalGraph, labels: torch.Tensor) -> torch.Tensor:
-    """Label rows ``(N, len(nodes))`` of value indices to the concatenated one-hot condition vectors ``(N, L)``."""
-    if labels.dim() != 2 or labels.shape[1] != len(graph.order):
-        raise ValueError(f"expected label rows (N, {len(graph.order)}) in the order {list(graph.order)}, got "
-                         f"{tuple(labels.shape)}")  # fmt: skip
-    parts = [F.one_hot(labels[:, i].long(), graph[n].cardinality) for i, n in enumerate(graph.order)]
+    """Label rows ``(N, len(nodes))`` of value indices to the concatenated one-hot condition vectors ``(N, L)``.
+
+    A fractional value or a value index outside a node's range raises ``ValueError`` naming the node, the value and
+    the allowed range (:meth:`CausalGraph.label_rows`).
+    """
+    labels = graph.label_rows(labels)
+    parts = [F.one_hot(labels[:, i], graph[n].cardinality) for i, n in enumerate(graph.order)]
     return torch.cat(parts, dim=1).float()
 
 
@@ -137,3 +145,39 @@ class CausalGAN:
         """``n`` images with their labels; the same ``seed`` gives the same sample."""
         labels = self.controller.sample(n, condition=condition, intervene=intervene, seed=seed)
         return CausalSample(self.images_for(labels, seed + 1), labels)
+
+
+def train_causal_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    graph: CausalGraph,
+    config: GANTrainConfig,
+    *,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    validate: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+    validate_every: int | None = None,
+) -> list[dict[str, float]]:
+    """Train the label-conditioned image generator on ``images`` ``(N, C, H, W)`` in [0, 1] and their label rows
+    ``(N, len(graph.nodes))`` (value indices, :meth:`CausalGraph.label_rows`), conditioned on
+    :func:`one_hot_labels`: :func:`manifold_defense.training.train_gan` with ``conditional=True``.
+
+    The checkpoint records the ``causal-gan`` trainer, the run-defining fields of ``config``
+    (:class:`~manifold_defense.training.GANTrainConfig` says which may change) and ``graph.spec()``; a resume
+    with others is refused, naming them. Other arguments and the returned history are ``train_gan``'s.
+    """
+    if not isinstance(graph, CausalGraph):
+        raise TypeError(f"expected graph to be a CausalGraph, got {type(graph).__name__}")
+    check_images(images, "causal GAN training images")
+    conditions = one_hot_labels(graph, labels)
+    if conditions.shape[0] != images.shape[0]:
+        raise ValueError(f"expected one label row per image ({images.shape[0]}), got {conditions.shape[0]} rows")
+    return _train_gan(
+        generator, discriminator, TensorDataset(images, conditions), config, device=device,
+        checkpoint_dir=checkpoint_dir, progress=progress, validate=validate, validate_every=validate_every,
+        encoder=None, measurement=None, conditional=True, trainer="causal-gan",
+        extra_settings={"graph": graph.spec()},
+    )  # fmt: skip

@@ -244,15 +244,7 @@ class DigitWorld:
     def render_labels(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         """Images for label rows ``(N, 3)``: a digit of class ``D`` drawn uniformly (seeded) from its class,
         rendered with ``T`` and ``S``."""
-        if labels.dim() != 2 or labels.shape[1] != 3:
-            raise ValueError(f"expected label rows (N, 3) in the order D, T, S, got {tuple(labels.shape)}")
-        for axis, name in enumerate(self.graph.order):
-            col = labels[:, axis]
-            if len(col) and (int(col.min()) < 0 or int(col.max()) >= self.graph[name].cardinality):
-                raise ValueError(
-                    f"labels of {name!r}: expected value indices in 0..{self.graph[name].cardinality - 1}, got "
-                    f"{int(col.min())}..{int(col.max())}"
-                )
+        labels = self.graph.label_rows(labels)
         rng = torch.Generator().manual_seed(seed)
         out = np.zeros((labels.shape[0], 1, 28, 28), dtype=np.float32)
         source = self._images[:, 0].numpy()

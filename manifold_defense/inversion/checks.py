@@ -8,6 +8,7 @@ a (possibly nested tuple) measurement ``y``: :func:`_tree_map`, :func:`_leaves`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,6 +116,11 @@ def _check_generated(x: Any, rows: int, operator: MeasurementOperator) -> None:
 def _check_range(low: torch.Tensor, high: torch.Tensor, when: str) -> None:
     """Raise unless the generator's outputs ``[low, high]`` (NaN included) lie in [0, 1] up to the tolerance."""
     lo, hi = float(low), float(high)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(
+            f"expected finite generator outputs in [0, 1] on every step, got NaN or inf {when}: the generator "
+            "is not finite at some latent"
+        )
     if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
         raise ValueError(
             "expected generator outputs in [0, 1] (e.g. a sigmoid output layer) on every step, "

@@ -51,7 +51,7 @@ from .checks import (
 )
 from .config import InversionConfig
 from .deviation import _Deviation, _deviation_lipschitz, _deviation_step, _start_deviation
-from .operators import Identity, MeasurementOperator, Measurements
+from .operators import Identity, MeasurementOperator, Measurements, check_forward_finite
 
 __all__ = ["Inversion", "invert"]
 
@@ -226,6 +226,11 @@ def _initial_latents(
         if not isinstance(z_init, torch.Tensor) or tuple(z_init.shape) != (batch, k):
             got = tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init).__name__
             raise ValueError(f"expected the encoder to return latents ({batch}, {k}), got {got}")
+        if z_init.is_floating_point() and not bool(torch.isfinite(z_init).all()):
+            raise ValueError(
+                f"expected the encoder {type(encoder).__name__} to return finite latents on finite images y, "
+                "got NaN or inf entries"
+            )
     if z_init is not None:
         if not isinstance(z_init, torch.Tensor):
             raise TypeError(f"expected z_init as a torch.Tensor, got {type(z_init).__name__}")
@@ -331,6 +336,7 @@ def invert(
     _check_device(generator, device, "generator")
     _check_device(operator, device, "operator")
     _check_device(encoder, device, "encoder")
+    operator.check_parameters()  # a NaN in A would make every loss NaN and be blamed on the generator
     dtype = _working_dtype(generator, y)
     y = _tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, y)
     if not differentiable:
@@ -395,21 +401,64 @@ def _objective(
     dev: _Deviation | None,
     y_rows: Measurements,
     config: InversionConfig,
+    first: tuple[Measurements, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(v, x, measurement loss (N,), smooth objective (N,))`` for the active rows.
 
     The l1 term of the deviation is not in the objective: it is applied by the deviation's proximal step.
+    ``first = (y, B)`` on the first step (images checked finite and in [0, 1]): ``y`` is checked against the
+    operator's (now known) measurement shape before the loss reads it, and the operator's output and loss must be
+    finite, else the operator is named.
     """
     v = None if dev is None else dev.pixels()
     x = x_gen if v is None else x_gen + v
-    meas = operator.loss(operator(x), y_rows)
+    ax = operator(x)
+    if first is not None:  # a Nonlinear operator learns its output shape on its first call
+        operator.check_measurements(*first)
+    meas = operator.loss(ax, y_rows)
     if not isinstance(meas, torch.Tensor) or tuple(meas.shape) != (z.shape[0],):
         got = tuple(meas.shape) if isinstance(meas, torch.Tensor) else type(meas).__name__
         raise ValueError(f"expected the operator's loss to return shape ({z.shape[0]},), got {got}")
+    if first is not None:  # the forward's and the loss's finiteness in one device sync
+        flags = [
+            torch.isfinite(t.detach()).all() for t in (meas, *_leaves(ax)) if isinstance(t, torch.Tensor)
+        ]
+        if not bool(torch.stack(flags).all()):
+            check_forward_finite(operator, ax, "on the generator's first images (finite, in [0, 1])")
+            raise ValueError(
+                f"{type(operator).__name__}: expected a finite measurement loss on the generator's first images "
+                "(finite, in [0, 1]) and finite y, got NaN or inf: the operator's loss is not finite there"
+            )
     objective = meas
     if config.z_prior_weight:
         objective = objective + config.z_prior_weight * z.pow(2).sum(dim=1)
     return v, x, meas, objective
+
+
+def _check_nonfinite_latents(
+    low: torch.Tensor,
+    high: torch.Tensor,
+    z_out: torch.Tensor,
+    z_active: torch.Tensor,
+    operator: MeasurementOperator,
+) -> None:
+    """After the loop, only when the generator's outputs went NaN or inf: say what went wrong (no per-step cost).
+
+    The first step's images and loss were finite (checked then). NaN or inf latents mean a non-finite gradient
+    moved ``z`` there: the operator's forward or loss at some later image, the generator at some later latent,
+    or a step size that overflowed ``z`` (which came first is not recorded: that would cost a check per step).
+    Finite latents with non-finite images are the generator's, reported by the range check that follows.
+    """
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    if bool(torch.isfinite(z_out.detach()).all() & torch.isfinite(z_active.detach()).all()):
+        return
+    raise ValueError(
+        "expected finite latents on every step, got NaN or inf latents after a finite first step (images and "
+        f"loss): a non-finite gradient moved z there. Check the operator {type(operator).__name__} (its forward "
+        "or loss NaN/inf, or not differentiable, at some image in [0, 1], e.g. sqrt or log at 0), the generator "
+        "(NaN or inf at some latent) and the learning rate"
+    )
 
 
 def _optimize(
@@ -457,9 +506,9 @@ def _optimize(
             else:  # every step's range, reduced on the device and checked once at the end (no sync per step)
                 low = torch.minimum(low, x_gen.detach().min())
                 high = torch.maximum(high, x_gen.detach().max())
-            v, x, meas, objective = _objective(operator, x_gen, z, dev, y_rows, config)
-            if step == 0:  # a Nonlinear operator learns its output shape on its first call
-                operator.check_measurements(y, batch)
+            v, x, meas, objective = _objective(
+                operator, x_gen, z, dev, y_rows, config, (y, batch) if step == 0 else None
+            )
 
         stay: torch.Tensor | None = None
         row_samples = torch.div(ids, restarts, rounding_mode="floor")
@@ -498,6 +547,7 @@ def _optimize(
             z = _project_ball(params[0], config.z_radius)
         step += 1
 
+    _check_nonfinite_latents(low, high, out.z, z, operator)
     _check_range(
         low,
         high,

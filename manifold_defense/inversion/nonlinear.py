@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .operators import MeasurementOperator, Shape3, _check_tensor_measurements, _mse
+from .operators import (
+    MeasurementOperator,
+    Shape3,
+    _check_measurement_shape,
+    _check_tensor_measurements,
+    _mse,
+)
 
 __all__ = ["Mixture", "Nonlinear", "SignMeasurements"]
 
@@ -64,7 +70,7 @@ class Nonlinear(MeasurementOperator):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"Nonlinear: expected fn to return a tensor (B={x.shape[0]}, ...), got {got}")
         if self.measurement_shape is None:
-            self.measurement_shape = tuple(out.shape[1:])
+            self.measurement_shape = _check_measurement_shape(tuple(out.shape[1:]), "Nonlinear")
         return out
 
     def observe(self, ax: Any) -> Any:

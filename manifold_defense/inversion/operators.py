@@ -15,7 +15,7 @@ Every operator has ``forward(x)`` (the differentiable prediction ``A(x)`` the lo
 ``observe(ax)`` (turns a prediction into a measurement, e.g. ``sign`` for 1-bit; identity for most),
 ``loss(ax, y) -> (B,)`` (per-sample loss, default: mean squared error over the measurement entries),
 ``check_input(x)`` / ``check_measurements(y)`` (shape validation with "expected X, got Y" errors),
-``input_shape`` and ``num_measurements``. Linear operators (:class:`LinearOperator`) add ``adjoint(y)`` and
+``check_parameters()`` (its own parameters and buffers are finite), ``input_shape`` and ``num_measurements``. Linear operators (:class:`LinearOperator`) add ``adjoint(y)`` and
 ``matrix()`` (the dense ``(m, n)`` matrix acting on ``x.flatten(1)``).
 
 :func:`measure` draws seeded measurements ``y = observe(A(x) + noise_std * noise)``.
@@ -65,6 +65,34 @@ def _check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _check_measurement_shape(shape: Any, name: str = "MeasurementOperator") -> tuple[int, ...] | None:
+    """``None`` or a tuple of positive ints (at least one measurement per sample); ``name`` prefixes errors."""
+    if shape is None:
+        return None
+    if not isinstance(shape, (tuple, list)) or any(
+        isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape
+    ):
+        raise ValueError(f"{name}: expected measurement_shape as a tuple of non-negative ints, got {shape!r}")
+    if math.prod(shape) == 0:
+        raise ValueError(
+            f"{name}: expected an operator with at least one measurement per sample, got measurement shape "
+            f"{tuple(shape)} (no measurement constrains the image: any reconstruction would fit)"
+        )
+    return tuple(int(s) for s in shape)
+
+
+def _first_rows(bad: torch.Tensor, limit: int = 5) -> str:
+    """The first ``limit`` indices where the bool vector ``bad`` is true, as text (for error messages)."""
+    rows = torch.nonzero(bad.reshape(-1)).reshape(-1)[:limit].tolist()
+    more = int(bad.sum()) - len(rows)
+    return ", ".join(str(r) for r in rows) + (f" and {more} more" if more > 0 else "")
+
+
+def _nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B,)``: rows of ``t`` (batch first) holding NaN or inf (``t.ndim >= 1``)."""
+    return ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
+
+
 def _mse(ax: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (ax - y).pow(2).flatten(1).mean(dim=1)
 
@@ -81,7 +109,9 @@ class MeasurementOperator(nn.Module):
     def __init__(self, input_shape: Shape3 | None, measurement_shape: tuple[int, ...] | None) -> None:
         super().__init__()
         self.input_shape: Shape3 | None = None if input_shape is None else _check_shape3(input_shape)
-        self.measurement_shape: tuple[int, ...] | None = measurement_shape
+        self.measurement_shape: tuple[int, ...] | None = _check_measurement_shape(
+            measurement_shape, type(self).__name__
+        )
 
     @property
     def num_measurements(self) -> int:
@@ -130,6 +160,32 @@ class MeasurementOperator(nn.Module):
         *measurement_shape)``."""
         _check_tensor_measurements(self, y, batch_size, self.measurement_shape)
 
+    def check_parameters(self) -> None:
+        """Raise ``ValueError`` unless every floating parameter and buffer of the operator (sub-modules included,
+        e.g. a :class:`Nonlinear`'s network) is finite: a NaN in ``A`` would make every measurement NaN.
+
+        One device reduction over all of them; :func:`measure` and :func:`~manifold_defense.inversion.invert`
+        call it once per call.
+        """
+        named = [
+            (kind, name, t)
+            for kind, items in (("parameter", self.named_parameters()), ("buffer", self.named_buffers()))
+            for name, t in items
+            if t.is_floating_point() or t.is_complex()
+        ]
+        if not named:
+            return
+        flags = torch.stack([torch.isfinite(t.detach()).all().to(named[0][2].device) for _, _, t in named])
+        if bool(flags.all()):
+            return
+        bad = [
+            f"{kind} {name!r}" for (kind, name, _), ok in zip(named, flags.tolist(), strict=True) if not ok
+        ]
+        raise ValueError(
+            f"{type(self).__name__}: expected the operator's parameters and buffers to be finite, got NaN or inf "
+            f"in {', '.join(bad)}; its measurements would be NaN"
+        )
+
 
 def _check_tensor_measurements(
     op: MeasurementOperator, y: Any, batch_size: int | None, shape: tuple[int, ...] | None
@@ -145,8 +201,14 @@ def _check_tensor_measurements(
         raise ValueError(f"{name}: expected measurements with batch size {batch_size}, got {tuple(y.shape)}")
     if shape is not None and tuple(y.shape[1:]) != shape:
         raise ValueError(f"{name}: expected measurements y of shape (B, *{shape}), got {tuple(y.shape)}")
+    if math.prod(y.shape[1:]) == 0:
+        raise ValueError(
+            f"{name}: expected at least one measurement per sample, got measurements y of shape {tuple(y.shape)}"
+        )
     if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{name}: expected finite measurements y, got NaN or inf entries")
+        raise ValueError(
+            f"{name}: expected finite measurements y, got NaN or inf entries in samples {_first_rows(_nonfinite_rows(y))}"
+        )
 
 
 class LinearOperator(MeasurementOperator):
@@ -169,8 +231,12 @@ class LinearOperator(MeasurementOperator):
         n = math.prod(self._shape)
         device = _module_device(self)
         basis = torch.eye(n, dtype=dtype, device=device).reshape(n, *self._shape)
+        self.check_parameters()
         with torch.no_grad():
-            return self(basis).reshape(n, -1).T.contiguous()
+            dense = self(basis).reshape(n, -1).T.contiguous()
+        if not bool(torch.isfinite(dense).all()):
+            raise ValueError(f"{type(self).__name__}: expected a finite matrix, got NaN or inf entries")
+        return dense
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -408,10 +474,12 @@ class GaussianMatrix(LinearOperator):
         return (y @ self.A.to(dtype=y.dtype)).reshape(y.shape[0], *self._shape)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        self.check_parameters()
         return self.A.to(dtype=dtype).clone()
 
     def numpy(self) -> np.ndarray:
-        """The matrix as a float64 numpy array ``(m, n)`` (a copy)."""
+        """The matrix as a float64 numpy array ``(m, n)`` (a copy); ``ValueError`` if ``A`` holds NaN or inf."""
+        self.check_parameters()
         return self.A.detach().to("cpu", torch.float64).numpy().copy()
 
 
@@ -432,12 +500,22 @@ def measure(
 
     Returns:
         a tensor ``(B, ...)``, or a tuple for :class:`Mixture`.
+
+    Raises:
+        ValueError: ``x`` holds NaN or inf (naming the images), the operator's parameters or buffers do
+            (:meth:`MeasurementOperator.check_parameters`), or its forward returns NaN or inf on these finite
+            images; shape errors of :meth:`MeasurementOperator.check_input`.
     """
     if not isinstance(operator, MeasurementOperator):
         raise TypeError(f"expected a MeasurementOperator, got {type(operator).__name__}")
     operator.check_input(x)
     if not (isinstance(noise_std, (int, float)) and noise_std >= 0 and math.isfinite(noise_std)):
         raise ValueError(f"expected a finite noise_std >= 0, got {noise_std!r}")
+    if x.shape[0] and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"measure: expected finite images x, got NaN or inf in images {_first_rows(_nonfinite_rows(x))}"
+        )
+    operator.check_parameters()
     if generator is None:
         generator = torch.Generator().manual_seed(0)
 
@@ -449,4 +527,34 @@ def measure(
         noise = torch.randn(ax.shape, generator=generator, device=generator.device, dtype=ax.dtype)
         return ax + noise_std * noise.to(ax.device)
 
-    return operator.observe(add_noise(operator(x)))
+    ax = operator(x)
+    check_forward_finite(operator, ax, "on finite images x")
+    return operator.observe(add_noise(ax))
+
+
+def check_forward_finite(operator: MeasurementOperator, ax: Any, when: str) -> None:
+    """Raise ``ValueError`` naming the operator unless every tensor of its forward output ``ax`` is finite.
+
+    ``when`` says on what input (e.g. ``"on finite images x"``); the caller has checked that input is finite, so
+    a NaN here is the operator's (its forward, or a callable it wraps).
+    """
+    leaves: list[Any] = []
+    stack = [ax]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        else:
+            leaves.append(item)
+    for leaf in leaves:
+        if (
+            isinstance(leaf, torch.Tensor)
+            and leaf.ndim >= 1
+            and leaf.shape[0]
+            and not bool(torch.isfinite(leaf).all())
+        ):
+            raise ValueError(
+                f"{type(operator).__name__}: expected the operator to return finite values {when}, got NaN or inf "
+                f"in samples {_first_rows(_nonfinite_rows(leaf))}; the operator (its forward or the callable it "
+                "wraps) is not finite there"
+            )

@@ -33,12 +33,12 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from attacks import (
     Attack,
@@ -48,11 +48,12 @@ from manifold_defense.modes import frozen
 from manifold_defense.training.distributed import DistContext, setup_distributed
 from manifold_defense.training.loop import (
     LoopConfig,
+    check_class_count,
     check_finite_metrics,
-    check_images,
-    dataset_tensors,
+    image_label_tensors,
     module_fingerprint,
     run_loop,
+    run_settings,
 )
 
 __all__ = [
@@ -64,9 +65,10 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-#: Training or validation data: a dataset of ``(image, label)`` pairs, a ``DataLoader`` over one (its dataset is
-#: used; batch order and size come from the config), or a tuple ``(images, labels)`` of tensors.
-TrainData = Dataset[Any] | DataLoader[Any] | tuple[torch.Tensor, torch.Tensor]
+#: Training or validation data: a dataset of ``(image, label)`` pairs or a tuple ``(images, labels)`` of tensors
+#: (:func:`~manifold_defense.training.loop.dataset_tensors`). A ``DataLoader`` is refused: batch order and size come
+#: from the config, so its sampler and batch size would be ignored; pass ``loader.dataset``.
+TrainData = Dataset[Any] | tuple[torch.Tensor, torch.Tensor]
 
 _SEED_MOD = 2**62
 
@@ -118,7 +120,14 @@ class RobustTrainConfig:
         log_every: steps between history entries (default 100).
         validate_every: steps between validations; ``None`` (default) means once per epoch
             (``len(data) // batch_size`` steps), and always after the last step.
+
+    Resume: ``checkpoint_every``, ``log_every`` and ``validate_every`` (and the validation data and attack) only
+    change what is logged and may differ on resume; every other field is recorded in the checkpoint (``steps``
+    too: the learning-rate schedule and the budget warm-up span the run), with the trainer's attack, and a
+    resume with another value is refused, naming it.
     """
+
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "validate_every")
 
     steps: int = 2000
     batch_size: int = 64
@@ -171,9 +180,13 @@ class RobustTrainConfig:
             )
         _check_nonnegative(self, "weight_decay", "clean_weight")
 
-    def loop(self) -> LoopConfig:
-        """The :class:`LoopConfig` of the run."""
-        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every, self.log_every)
+    def loop(self, trainer: str = "", **extra: Any) -> LoopConfig:
+        """The :class:`LoopConfig` of the run: ``trainer`` and the run-defining settings (every field but
+        ``RESUME_MAY_CHANGE``, plus ``extra``: inputs that define the run but are not fields, like the attack)."""
+        return LoopConfig(
+            self.steps, self.batch_size, self.seed, self.checkpoint_every, self.log_every, trainer=trainer,
+            settings=run_settings(self, exclude=self.RESUME_MAY_CHANGE, **extra),
+        )  # fmt: skip
 
 
 def _check_nonnegative(config: Any, *names: str) -> None:
@@ -222,27 +235,17 @@ class AdversarialTrainConfig(RobustTrainConfig):
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def _as_pairs(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` CPU tensors of a dataset / loader / tensor pair, checked."""
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    if isinstance(data, tuple | list) and len(data) >= 2 and all(isinstance(t, torch.Tensor) for t in data):
-        columns: tuple[torch.Tensor, ...] = tuple(data)
-    elif isinstance(data, Dataset):
-        columns = dataset_tensors(data)
-    else:
-        raise TypeError(
-            f"{what}: expected a Dataset, DataLoader or (images, labels) tensors, got {type(data).__name__}"
-        )
-    if len(columns) < 2:
-        raise ValueError(f"{what}: expected (image, label) pairs, got {len(columns)} column(s)")
-    images, labels = columns[0].detach().cpu(), columns[1].detach().cpu()
-    check_images(images, what)
-    if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
-        raise ValueError(
-            f"{what}: expected int64 labels of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
-        )
-    return images, labels
+def attack_settings(attack: Any) -> dict[str, Any]:
+    """An attack as a checkpoint's settings record it: its class, threat model (norm, eps) and settings (a
+    ``config`` dataclass; an adapter's ``name``, ``seed`` and ``kwargs``); a resume against another is refused."""
+    record: dict[str, Any] = {"type": type(attack).__name__}
+    threat = getattr(attack, "threat", None)
+    if threat is not None:
+        record.update(norm=threat.norm, eps=threat.eps)
+    for name in ("config", "name", "seed", "kwargs"):
+        if hasattr(attack, name):
+            record[name] = getattr(attack, name)
+    return record
 
 
 def _lr_lambda(config: RobustTrainConfig) -> Callable[[int], float]:
@@ -379,16 +382,19 @@ def _train(
     checkpoint_dir: PathLike | None,
     progress: bool,
     desc: str,
+    trainer: str,
+    settings: dict[str, Any],
 ) -> list[dict[str, float]]:
     """Shared driver: data checks, distributed context, DDP, optimizer, schedule, validation, run_loop.
 
     ``make_step_loss(ctx, ddp_model)`` returns ``loss(step, ddp_model, x, y, idx) -> (loss, metrics)`` on one
     rank's shard; ``frozen`` modules (generator, encoder) stay in eval mode with frozen parameters for the run.
+    The checkpoint records ``trainer``, the config's run-defining fields and ``settings`` (the attack...).
     """
     if not isinstance(classifier, nn.Module):
         raise TypeError(f"expected the classifier as a torch.nn.Module, got {type(classifier).__name__}")
-    images, labels = _as_pairs(data, "training images")
-    val = _as_pairs(val_data, "validation images") if val_data is not None else None
+    images, labels = image_label_tensors(data, "training")
+    val = image_label_tensors(val_data, "validation") if val_data is not None else None
     if not isinstance(val_attack, Attack):
         raise TypeError(f"expected val_attack to be an attacks.Attack, got {type(val_attack).__name__}")
     if images.shape[0] < config.batch_size:
@@ -400,6 +406,9 @@ def _train(
     ctx = setup_distributed(device)
     ctx.shard_size(config.batch_size)
     classifier.to(ctx.device)
+    check_class_count(classifier, images, labels, ctx.device)
+    if val is not None:
+        check_class_count(classifier, *val, ctx.device, "validation labels")
     for m in frozen:
         m.to(ctx.device)
     try:
@@ -432,7 +441,7 @@ def _train(
                 step_fn,
                 (images, labels, torch.arange(images.shape[0])),
                 # bound to the frozen models (generator, encoder): a checkpoint is never resumed against others
-                replace(config.loop(), bound_to=_fingerprint(frozen)),
+                replace(config.loop(trainer, **settings), bound_to=_fingerprint(frozen)),
                 {"model": classifier, "opt": opt, "sched": sched},
                 device=ctx.device,
                 checkpoint_dir=checkpoint_dir,
@@ -478,7 +487,8 @@ def adversarial_train(
     Args:
         classifier: ``(B, C, H, W)`` images in [0, 1] -> ``(B, K)`` logits; trained in place on ``device`` (its
             parameters with ``requires_grad=False`` stay fixed), left in eval mode.
-        data: ``(image, label)`` pairs (dataset, loader or tensors), images ``(N, C, H, W)`` in [0, 1].
+        data: ``(image, label)`` pairs (a dataset or ``(images, labels)`` tensors, see :data:`TrainData`), images
+            float ``(N, C, H, W)`` in [0, 1], labels class indices of any integer dtype.
         attack: any :class:`attacks.Attack` (PGD, torchattacks/foolbox adapters, ...): the inner maximization.
         config: :class:`AdversarialTrainConfig`.
         val_data: optional validation pairs, evaluated clean and under ``val_attack`` every
@@ -486,7 +496,10 @@ def adversarial_train(
             ``val_adv_acc``, ``val_clean_loss``, ``val_adv_loss``).
         val_attack: the validation attack (default ``attack`` with its own fixed seed).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (under ``torchrun``, ``cuda`` means the rank's GPU).
-        checkpoint_dir: folder for ``checkpoint.pt`` and ``history.json``; rerunning the same call resumes.
+        checkpoint_dir: folder for ``checkpoint.pt`` and ``history.json``; rerunning the same call resumes. The
+            checkpoint records the ``adversarial`` trainer, the config's run-defining fields and ``attack``
+            (:func:`attack_settings`): a resume against another threat model or attack, or from another
+            trainer's checkpoint (a standard-training one), is refused, naming what differs.
         progress: tqdm bar (rank 0 only).
 
     Returns:
@@ -545,4 +558,6 @@ def adversarial_train(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         desc="pgd-at",
+        trainer="adversarial",
+        settings={"attack": attack_settings(attack)},
     )

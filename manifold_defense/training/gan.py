@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from manifold_defense.training.loop import (
     check_images,
     dataset_tensors,
     run_loop,
+    run_settings,
 )
 from manifold_defense.training.models import _check_latent_match
 from manifold_defense.training.schedule import ScheduleGuard, linear_decay_lr
@@ -80,7 +81,15 @@ class GANTrainConfig:
         lr_decay_from: from this step on, both learning rates fall linearly to 0 at ``steps`` (``None``: constant).
             Until that step the run is the constant-rate run, so a constant-rate checkpoint at or before it
             continues into the decay exactly; once decaying, a run resumes only with the same ``steps``.
+
+    Resume: the run is extendable (its steps do not depend on the total at a constant rate), so ``steps`` may grow
+    on resume, and ``lr_decay_from`` may change as long as the rates of the steps done stay the same (checked by
+    :class:`~manifold_defense.training.schedule.ScheduleGuard`). ``checkpoint_every`` and ``bn_batches`` (it only
+    re-estimates the final average's batch-norm statistics, after the last step) may change too. Every other
+    field is recorded in the checkpoint and a resume with another value is refused, naming it.
     """
+
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "lr_decay_from", "bn_batches")
 
     steps: int = 30000
     batch_size: int = 64
@@ -133,8 +142,12 @@ class GANTrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_critic" else 0):
                 raise ValueError(f"GANTrainConfig.{name} must be an int >= {int(name == 'n_critic')}, got {value!r}")
 
-    def loop(self) -> LoopConfig:
-        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every)
+    def loop(self, trainer: str = "gan", **extra: Any) -> LoopConfig:
+        """The :class:`LoopConfig` of the run: ``trainer`` and the run-defining settings (the fields not in
+        ``RESUME_MAY_CHANGE``, plus ``extra``, e.g. the measurement model) recorded in its checkpoint."""
+        settings = run_settings(self, exclude=self.RESUME_MAY_CHANGE, **extra)
+        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every, trainer=trainer,
+                          settings=settings)  # fmt: skip
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based)."""
@@ -347,7 +360,49 @@ def train_gan(
     Returns:
         The history: mean losses and discriminator outputs every 100 steps, and the validation metrics.
         Both networks end in eval mode; ``generator`` holds the averaged weights when ``ema_decay`` is set.
+
+    The checkpoint records the ``gan`` trainer, the run-defining fields of ``config`` and the measurement model's
+    description and ``conditional``; a resume with others is refused, naming them.
     """
+    return _train_gan(
+        generator, discriminator, dataset, config, device=device, checkpoint_dir=checkpoint_dir, progress=progress,
+        validate=validate, validate_every=validate_every, encoder=encoder, measurement=measurement,
+        conditional=conditional,
+    )  # fmt: skip
+
+
+def describe_measurement(measurement: nn.Module | None) -> Any:
+    """A measurement model as its checkpoint records it: ``spec()`` when it has one (the ambient models), else
+    its class name and ``repr``; ``None`` for none."""
+    if measurement is None:
+        return None
+    spec = getattr(measurement, "spec", None)
+    if callable(spec):
+        return spec()
+    return {"type": type(measurement).__name__, "repr": repr(measurement)}
+
+
+def _train_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    dataset: Dataset[Any],
+    config: GANTrainConfig,
+    *,
+    device: str | torch.device,
+    checkpoint_dir: PathLike | None,
+    progress: bool,
+    validate: Callable[[nn.Module, int], Mapping[str, float]] | None,
+    validate_every: int | None,
+    encoder: nn.Module | None,
+    measurement: nn.Module | None,
+    conditional: bool,
+    trainer: str = "gan",
+    extra_settings: Mapping[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """:func:`train_gan` under the name ``trainer``, with ``extra_settings`` (inputs that define the run but are
+    not in the config: the ambient method and measured data, the causal graph) recorded in its checkpoint."""
+    if not isinstance(config, GANTrainConfig):
+        raise TypeError(f"expected config to be a GANTrainConfig, got {type(config).__name__}")
     dev = resolve_device(device)
     tensors = dataset_tensors(dataset)
     images = tensors[0]
@@ -495,10 +550,16 @@ def train_gan(
         state["ema"] = ema
     if encoder is not None:
         state["encoder"] = encoder
+    loop = config.loop(
+        trainer,
+        measurement=describe_measurement(measurement),
+        conditional=bool(conditional),
+        **(extra_settings or {}),
+    )
     history = run_loop(
         step_fn,
         (images,) if conditions is None else (images, conditions),
-        config.loop(),
+        loop,
         state,
         device=dev,
         checkpoint_dir=checkpoint_dir,

@@ -97,6 +97,9 @@ class RobustManifoldConfig(RobustTrainConfig):
             zero on a step without one.
         inversion: :class:`InversionConfig` of the latent search (default: encoder warm start, 20 Adam steps
             of 0.05, one restart).
+
+    Resume: as :class:`RobustTrainConfig` (only ``checkpoint_every``, ``log_every`` and ``validate_every`` may
+    change); the checkpoint is also bound to the generator's and encoder's weights.
     """
 
     pixel_weight: float = 1.0
@@ -365,4 +368,6 @@ def robust_manifold_train(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         desc="rmd",
+        trainer="robust-manifold",
+        settings={"encoder": encoder is not None},
     )

@@ -1,8 +1,11 @@
 """Trainers for the zoo's models: the classifier, the GAN (generator, critic, encoder), the encoder alone, the VAE.
 
-Each trainer takes the model(s), a dataset of ``(image, label)`` pairs with images in [0, 1], a frozen config, a
-``device`` and an optional checkpoint directory, and runs :func:`manifold_defense.training.loop.run_loop`, so every
-one of them is seeded, shows a tqdm bar and resumes from its last checkpoint after an interruption.
+Each trainer takes the model(s), a dataset of ``(image, label)`` pairs with images in [0, 1] (what is accepted:
+:func:`manifold_defense.training.loop.dataset_tensors`), a frozen config, a ``device`` and an optional checkpoint
+directory, and runs :func:`manifold_defense.training.loop.run_loop`, so every one of them is seeded, shows a tqdm bar
+and resumes from its last checkpoint after an interruption. Each checkpoint records its trainer and the settings of
+its config that define the run; a resume under other settings is refused, naming them. Only the fields in a config's
+``RESUME_MAY_CHANGE`` may differ on resume (their cosine schedules depend on ``steps``, so it is run-defining).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +26,14 @@ from manifold_defense.models import VAE, Encoder, MNISTClassifier, latent_dim_of
 from manifold_defense.modes import frozen
 from manifold_defense.training.loop import (
     LoopConfig,
+    check_class_count,
     check_finite_metrics,
     check_images,
     dataset_tensors,
+    image_label_tensors,
     module_fingerprint,
     run_loop,
+    run_settings,
 )
 
 PathLike = str | os.PathLike[str]
@@ -53,9 +59,28 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
+def _loop(config: Any, trainer: str, **extra: Any) -> LoopConfig:
+    """The :class:`LoopConfig` of ``config``, bound to ``trainer`` and the run-defining settings (every field but
+    ``config.RESUME_MAY_CHANGE``, plus ``extra``)."""
+    return LoopConfig(
+        config.steps,
+        config.batch_size,
+        config.seed,
+        config.checkpoint_every,
+        trainer=trainer,
+        settings=run_settings(config, exclude=config.RESUME_MAY_CHANGE, **extra),
+    )
+
+
 @dataclass(frozen=True)
 class ClassifierTrainConfig:
-    """Adam with cosine decay on cross-entropy. Defaults: about 5 epochs of MNIST's 50k training images."""
+    """Adam with cosine decay on cross-entropy. Defaults: about 5 epochs of MNIST's 50k training images.
+
+    Every field but ``checkpoint_every`` defines the run and is recorded in its checkpoint (``steps`` too: the
+    cosine decay spans the whole run); a resume with another value is refused.
+    """
+
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
 
     steps: int = 2000
     batch_size: int = 128
@@ -68,7 +93,7 @@ class ClassifierTrainConfig:
         _check_positive("ClassifierTrainConfig", lr=self.lr, weight_decay=self.weight_decay)
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every)
+        return _loop(self, "classifier")
 
 
 def train_classifier(
@@ -82,12 +107,20 @@ def train_classifier(
 ) -> list[dict[str, float]]:
     """Train a classifier on ``(image, label)`` pairs by cross-entropy; returns the logged history.
 
-    The model is trained in place on ``device`` and left in eval mode.
+    Args:
+        model: ``(B, C, H, W)`` images in [0, 1] to ``(B, K)`` logits; trained in place on ``device``, left in
+            eval mode.
+        dataset: see :func:`~manifold_defense.training.loop.dataset_tensors`; images float ``(N, C, H, W)`` in
+            [0, 1], labels class indices in ``0..K-1`` of any integer dtype (converted to int64; whole-number
+            floats are converted too, fractional ones refused).
+        config, device, checkpoint_dir, progress: the schedule, where to train, the checkpoint folder (a rerun
+            resumes; another trainer's or another config's checkpoint is refused), the progress bar.
     """
     dev = resolve_device(device)
-    images, labels = dataset_tensors(dataset)[:2]
-    check_images(images)
-    model.to(dev).train()
+    images, labels = image_label_tensors(dataset)
+    model.to(dev)
+    check_class_count(model, images, labels, dev)
+    model.train()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, config.steps))
 
@@ -125,7 +158,12 @@ class EncoderTrainConfig:
     example, summed over pixels or latent coordinates, averaged over the batch): the first term fits the real
     images through the generator, the last teaches the encoder the generator's own latents (so ``E(x)`` lands where
     the prior has mass), the middle one keeps the latents small. Adam with cosine decay.
+
+    Every field but ``checkpoint_every`` defines the run (``steps`` too: the cosine decay spans the run); the
+    checkpoint is also bound to the generator's weights.
     """
+
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
 
     steps: int = 2000
     batch_size: int = 128
@@ -141,7 +179,7 @@ class EncoderTrainConfig:
         )
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every)
+        return _loop(self, "encoder")
 
 
 def train_encoder(
@@ -206,7 +244,12 @@ def train_encoder(
 
 @dataclass(frozen=True)
 class VAETrainConfig:
-    """Adam on the negative ELBO with a Bernoulli likelihood, as CSGM trained its MNIST VAE."""
+    """Adam on the negative ELBO with a Bernoulli likelihood, as CSGM trained its MNIST VAE.
+
+    Every field but ``checkpoint_every`` defines the run (``steps`` too: the cosine decay spans the run).
+    """
+
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
 
     steps: int = 15000
     batch_size: int = 100
@@ -218,7 +261,7 @@ class VAETrainConfig:
         _check_positive("VAETrainConfig", lr=self.lr)
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(self.steps, self.batch_size, self.seed, self.checkpoint_every)
+        return _loop(self, "vae")
 
 
 def train_vae(

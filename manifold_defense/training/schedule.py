@@ -1,8 +1,10 @@
 """Learning-rate schedule of the GAN trainer and the guard that keeps a resumed run on the schedule it started.
 
 :class:`ScheduleGuard` is part of a run's checkpointed state (:func:`manifold_defense.training.loop.run_loop`
-saves and loads it like a module), so a resume with another learning rate, objective or decay is refused instead of
-silently producing weights that no single command describes.
+saves and loads it like a module). The settings that shape every step (learning rate, objective, betas, batch
+size...) are recorded and checked by the loop itself (:attr:`~manifold_defense.training.loop.LoopConfig.settings`);
+the step target and the step where the decay starts may change on resume, as long as the learning rates of the
+steps already done stay the same, which is what this guard checks.
 """
 
 from __future__ import annotations
@@ -18,18 +20,15 @@ def linear_decay_lr(lr: float, steps: int, decay_from: int | None, step: int) ->
 
 
 class ScheduleGuard:
-    """Checkpointed record of the settings that shaped the optimizer steps so far, checked on resume.
+    """Checkpointed record of the learning-rate schedule the steps so far followed, checked on resume.
 
-    The loop's own config record holds only steps, batch size and seed; this refuses a resume whose learning rate,
-    objective or other update settings differ from the checkpoint's, or whose decay schedule would differ over
-    the steps already done. Checkpoints written before the guard existed carry none: they were constant-rate
-    runs, accepted when the new schedule is constant up to their step.
+    ``config`` needs ``lr``, ``steps``, ``lr_decay_from`` and ``lr_at(step)``. A resume whose decay schedule
+    (``lr_decay_from`` over ``steps``) would give other rates for the steps already done is refused. Checkpoints
+    written before the guard existed carry none: they were constant-rate runs, accepted when the new schedule is
+    constant up to their step.
     """
 
     optional_in_checkpoint = True
-    _FIELDS = (
-        "objective", "lr", "beta1", "beta2", "n_critic", "gp_weight", "ema_decay", "rec_weight", "batch_size", "pack",
-    )  # fmt: skip
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -39,24 +38,13 @@ class ScheduleGuard:
 
     def state_dict(self) -> dict[str, Any]:
         c = self.config
-        return {
-            **{f: getattr(c, f) for f in self._FIELDS},
-            "lr_decay_from": c.lr_decay_from,
-            "steps": c.steps,
-            "done": self.done,
-        }
+        return {"lr_decay_from": c.lr_decay_from, "steps": c.steps, "done": self.done}
 
     def load_state_dict(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
             self.legacy = True
             return
         self.saved = dict(saved)
-        for f in self._FIELDS:
-            if saved.get(f) != getattr(self.config, f):
-                raise ValueError(
-                    f"the checkpoint was trained with {f}={saved.get(f)!r}, this run asks for "
-                    f"{f}={getattr(self.config, f)!r}: use a fresh checkpoint directory"
-                )
 
     def check(self, start: int) -> None:
         """Refuse to continue from step ``start`` when the learning rates of steps ``0..start-1`` would differ."""

@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from manifold_defense.causal import CausalController, ConditionalGenerator, DigitWorld
 from manifold_defense.devices import resolve_device
+from manifold_defense.diffusion import DiffusionModel
+from manifold_defense.integrity import atomic_write_bytes, atomic_write_text
 from manifold_defense.models import VAE, CompactMNISTClassifier, Encoder, Generator, MNISTClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -81,6 +84,12 @@ REGISTRY: dict[str, ZooEntry] = {
             Generator,
             {"latent_dim": 64, "width": 32},
             "AmbientGAN: mnist-gan's architecture learned from block-pixels p=0.9 measurements only",
+        ),
+        ZooEntry(
+            "mnist-ddpm",
+            DiffusionModel,
+            {"channels": (32, 64, 128), "blocks": 1, "timesteps": 1000},
+            "DDPM noise-prediction UNet (linear betas, T = 1000), weights averaged (EMA); DDIM sampling",
         ),
         ZooEntry(
             "causal-digit-gan",
@@ -268,9 +277,7 @@ def save(model: nn.Module, name: str, folder: str | os.PathLike[str], info: dict
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{name}.safetensors"
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
+    atomic_write_bytes(weights, safetensors_bytes(state))  # a temporary file unique to this writer, then renamed
     rec_path = out / f"{name}.json"
     previous: dict[str, Any] = _read_record(name, rec_path) if rec_path.is_file() else {}
     rec = {
@@ -280,7 +287,7 @@ def save(model: nn.Module, name: str, folder: str | os.PathLike[str], info: dict
         "architecture": {"class": type(model).__name__, **_entry(name).kwargs},
         "sha256": sha256_file(weights),
     }
-    rec_path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(rec_path, json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return weights
 
 
@@ -291,7 +298,7 @@ def update_record(
     path = Path(folder or WEIGHTS_DIR) / f"{name}.json"
     rec = record(name, path.parent)
     rec.update(updates)
-    path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return rec
 
 
