@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from manifold_defense.diffusion import DiffusionModel, ddim_reverse, ddim_timesteps
+from manifold_defense.purification import PurifiedClassifier
 
-__all__ = ["DiffusionPurifier"]
+__all__ = ["DiffusionPurifier", "diffpure_classifier"]
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -140,3 +141,34 @@ class DiffusionPurifier(nn.Module):
             f"t_star={self.t_star}, steps={self.steps}, eta={self.eta}, seed={self.seed}, "
             f"randomize={self.randomize}, network_evals={self.network_evals}"
         )
+
+
+def diffpure_classifier(
+    classifier: nn.Module,
+    prior: DiffusionModel,
+    t_star: int,
+    steps: int = 10,
+    *,
+    eta: float = 0.0,
+    seed: int = 0,
+    randomize: bool = True,
+    surrogate_steps: int = 2,
+    gradient: str = "bpda",
+) -> PurifiedClassifier:
+    """DiffPure as a defended model: ``classifier(DiffusionPurifier(prior, t_star, steps)(x))``.
+
+    The three ways to differentiate it (:class:`~manifold_defense.purification.PurifiedClassifier`'s
+    ``gradient``): ``"bpda"`` (identity backward), ``"exact"`` (through every reverse step, gradient checkpointed)
+    and ``"surrogate:ddim-<surrogate_steps>"`` (the same purification with ``surrogate_steps`` larger reverse steps,
+    differentiated exactly: Lee and Kim's cheaper surrogate process).
+
+    Args:
+        classifier: [0, 1] images -> logits. prior, t_star, steps, eta, seed, randomize: see
+            :class:`DiffusionPurifier`. surrogate_steps: reverse steps of the surrogate. gradient: as above.
+    """
+    purifier = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=randomize)
+    surrogate = purifier.with_steps(surrogate_steps)
+    return PurifiedClassifier(
+        classifier, purifier, randomized=randomize, surrogates={f"ddim-{surrogate_steps}": surrogate},
+        exact=True, gradient=gradient, seed=seed, name=f"DiffPure t*={t_star}",
+    ).eval()  # fmt: skip

@@ -1,0 +1,120 @@
+"""``python -m eval diffpure-exact --out DIR --t-star T``: PGD with exact gradients through DiffPure's whole reverse
+process, at growing step counts, to show whether the harness's cascade on DiffPure has converged.
+
+The attack differentiates the real purification (every DDIM step, gradient checkpointed: memory of one network
+pass), averages ``--eot`` purifications per step (EOT), and runs ``--pgd-steps`` steps (each count a separate run
+from the same seed, e.g. 10 / 50 / 200); every adversarial example is then judged on the real randomized defense,
+a point counting as robust only when it is classified correctly in each of ``--draws`` fresh purifications (the
+worst case over draws, as DiffHammer asks: averaging over draws weakens the verdict). Each ``(threat, steps)`` row
+is written to ``DIR/exact.json`` as it finishes (with a hash) and a rerun of the same command resumes at the first
+missing row. The cost is dominated by the UNet passes: ``steps x eot x 2 x (reverse steps)`` forward-equivalents per
+point and PGD step (the backward pass recomputes each step once), which is why ``scripts/gpu_checks.sh`` runs this
+command on a GPU when one is lent.
+
+Papers: Nie et al., "Diffusion Models for Adversarial Purification" (ICML 2022); Lee and Kim, "Robust Evaluation
+of Diffusion-Based Adversarial Purification" (ICCV 2023); Wang et al., "DiffHammer" (NeurIPS 2024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attacks import PGDConfig
+from eval.cli import command_line
+from eval.harness import parse_threat
+from eval.run_folder import claim_run_folder, read_record, run_folder_session, write_record
+from manifold_defense import zoo
+from manifold_defense.data import load_mnist
+from manifold_defense.devices import resolve_device
+from manifold_defense.diffpure import diffpure_classifier
+from manifold_defense.diffusion import DiffusionModel
+from manifold_defense.evaluation import correct_in_every_draw, evaluate_pgd
+
+log = logging.getLogger(__name__)
+RESULTS = "exact.json"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "diffpure-exact",
+        help="PGD with exact gradients through DiffPure's reverse process at growing step counts (convergence)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--t-star", type=int, required=True, help="DiffPure's t* (from diffpure-tstar)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM reverse steps of the purifier")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--threats", default="linf-0.3,l2-2,l2-4")
+    p.add_argument("--pgd-steps", type=_ints, default=[10, 50, 200])
+    p.add_argument("--eot", type=int, default=4, help="purifications averaged per PGD step")
+    p.add_argument("--draws", type=int, default=3, help="fresh purifications per verdict (worst case)")
+    p.add_argument("--n", type=int, default=20, help="first test images attacked")
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--weights-dir", type=Path, default=None, help="where mnist-ddpm is (default: the zoo)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=run)
+
+
+@run_folder_session()
+def run(args: argparse.Namespace) -> int:
+    bad = {k: getattr(args, k) for k in ("steps", "eot", "draws", "n", "batch") if getattr(args, k) <= 0}
+    if bad:
+        raise ValueError(f"expected positive values, got {bad}")
+    threats = [parse_threat(t.strip()) for t in args.threats.split(",") if t.strip()]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    prior = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
+    if not isinstance(prior, DiffusionModel):
+        raise TypeError(f"expected mnist-ddpm to load as a DiffusionModel, got {type(prior).__name__}")
+    if not 0 <= args.t_star < prior.timesteps:
+        raise ValueError(f"expected --t-star in [0, {prior.timesteps - 1}], got {args.t_star}")
+    classifier = zoo.load("mnist-classifier", dev)
+    weights = zoo.record("mnist-ddpm", args.weights_dir or zoo.WEIGHTS_DIR).get("sha256")
+    protocol = {k: getattr(args, k) for k in ("t_star", "steps", "eta", "eot", "draws", "n")} | {"weights": weights}
+    out = claim_run_folder(args.out, "diffpure-exact", protocol)
+    path = out / RESULTS
+    rows: list[dict[str, Any]] = read_record(path)["rows"] if path.is_file() else []
+    test = load_mnist("test", args.data_dir, limit=args.n)
+    x, y = test.images.to(dev), test.labels.to(dev)
+    defended = diffpure_classifier(classifier, prior, args.t_star, args.steps, eta=args.eta, seed=args.t_star)
+    exact = defended.variant("exact").eval()
+    with torch.no_grad():
+        clean = correct_in_every_draw(defended, x, y, args.draws, args.batch, name="DiffPure")
+    for threat in threats:
+        for steps in args.pgd_steps:
+            key = {"threat": f"{threat.norm.value}-{threat.eps:g}", "pgd_steps": steps}
+            if any(all(r[k] == v for k, v in key.items()) for r in rows):
+                continue
+            config = PGDConfig(steps=steps, eot_samples=args.eot, seed=steps)
+            result = evaluate_pgd(
+                exact, x, y, threat, config, eval_model=defended, draws=args.draws, clean_correct=clean,
+                batch_size=args.batch,
+            )  # fmt: skip
+            rows.append({**key, "accuracy": round(result.accuracy, 4), "n": len(x),
+                         "clean_accuracy": round(float(clean.float().mean()), 4),
+                         "robust": [int(i) for i in result.robust.nonzero().flatten()],
+                         "seconds": round(result.seconds, 1)})  # fmt: skip
+            log.info("%s", json.dumps(rows[-1]))
+            write_record(path, {"command": command_line(args), "protocol": protocol, "rows": rows})
+    print(json.dumps({"command": command_line(args), "rows": rows}, indent=1))
+    return 0
