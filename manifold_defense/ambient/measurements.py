@@ -1,63 +1,16 @@
-"""AmbientGAN: learn a generator from lossy measurements only (Bora, Price, Dimakis, ICLR 2018).
+"""AmbientGAN's random measurement models (see :mod:`manifold_defense.ambient`): images in, measurements out."""
 
-Threat / measurement model: the clean images ``x`` are never observed. Each training example is a measurement
-``y = f_theta(x)`` with a random ``theta`` drawn independently per example (pixels dropped, a blur plus noise, a patch
-removed or kept, a random projection). AmbientGAN puts the same random measurement between the generator and the
-discriminator: the discriminator compares ``f_theta'(G(z))`` (a fresh ``theta'`` per sample and call) with the
-measured data, so the generator is pushed towards a distribution whose *measurements* match; for these models the
-measurement distribution determines the image distribution, so ``G`` can recover clean digits.
-
-Measurement models (``nn.Module``; images ``(B, C, H, W)`` in, measurements out):
-
-- :class:`BlockPixels`: each pixel dropped independently with probability ``p``, the kept ones rescaled by
-  ``1 / (1 - p)`` (as in the authors' code), so measurements may exceed 1 (up to ``1 / (1 - p)``: 10 at p = 0.9).
-  The discriminator sees them unclipped, real and generated alike.
-- :class:`ConvolveNoise`: a 5x5 Gaussian blur (std 1 pixel, zero padding) plus i.i.d. Gaussian noise of std
-  ``sigma``; values leave [0, 1] and are left so.
-- :class:`BlockPatch` / :class:`KeepPatch`: a uniformly placed ``size x size`` patch (14 on MNIST) zeroed / kept
-  (everything else zeroed).
-- :class:`GaussianProjection`: the paper's projection on a random Gaussian vector that is part of the measurement,
-  ``f_theta(x) = (theta, <theta, x>)`` with ``theta ~ N(0, I_n)`` fresh per sample; ``m`` such projections per
-  sample give measurements ``(B, m, n + 1)`` (row ``i``: ``theta_i`` then ``<theta_i, x>``). It is in the paper,
-  not their code; the discriminator is :class:`MeasurementDiscriminator` (an MLP on the flattened measurement).
-
-Each model draws ``theta`` per sample from the ``torch.Generator`` passed to ``forward`` / :meth:`~RandomMeasurement.
-measure` (its device decides where the draws happen: a CPU generator gives the same ``theta`` on CPU and CUDA), or
-from the global torch RNG on the input's device when none is passed (what :func:`~manifold_defense.training.train_gan`
-does: the training loop forks, seeds and checkpoints that RNG, so resume is exact). Results follow the input's device.
-The inversion core's operators (:mod:`manifold_defense.inversion.operators`) hold one fixed ``A`` for a whole batch
-(:class:`~manifold_defense.inversion.operators.Mask`, :class:`~manifold_defense.inversion.operators.GaussianMatrix`)
-and their blur subsamples, so they do not fit a ``theta`` drawn per sample; these modules are separate.
-
-Baselines of the paper (:func:`training_data`): ``"ignore"`` trains the same GAN on the measurements as if they were
-clean images (:meth:`~RandomMeasurement.as_image`: block-pixels' rescale undone, values clipped to [0, 1]);
-``"unmeasure"`` restores each measurement first (:meth:`~RandomMeasurement.unmeasure`): biharmonic inpainting of the
-dropped pixels or patch (scikit-image ``inpaint_biharmonic``, about 20 ms per MNIST image; ``"normalized-convolution"``
-is a vectorized cheaper alternative), Wiener deconvolution of blur + noise (scikit-image ``wiener``), the minimum-norm
-solution for projections.
-
-Example:
-    >>> from manifold_defense import ambient, zoo
-    >>> from manifold_defense.models import Critic
-    >>> f = ambient.BlockPixels(0.9)
-    >>> y = ambient.measure_dataset(train_images, f, seed=0)          # doctest: +SKIP
-    >>> ambient.train_ambient(zoo.build("mnist-gan"), Critic(32), train_images, f)  # doctest: +SKIP
-"""
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
-
-from manifold_defense.training.gan import GANTrainConfig, _train_gan
 
 __all__ = [
     "MEASUREMENTS",
@@ -67,17 +20,13 @@ __all__ = [
     "ConvolveNoise",
     "GaussianProjection",
     "KeepPatch",
-    "MeasurementDiscriminator",
     "RandomMeasurement",
     "build_measurement",
-    "measure_dataset",
-    "train_ambient",
-    "training_data",
 ]
 
 Method = Literal["ambient", "ignore", "unmeasure"]
-#: The training methods: AmbientGAN and the paper's two baselines.
 METHODS: tuple[str, ...] = ("ambient", "ignore", "unmeasure")
+"""The training methods: AmbientGAN and the paper's two baselines."""
 InpaintMethod = Literal["biharmonic", "normalized-convolution"]
 
 
@@ -436,10 +385,10 @@ class GaussianProjection(RandomMeasurement):
         return {"name": self.name, "m": self.m}
 
 
-#: Measurement models by CLI name.
 MEASUREMENTS: dict[str, type[RandomMeasurement]] = {
     cls.name: cls for cls in (BlockPixels, ConvolveNoise, BlockPatch, KeepPatch, GaussianProjection)
 }
+"""Measurement models by CLI name."""
 
 
 def build_measurement(name: str, **settings: Any) -> RandomMeasurement:
@@ -453,161 +402,3 @@ def build_measurement(name: str, **settings: Any) -> RandomMeasurement:
         raise TypeError(f"measurement {name!r}: {err}") from err
 
 
-class MeasurementDiscriminator(nn.Module):
-    """An MLP discriminator on flattened measurements ``(B, ...)`` to logits ``(B,)`` (for :class:`GaussianProjection`):
-    ``in_features - hidden - hidden/2 - 1`` with leaky ReLU, no batch norm (fine for WGAN-GP)."""
-
-    def __init__(self, in_features: int, hidden: int = 512) -> None:
-        super().__init__()
-        _check_int(in_features, "in_features")
-        _check_int(hidden, "hidden")
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, hidden),
-            nn.LeakyReLU(0.2),
-            nn.Linear(hidden, hidden // 2 or 1),
-            nn.LeakyReLU(0.2),
-            nn.Linear(hidden // 2 or 1, 1),
-        )
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.net(y).squeeze(1)
-
-
-def _chunks(
-    images: torch.Tensor, measurement: RandomMeasurement, seed: int, batch_size: int
-) -> Any:
-    """``(y, theta)`` per chunk of ``batch_size`` images, from one CPU generator seeded by ``seed``."""
-    if not isinstance(measurement, RandomMeasurement):
-        raise TypeError(f"expected a RandomMeasurement, got {type(measurement).__name__}")
-    images = _check_images(images, "images to measure")
-    _check_finite_images(images, "images to measure")  # here, so the message counts images over the whole set
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"expected an int seed, got {type(seed).__name__}")
-    _check_int(batch_size, "batch_size")
-    generator = torch.Generator().manual_seed(seed)
-    measurement = measurement.to(images.device)
-    with torch.no_grad():
-        for chunk in images.split(batch_size):
-            yield measurement.measure(chunk, generator)
-
-
-def measure_dataset(
-    images: torch.Tensor,
-    measurement: RandomMeasurement,
-    seed: int = 0,
-    *,
-    batch_size: int = 1000,
-    return_theta: bool = False,
-) -> Any:
-    """The measured copy of a training set, made once: ``y = f_theta(x)`` with ``theta`` per image from a CPU
-    ``torch.Generator`` seeded by ``seed`` (chunks of ``batch_size``; the same seed and chunk size give the same
-    measurements on any device). The caller's images are not modified.
-
-    Args:
-        images: ``(N, C, H, W)`` clean images.
-        measurement: the random measurement model.
-        seed: seed of the measurement draws.
-        batch_size: images measured per draw.
-        return_theta: also return the ``theta`` of each image (the masks, noise or projection vectors).
-
-    Returns:
-        ``y`` ``(N, ...)``, or ``(y, theta)`` with ``return_theta``.
-    """
-    ys, thetas = [], []
-    for y, theta in _chunks(images, measurement, seed, batch_size):
-        ys.append(y)
-        if return_theta:
-            thetas.append(theta)
-    y_all = torch.cat(ys)
-    return (y_all, torch.cat(thetas)) if return_theta else y_all
-
-
-def training_data(
-    images: torch.Tensor,
-    measurement: RandomMeasurement,
-    method: Method = "ambient",
-    seed: int = 0,
-    *,
-    batch_size: int = 1000,
-    **unmeasure_kwargs: Any,
-) -> torch.Tensor:
-    """What each method trains on, from the same measurements (:func:`measure_dataset` with ``seed``):
-
-    ``"ambient"``: the measurements ``y``; ``"ignore"``: ``measurement.as_image(y)`` (read as clean images);
-    ``"unmeasure"``: ``measurement.unmeasure(y, theta, **unmeasure_kwargs)`` (restored images in [0, 1], e.g.
-    ``inpaint="normalized-convolution"`` for the masks, ``balance=`` for Wiener). The clean images are used only to
-    make the measurements.
-    """
-    if method not in METHODS:
-        raise ValueError(f"expected method in {METHODS}, got {method!r}")
-    if unmeasure_kwargs and method != "unmeasure":
-        raise ValueError(f"restoration settings {sorted(unmeasure_kwargs)} apply to method 'unmeasure' only")
-    out = []
-    for y, theta in _chunks(images, measurement, seed, batch_size):
-        if method == "ambient":
-            out.append(y)
-        elif method == "ignore":
-            out.append(measurement.as_image(y))
-        else:
-            extra = {"image_shape": tuple(images.shape[1:])} if isinstance(measurement, GaussianProjection) else {}
-            out.append(measurement.unmeasure(y, theta, **extra, **unmeasure_kwargs))
-    return torch.cat(out)
-
-
-def train_ambient(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    data: torch.Tensor,
-    measurement: RandomMeasurement,
-    method: Method = "ambient",
-    config: GANTrainConfig | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-    validate: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
-    validate_every: int | None = None,
-    data_settings: Mapping[str, Any] | None = None,
-) -> list[dict[str, float]]:
-    """Train ``generator`` by ``method`` on ``data`` made by :func:`training_data` for the same ``method``.
-
-    ``"ambient"``: :func:`~manifold_defense.training.train_gan` with ``measurement`` between the generator and
-    the discriminator (``data`` holds measurements; the discriminator takes them: a
-    :class:`~manifold_defense.models.Critic` for image measurements, a :class:`MeasurementDiscriminator` for
-    projections). ``"ignore"`` / ``"unmeasure"``: the same GAN trained on ``data`` as clean images. ``config``
-    defaults to ``GANTrainConfig()``; other arguments and the returned history are
-    :func:`~manifold_defense.training.train_gan`'s.
-
-    ``data_settings``: how ``data`` was made beyond ``method`` and ``measurement`` (JSON-like, e.g.
-    ``{"measure_seed": 0, "inpaint": "biharmonic"}``). The checkpoint records the ``ambient`` trainer, the run-defining
-    fields of ``config`` (:class:`~manifold_defense.training.GANTrainConfig` says which may change),
-    ``method``, ``measurement.spec()`` and ``data_settings``; a resume with other ones is refused, naming them.
-    """
-    if method not in METHODS:
-        raise ValueError(f"expected method in {METHODS}, got {method!r}")
-    if not isinstance(measurement, RandomMeasurement):
-        raise TypeError(f"expected a RandomMeasurement, got {type(measurement).__name__}")
-    if data_settings is not None and not isinstance(data_settings, Mapping):
-        raise TypeError(f"expected data_settings to be a mapping or None, got {type(data_settings).__name__}")
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(
-            f"expected data as one tensor (N, ...) made by training_data (measurements or images), got "
-            f"{type(data).__name__}"
-        )
-    return _train_gan(
-        generator,
-        discriminator,
-        TensorDataset(data),
-        config if config is not None else GANTrainConfig(),
-        device=device,
-        checkpoint_dir=checkpoint_dir,
-        progress=progress,
-        validate=validate,
-        validate_every=validate_every,
-        encoder=None,
-        measurement=measurement if method == "ambient" else None,
-        conditional=False,
-        trainer="ambient",
-        extra_settings={"method": method, "measured_by": measurement.spec(), "data": dict(data_settings or {})},
-    )
