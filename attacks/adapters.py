@@ -28,8 +28,6 @@ __all__ = ["FOOLBOX_ATTACKS", "TORCHATTACKS_ATTACKS", "FoolboxAttack", "Torchatt
 
 logger = logging.getLogger(__name__)
 
-#: torchattacks attack names -> the norms they support; attacks whose constructor takes ``norm=`` get it
-#: from the threat model.
 TORCHATTACKS_ATTACKS: dict[str, frozenset[Norm]] = {
     "PGD": frozenset({Norm.LINF}),
     "PGDL2": frozenset({Norm.L2}),
@@ -38,16 +36,18 @@ TORCHATTACKS_ATTACKS: dict[str, frozenset[Norm]] = {
     "Square": frozenset({Norm.LINF, Norm.L2}),
     "AutoAttack": frozenset({Norm.LINF, Norm.L2}),
 }
+"""torchattacks attack names -> the norms they support; attacks whose constructor takes ``norm=`` get it
+from the threat model."""
 _TORCHATTACKS_TAKE_NORM = frozenset({"APGD", "Square", "AutoAttack"})
 
-#: foolbox attack names -> the norms they support. Minimization attacks (CW, Boundary) are run with
-#: ``epsilons=eps`` and their result is then projected onto the eps-ball like every other attack's.
 FOOLBOX_ATTACKS: dict[str, frozenset[Norm]] = {
     "LinfPGD": frozenset({Norm.LINF}),
     "L2PGD": frozenset({Norm.L2}),
     "L2CarliniWagnerAttack": frozenset({Norm.L2}),
     "BoundaryAttack": frozenset({Norm.L2}),
 }
+"""foolbox attack names -> the norms they support. Minimization attacks (CW, Boundary) are run with
+``epsilons=eps`` and their result is then projected onto the eps-ball like every other attack's."""
 
 
 def _check_name(name: Any, table: dict[str, frozenset[Norm]], library: str, threat: ThreatModel) -> str:

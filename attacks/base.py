@@ -40,8 +40,8 @@ __all__ = [
     "warn_if_training",
 ]
 
-#: A classifier: ``(B, C, H, W)`` images in [0, 1] to ``(B, num_classes)`` logits.
 Model = Callable[[Tensor], Tensor]
+"""A classifier: ``(B, C, H, W)`` images in [0, 1] to ``(B, num_classes)`` logits."""
 
 #: Tolerance on the [0, 1] range of input images.
 RANGE_TOLERANCE = 1e-6

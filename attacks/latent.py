@@ -43,8 +43,8 @@ __all__ = [
     "update_multiplier",
 ]
 
-#: A generator: latents ``(B, latent_dim)`` to images ``(B, C, H, W)`` in [0, 1].
 Generator = Callable[[Tensor], Tensor]
+"""A generator: latents ``(B, latent_dim)`` to images ``(B, C, H, W)`` in [0, 1]."""
 
 
 class LatentConstraint(str, Enum):

@@ -14,8 +14,8 @@ from torch import Tensor
 
 __all__ = ["LOSSES", "LossFn", "ce_loss", "classification_margin", "dlr_loss", "get_loss", "margin_loss"]
 
-#: ``(logits (B, K), labels (B,)) -> (B,)``, larger is more adversarial.
 LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``(logits (B, K), labels (B,)) -> (B,)``, larger is more adversarial."""
 
 
 def _check(logits: Tensor, y: Tensor, min_classes: int = 2) -> None:
@@ -67,8 +67,8 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
     return -(true - best_other) / (sorted_logits[:, 0] - sorted_logits[:, 2] + 1e-12)
 
 
-#: Loss names accepted by the attacks' ``loss`` argument.
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}
+"""Loss names accepted by the attacks' ``loss`` argument."""
 
 
 def get_loss(loss: str | LossFn) -> LossFn:

@@ -102,9 +102,11 @@ class PGDConfig:
         get_loss(self.loss)
 
 
-#: The MNIST attack of Madry et al.: Linf eps 0.3, 40 steps of 0.01, random start.
 MADRY_MNIST_THREAT = ThreatModel(Norm.LINF, 0.3)
+"""The threat model of Madry et al.'s MNIST attack: Linf, eps 0.3."""
 MADRY_MNIST = PGDConfig(steps=40, step_size=0.01, random_start=True)
+"""The PGD settings of Madry et al.'s MNIST attack: 40 steps of 0.01 from a random start
+(with :data:`MADRY_MNIST_THREAT`; :meth:`PGD.madry_mnist` builds the attack)."""
 
 
 class PGD(Attack):

@@ -59,7 +59,7 @@ from eval.bench_core import (
     project_loop,
 )
 from eval.cli import command_line
-from eval.defense_eval import DefenseModels, load_zoo_models
+from eval.harness.command import DefenseModels, load_zoo_models
 from eval.inputs import check_labeled_images
 from eval.run_folder import claim_run_folder, run_folder_session, write_record
 from manifold_defense.evaluation import evaluate_pgd

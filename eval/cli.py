@@ -31,6 +31,8 @@ COMMAND_MODULES = (
     "eval.robustness",
     "eval.autoattack",
     "eval.diffpure",
+    "eval.diffpure_exact",
+    "eval.purifier_cost",
 )
 
 

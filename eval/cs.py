@@ -14,8 +14,11 @@ Writes into ``--out``:
 - ``results.md`` (tables), ``mse_vs_m.png`` (error against m, log axes);
 - ``grid_cs.png``, ``grid_inpainting.png``, ``grid_superres.png``, ``grid_nonlinear.png`` (reconstructions).
 
-``--quick`` runs a reduced protocol in a few minutes on a CPU (10 test images, m in {25, 50, 100, 200}, fewer
-steps, restarts and DIP iterations, a smaller DIP network); its outputs say so.
+``--quick`` runs a reduced protocol on a CPU (10 test and 10 validation images, m in {50, 200}, fewer CSGM steps
+and restarts, fewer Lasso alphas and sparse-gen bases, smaller grids: :data:`eval.cs_core.QUICK_CHANGES`), every
+method unless ``--methods`` is given; its outputs list every reduction. The demo's compressed-sensing part
+(``manifold-defense demo``) is this quick protocol with :data:`QUICK_METHODS` only (about half a minute on one
+thread).
 """
 
 from __future__ import annotations
@@ -64,11 +67,36 @@ from manifold_defense.devices import resolve_device
 from manifold_defense.integrity import load_checked, save_checked
 from manifold_defense.progress import progress as progress_display
 
-__all__ = ["add_parsers", "figure_checks", "lasso_ratio", "main", "run_benchmark"]
+__all__ = [
+    "QUICK_METHODS",
+    "add_parsers",
+    "figure_checks",
+    "lasso_ratio",
+    "main",
+    "run_benchmark",
+    "run_reductions",
+]
 
 log = logging.getLogger(__name__)
 
 RATIO_M = 50
+
+QUICK_METHODS: tuple[str, ...] = ("csgm-gan", "lasso-pixel", "lasso-dct", "lasso-wavelet")
+"""The methods of the demo's quick compressed-sensing part: CSGM with the zoo's GAN and the Lasso in the three
+bases (no VAE, AmbientGAN, DIP or sparse-gen: the full run, ``manifold-defense cs``, has them all)."""
+
+
+def run_reductions(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{setting: {"full": value, "quick": value}}``: every reduction of a quick run versus the full protocol.
+
+    The settings :func:`eval.cs_core.quick_reductions` lists whose quick value differs from the full one, plus
+    ``"methods"`` when ``methods`` leaves out some of :data:`eval.cs_core.METHODS` (which the full protocol runs).
+    """
+    reductions = {k: v for k, v in quick_reductions().items() if v["quick"] != v["full"]}
+    chosen = check_methods(methods)
+    if chosen != METHODS:
+        reductions["methods"] = {"full": list(METHODS), "quick": list(chosen)}
+    return reductions
 
 
 def add_parsers(sub: Any) -> None:
@@ -438,7 +466,7 @@ def run_benchmark(
         **protocol.to_json(),
         "name": "CSGM MNIST (Bora et al. 2017) "
         + ("QUICK reduced protocol" if protocol.quick else "full protocol"),
-        "quick_reductions": quick_reductions() if protocol.quick else {},
+        "quick_reductions": run_reductions(chosen) if protocol.quick else {},
         "methods_run": list(chosen),
         "measurement_matrix": "GaussianMatrix(m, (1, 28, 28), scaling='csgm'): N(0, 1) entries, unscaled",
         "seeds": {
@@ -510,7 +538,9 @@ def main(args: argparse.Namespace) -> int:
     methods = check_methods(args.methods)
     command = command_line(args)
     if protocol.quick:
-        reduced = "; ".join(f"{k}: {v['quick']} (full {v['full']})" for k, v in quick_reductions().items())
+        reduced = "; ".join(
+            f"{k}: {v['quick']} (full {v['full']})" for k, v in run_reductions(methods).items()
+        )
         print(f"QUICK protocol (reduced settings, not the paper's protocol): {reduced}", flush=True)
     else:
         print(

@@ -285,7 +285,7 @@ QUICK_CHANGES: dict[str, Any] = {
     "quick": True,
     "n_images": 10,
     "n_val": 10,
-    "m_grid": (10, 25, 50, 100, 200, 300, 500, 750),
+    "m_grid": (50, 200),
     "csgm_steps": 300,
     "csgm_restarts": 3,
     "gan_steps": 300,

@@ -16,6 +16,11 @@ Figures (``--figures``, each a stage or report section of the harness run it sta
 - ``overpowered``: :class:`attacks.OverpoweredAttack`, pair l2 ``<= --op-eps`` (accuracy = share of starts
   without a class-changing pair, and the same after fewer steps).
 
+Settings: the harness's (:class:`eval.harness.RobustnessSettings`, the overpowered attack's temperature 10
+included) except the figure protocol :data:`PROTOCOL` (100 points, 20 BPDA + EOT steps with 2 samples, 100 naive
+PGD steps, budgets 3 and 4 for the latent attacks under every threat); each attack runs alone, and the strongest
+white-box stage is rerun with twice its steps on the survivors (the convergence check of :mod:`eval.harness`).
+
 Schedules: ``defense-gan`` = Defense-GAN's own (SGD momentum 0.7, lr 10, L = 200, R = 10); ``fast`` = Adam lr 0.05,
 50 steps, 2 restarts from the encoder's E(x). ``--quick`` = n 20, fast schedule, fewer steps: a smoke run.
 Writes the harness outputs (``results.json``, ``report.md``, grids) into ``--out``; ``--write`` merges the
@@ -30,15 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.harness import RobustnessSettings
-from eval.robustness import (
-    CLASSIFIERS,
-    DefenseModels,
-    add_model_args,
-    add_points_arg,
-    load_zoo_models,
-    run_evaluation,
-    summary_lines,
-)
+from eval.harness.command import CLASSIFIERS, run_evaluation
+from eval.robustness import add_model_args, add_points_arg, evaluation_from_args, summary_lines
 from eval.run_folder import claim_run_folder
 from manifold_defense import zoo
 from manifold_defense.presets import SCHEDULES
@@ -46,13 +44,10 @@ from manifold_defense.presets import SCHEDULES
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASSIFIERS",
     "CLASSIFIER_FIGURES",
     "FIGURES",
-    "DefenseModels",
-    "add_classifier_args",
+    "PROTOCOL",
     "add_parsers",
-    "load_zoo_models",
     "preset",
     "record_classifier_figures",
     "run_command",
@@ -64,13 +59,41 @@ FIGURES: tuple[str, ...] = ("undefended", "defended-clean", "naive", "bpda", "on
 CLASSIFIER_FIGURES = ("onmanifold", "overpowered")
 
 
-def add_classifier_args(p: argparse.ArgumentParser) -> None:
-    """The model options of the evaluation commands (:func:`eval.robustness.add_model_args`)."""
-    add_model_args(p)
+#: The protocol of the Defense-GAN figures where it is not the harness's own default (``RobustnessSettings``):
+#: setting -> (full, quick), ``None`` for the harness's default. Every other setting (the overpowered attack's
+#: temperature 10 included) is the harness default; ``naive_pgd_steps`` are ``pgd.steps`` with the naive figure.
+PROTOCOL: dict[str, tuple[Any, Any]] = {
+    "n": (100, 20),
+    "batch_size": (100, 100),
+    "draws": (None, 2),
+    "naive_pgd_steps": (100, 40),
+    "bpda.steps": (20, 10),
+    "bpda.eot_samples": (2, 2),
+    "onmanifold.steps": (None, 100),
+    "overpowered.steps": (None, 150),
+    "onmanifold.eps": (3.0, 3.0),
+    "overpowered.eps": (4.0, 4.0),
+}
+#: Options of the command -> the setting each one sets.
+_OPTIONS = {
+    "n": "n", "batch": "batch_size", "draws": "draws", "bpda_steps": "bpda.steps", "eot": "bpda.eot_samples",
+    "latent_steps": "onmanifold.steps", "op_steps": "overpowered.steps", "latent_eps": "onmanifold.eps",
+    "op_eps": "overpowered.eps", "op_temperature": "overpowered.temperature",
+}  # fmt: skip
+
+
+def _protocol(key: str, quick: bool) -> Any:
+    """The protocol's value of ``key`` (the harness default where :data:`PROTOCOL` says ``None``)."""
+    value = PROTOCOL[key][1 if quick else 0]
+    if value is None:
+        head, _, rest = ("pgd.steps" if key == "naive_pgd_steps" else key).partition(".")
+        default = getattr(RobustnessSettings(), head)
+        value = getattr(default, rest) if rest else default
+    return value
 
 
 def preset(args: argparse.Namespace) -> tuple[RobustnessSettings, tuple[str, ...]]:
-    """The harness settings and defenses of a ``python -m eval defense`` command line.
+    """The harness settings and defenses of a ``python -m eval defense`` command line (:data:`PROTOCOL`).
 
     Raises:
         ValueError: bad values (named as the harness names them), ``--quick`` with the Defense-GAN schedule.
@@ -79,9 +102,10 @@ def preset(args: argparse.Namespace) -> tuple[RobustnessSettings, tuple[str, ...
     schedule = args.schedule or "fast"
     if args.quick and schedule != "fast":
         raise ValueError(f"expected --quick with the fast schedule, got --schedule {schedule}")
-    l2_eps = tuple(args.l2_eps) if args.l2_eps is not None else (2.0, 4.0)
-    latent_eps = args.latent_eps if args.latent_eps is not None else 3.0
-    op_eps = args.op_eps if args.op_eps is not None else 4.0
+    changes: dict[str, Any] = {k: _protocol(k, args.quick) for k in PROTOCOL if k != "naive_pgd_steps"}
+    changes |= {_OPTIONS[k]: getattr(args, k) for k in _OPTIONS if getattr(args, k, None) is not None}
+    if "naive" in figs:
+        changes["pgd.steps"] = _protocol("naive_pgd_steps", args.quick)
     defenses = []
     if figs & {"undefended", "onmanifold", "overpowered"}:
         defenses.append("undefended")
@@ -89,37 +113,23 @@ def preset(args: argparse.Namespace) -> tuple[RobustnessSettings, tuple[str, ...
         defenses.append(f"projection-{schedule}")
     threats = [f"linf-{args.pgd_eps:g}"] if "undefended" in figs else []
     if figs & {"naive", "bpda"}:
-        threats += [f"l2-{e:g}" for e in l2_eps]
+        threats += [f"l2-{e:g}" for e in (args.l2_eps if args.l2_eps is not None else (2.0, 4.0))]
     if not threats:
-        threats = [f"l2-{latent_eps if 'onmanifold' in figs else op_eps:g}"]
+        threats = [f"l2-{changes['onmanifold.eps' if 'onmanifold' in figs else 'overpowered.eps']:g}"]
     if args.threats is not None:  # images of another shape than MNIST's: the user's budgets
         threats = [t.strip() for t in args.threats.split(",") if t.strip()]
     attacks = ["clean"]
     attacks += ["pgd"] if figs & {"undefended", "naive"} else []
     attacks += ["bpda-eot-pgd"] if "bpda" in figs else []
     attacks += [f for f in ("onmanifold", "overpowered") if f in figs]
-    values: dict[str, Any] = {
-        "n": args.n if args.n is not None else (20 if args.quick else 100),
-        "n_per_defense": {},
-        "threats": tuple(threats),
-        "attacks": tuple(attacks),
-        "cascade": False,
-        "seed": args.seed,
-        "batch_size": args.batch,
-        "draws": args.draws if args.draws is not None else (2 if args.quick else 3),
-        "pgd_steps": (40 if args.quick else 100) if "naive" in figs else 40,
-        "bpda_steps": args.bpda_steps if args.bpda_steps is not None else (10 if args.quick else 20),
-        "eot_samples": args.eot if args.eot is not None else 2,
-        "latent_steps": args.latent_steps if args.latent_steps is not None else (100 if args.quick else 200),
-        "op_steps": args.op_steps if args.op_steps is not None else (150 if args.quick else 300),
-        "op_temperature": args.op_temperature if args.op_temperature is not None else 1.0,
-        "latent_budget": latent_eps,
-        "op_budget": op_eps,
-        "curve_eps_linf": (),
-        "curve_eps_l2": (),
-        "quick": bool(args.quick),
-    }
-    return RobustnessSettings(**values), tuple(defenses)
+    changes |= {"n_per_defense": {}, "threats": tuple(threats), "attacks": tuple(attacks), "cascade": False,
+                "seed": args.seed, "latent_budget_from_threat": False, "curve_eps_linf": (), "curve_eps_l2": ()}  # fmt: skip
+    return RobustnessSettings(quick=bool(args.quick)).updated(changes), tuple(defenses)
+
+
+def _default(key: str) -> str:
+    full, quick = _protocol(key, False), _protocol(key, True)
+    return f"default {full:g}" + ("" if quick == full else f"; quick {quick:g}")
 
 
 def add_parsers(sub: Any) -> None:
@@ -132,41 +142,62 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/defense[-quick])")
     p.add_argument("--quick", action="store_true", help="smoke run: n 20, fast schedule, fewer steps")
-    add_points_arg(p, "default 100; quick 20")
+    add_points_arg(p, _default("n"))
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="projection schedule (default fast)")
     p.add_argument("--figures", type=_parse_figures, default=FIGURES, help=f"subset of {','.join(FIGURES)}")
-    p.add_argument("--batch", type=int, default=100, help="points per attack call")
+    p.add_argument(
+        "--batch", type=int, default=None, help=f"points per attack call ({_default('batch_size')})"
+    )
     p.add_argument(
         "--pgd-eps", type=float, default=0.3, help="Linf budget of the undefended figure (default 0.3)"
     )
     p.add_argument(
         "--l2-eps", type=float, nargs="+", default=None, help="l2 budgets of naive and BPDA (default 2 4)"
     )
-    p.add_argument("--bpda-steps", type=int, default=None, help="BPDA+EOT PGD steps (default 20; quick 10)")
-    p.add_argument("--eot", type=int, default=None, help="EOT samples per BPDA step (default 2)")
-    p.add_argument("--draws", type=int, default=None, help="verdict draws (default 3; quick 2)")
-    p.add_argument("--op-steps", type=int, default=None, help="overpowered attack steps (default 300)")
-    p.add_argument("--latent-steps", type=int, default=None, help="on-manifold attack steps (default 200)")
-    p.add_argument("--latent-eps", type=float, default=None, help="on-manifold pixel l2 budget (default 3)")
-    p.add_argument("--op-eps", type=float, default=None, help="overpowered pair l2 budget (default 4)")
     p.add_argument(
-        "--op-temperature",
+        "--bpda-steps", type=int, default=None, help=f"BPDA + EOT PGD steps ({_default('bpda.steps')})"
+    )
+    p.add_argument(
+        "--eot", type=int, default=None, help=f"EOT samples per BPDA step ({_default('bpda.eot_samples')})"
+    )
+    p.add_argument("--draws", type=int, default=None, help=f"fresh passes per verdict ({_default('draws')})")
+    p.add_argument(
+        "--op-steps",
+        type=int,
+        default=None,
+        help=f"overpowered attack steps ({_default('overpowered.steps')})",
+    )
+    p.add_argument(
+        "--latent-steps",
+        type=int,
+        default=None,
+        help=f"on-manifold attack steps ({_default('onmanifold.steps')})",
+    )
+    p.add_argument(
+        "--latent-eps",
         type=float,
         default=None,
-        help="OP loss on logits / T (default 1; > 1 on saturated softmax)",
+        help=f"on-manifold pixel l2 budget ({_default('onmanifold.eps')})",
     )
+    p.add_argument(
+        "--op-eps",
+        type=float,
+        default=None,
+        help=f"overpowered pair l2 budget ({_default('overpowered.eps')})",
+    )
+    temperature = RobustnessSettings().overpowered.temperature
+    p.add_argument("--op-temperature", type=float, default=None,
+                   help=f"the overpowered attack's loss is on logits / T (default {temperature:g}, the harness's: it "
+                   "does not saturate on a confident classifier)")  # fmt: skip
     p.add_argument("--threats", default=None, help="required for images of another shape than MNIST's")
     p.add_argument("--fresh", action="store_true", help="discard the saved state in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--write",
-        action="store_true",
-        help="merge the on-manifold and overpowered figures into the --classifier's zoo record",
-    )
-    add_classifier_args(p)
+    p.add_argument("--write", action="store_true",
+                   help="merge the on-manifold and overpowered figures into the --classifier's zoo record")  # fmt: skip
+    add_model_args(p)
     p.set_defaults(func=run_command)
 
 
@@ -279,7 +310,7 @@ def run_command(args: argparse.Namespace) -> int:
     claim_run_folder(out, "defense")  # refuse before the long run
     if settings.quick:
         log.info("QUICK smoke run: n=%d, fast schedule, fewer steps; not the reported figures", settings.n)
-    record = run_evaluation(args, settings, defenses, out, progress=not args.no_progress, command="defense")
+    record = run_evaluation(evaluation_from_args(args, settings, defenses, out, "defense"))
     print("\n".join(summary_lines(record)))
     log.info("wrote %s", out / "report.md")
     if args.write:

@@ -1,11 +1,6 @@
-"""The pair grid of the projection defense's figures (:func:`plot_pairs`).
-
-The reusable evaluation pieces this module used to hold are library objects now, imported here for the commands
-that read them from this module: the projection presets (:data:`SCHEDULES`, :func:`schedule_config`,
-:func:`defended_model`) are in :mod:`manifold_defense.presets`; robust accuracy under PGD (worst case over random
-draws), on-manifold latent attacks, overpowered pairs and their step curves are in
-:mod:`manifold_defense.evaluation`.
-"""
+"""The pair grid of the on-manifold figures (:func:`plot_pairs`): ``G(z) | G(z')`` pairs side by side with a
+caption under each image (the projection presets are in :mod:`manifold_defense.presets`, robust accuracy and the
+latent attacks' figures in :mod:`manifold_defense.evaluation`)."""
 
 from __future__ import annotations
 
@@ -14,40 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from manifold_defense.evaluation import (
-    OnManifoldEval,
-    OverpoweredEval,
-    RobustEval,
-    accuracy_at_steps,
-    consistency_at_steps,
-    correct_in_every_draw,
-    evaluate_onmanifold,
-    evaluate_overpowered,
-    evaluate_pgd,
-    found_at_steps,
-    invert_latents,
-    step_marks,
-)
-from manifold_defense.presets import SCHEDULES, defended_model, schedule_config
-
-__all__ = [
-    "SCHEDULES",
-    "OnManifoldEval",
-    "OverpoweredEval",
-    "RobustEval",
-    "accuracy_at_steps",
-    "consistency_at_steps",
-    "correct_in_every_draw",
-    "defended_model",
-    "evaluate_onmanifold",
-    "evaluate_overpowered",
-    "evaluate_pgd",
-    "found_at_steps",
-    "invert_latents",
-    "plot_pairs",
-    "schedule_config",
-    "step_marks",
-]
+__all__ = ["plot_pairs"]
 
 
 def plot_pairs(

@@ -32,41 +32,16 @@ import torch
 from attacks import Norm, PGDConfig, ThreatModel
 from attacks.bpda import BPDA
 from eval.cli import command_line
-from eval.harness import Defense, purifier_defense
 from eval.run_folder import claim_run_folder, read_record, run_folder_session, write_record
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
-from manifold_defense.diffpure import DiffusionPurifier, diffpure_classifier
+from manifold_defense.diffpure import DiffusionPurifier
 from manifold_defense.diffusion import DiffusionModel
 from manifold_defense.evaluation import correct_in_every_draw, evaluate_pgd
 
 log = logging.getLogger(__name__)
 RESULTS = "tstar.json"
-
-
-def diffpure_defense(
-    classifier: torch.nn.Module,
-    prior: DiffusionModel,
-    t_star: int,
-    steps: int = 10,
-    *,
-    eta: float = 0.0,
-    seed: int = 0,
-    surrogate_steps: int = 2,
-    name: str = "diffpure",
-) -> Defense:
-    """DiffPure as a harness :class:`~eval.harness.Defense`: randomized, its exact gradient through every reverse
-    step (the ``unrolled-pgd`` stage), and the ``ddim-<surrogate_steps>`` surrogate reverse process (the
-    ``surrogate-pgd`` stage, verified by ``real-bpda-eot`` on the real purifier)."""
-    spec = diffpure_classifier(
-        classifier, prior, t_star, steps, eta=eta, seed=seed, surrogate_steps=surrogate_steps
-    )
-    fixed = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=False)  # for grids and stats
-    return purifier_defense(
-        name, classifier, spec.purifier, randomized=True, surrogates=dict(spec.surrogates), exact=True, seed=seed,
-        preprocess=fixed,
-    )  # fmt: skip
 
 
 def _int_list(text: str) -> list[int]:

@@ -1,23 +1,28 @@
 """Outputs of the robustness harness: ``results.json``, the Markdown report and the PNG plots.
 
-``results.json`` schema (``schema: "manifold-defense robustness v1"``)::
+``results.json`` schema (``schema: "manifold-defense robustness v2"``, ``version``: the manifold-defense version
+that wrote it)::
 
-    {"threat_models": ["linf-0.3", "l2-2", "l2-4"], "n": 200, "settings": {...}, "quick": bool,
-     "reduced_vs_full": {field: {"this_run": v, "full": v}}, "attack_definitions": {...},
-     "flag_definitions": {...}, "world_size": W, ...,
+    {"threat_models": ["linf-0.3", "l2-2", "l2-4"], "n": 200, "settings": {... nested attack configs:
+     "pgd": {"steps": 40, ...}, "overpowered": {...}, "thresholds": {...}, "convergence": true ...}},
+     "quick": bool, "reduced_vs_full": {"field" or "config.field": {"this_run": v, "full": v}},
+     "attack_definitions": {...}, "flag_definitions": {...}, "world_size": W, ...,
      "defenses": {"<name>": {
          "n": points, "randomized": bool, "draws": k, "clean": accuracy,
          "attacks": {"<attack>": {"<threat>": {"status": "ran" | "skipped", "reason": ..., "accuracy": robust
                      accuracy after this attack of the cascade (cumulative worst case), "attacked": points,
                      "broken": newly broken points, "broken_alone": points this attack broke among those it
-                     attacked, "seconds": ..., "settings": {...}}}},
-         "worst_case": {"<threat>": final robust accuracy (worst case per point over the cascade)},
+                     attacked, "seconds": ..., "settings": {...}}},
+                     "convergence": {"<threat>": {... as above, "rerun_of": stage, "original_settings": {...},
+                     "figure_before": accuracy before the rerun}}},
+         "worst_case": {"<threat>": final robust accuracy (worst case per point over the cascade and the rerun)},
          "curves": {"linf" | "l2": {"attack": ..., "eps": [0, ...], "accuracy": [clean, ...]}},
          "audit": {"<threat>": {"norm", "eps", "max_perturbation", "nan_count", "value_range": [lo, hi]}},
          "gradients": {"<source>": {"points", "nan_or_inf", "zero_fraction", "norm_median"}},
          "checks": [{"flag", "status": "ok" | "flag" | "n/a", "where", "detail", "rule"}],
          "flags": [the checks whose status is "flag"],
-         "examples": {"<threat>": {"indices": [...], "attacks": [...]}}}}}
+         "examples": {"<threat>": {"indices": [...], "attacks": [...]}},
+         "cost": {"stages": {"<stage>": {"points", "seconds", "process_seconds", "real_passes"}}, "total": {...}}}}}
 
 The attacks and the per-threat results are nested ``attacks[attack][threat]`` and ``worst_case[threat]``.
 """
@@ -29,12 +34,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
+from eval.harness.plots import plot_curves, plot_examples, plot_onmanifold
 from eval.run_folder import write_record
 from manifold_defense.integrity import atomic_write_text
 
-__all__ = ["plot_curves", "plot_examples", "write_markdown", "write_outputs"]
+__all__ = ["write_markdown", "write_outputs"]
 
 
 def _fmt(value: Any) -> str:
@@ -44,31 +48,10 @@ def _fmt(value: Any) -> str:
 
 
 def write_markdown(record: Mapping[str, Any]) -> str:
-    """The report: setup, one table per threat model (defense x attack cascade), curves, checks and audit."""
-    s = record["settings"]
-    lines = [
-        f"# Robustness evaluation{' (QUICK smoke run: reduced settings, not the reported figures)' if record.get('quick') else ''}",
-        "",
-        f"Command: `{record.get('command', '(Python API)')}`; device {record.get('device', '?')}; processes "
-        f"{record.get('world_size', 1)}; n = {record['n']} ({record.get('data', 'given points')}); seed {s['seed']}; "
-        f"stage time {record.get('seconds_stages')} s (this call {record.get('seconds_this_call')} s, "
-        f"{record.get('resumed_stages', 0)} stages resumed from saved state).",
-        "",
-    ]
-    reduced = record.get("reduced_vs_full") or {}
-    if reduced:
-        lines += [
-            "Settings reduced vs the full protocol: "
-            + "; ".join(f"{k} {v['this_run']} (full {v['full']})" for k, v in reduced.items())
-            + ".",
-            "",
-        ]
-    lines += [
-        "Cells: robust accuracy after each attack of the cascade (each attack runs on the points still robust;",
-        "the worst case per point is the last column). `skip`: not applicable (see below).",
-        "",
-    ]
-    attacks = [a for a in record["attack_definitions"]]
+    """The report: setup, one table per threat model (defense x attack cascade), the convergence reruns,
+    projection, transfer and latent figures, curves, checks, audit, cost and the attack definitions."""
+    lines = _setup_lines(record)
+    attacks = list(record["attack_definitions"])
     for tk in record["threat_models"]:
         lines += [
             f"## {tk}",
@@ -85,8 +68,87 @@ def write_markdown(record: Mapping[str, Any]) -> str:
                 f"| {name} | {d['n']} | " + " | ".join(cells) + f" | **{_fmt(d['worst_case'][tk])}** |"
             )
         lines.append("")
-    lines += _projection_lines(record) + _transfer_lines(record) + _latent_lines(record)
-    lines += [
+    lines += _convergence_lines(record)
+    lines += (
+        _projection_lines(record) + _transfer_lines(record) + _latent_lines(record) + _curve_lines(record)
+    )
+    lines += _flag_lines(record) + _audit_lines(record) + _cost_lines(record) + _attack_lines(record)
+    return "\n".join(lines)
+
+
+def _setup_lines(record: Mapping[str, Any]) -> list[str]:
+    s = record["settings"]
+    quick = " (QUICK smoke run: reduced settings, not the reported figures)" if record.get("quick") else ""
+    lines = [
+        f"# Robustness evaluation{quick}",
+        "",
+        f"Command: `{record.get('command', '(Python API)')}`; device {record.get('device', '?')}; processes "
+        f"{record.get('world_size', 1)}; n = {record['n']} ({record.get('data', 'given points')}); seed {s['seed']}; "
+        f"stage time {record.get('seconds_stages')} s (this call {record.get('seconds_this_call')} s, "
+        f"{record.get('resumed_stages', 0)} stages resumed from saved state); manifold-defense "
+        f"{record.get('version', '?')}.",
+        "",
+    ]
+    reduced = record.get("reduced_vs_full") or {}
+    if reduced:
+        lines += [
+            "Settings reduced vs the full protocol: "
+            + "; ".join(f"{k} {v['this_run']} (full {v['full']})" for k, v in reduced.items())
+            + ".",
+            "",
+        ]
+    if not s.get("convergence", True):
+        lines += [
+            "**Convergence check off** (quick protocol): no figure below was checked for convergence.",
+            "",
+        ]
+    return [
+        *lines,
+        "Cells: robust accuracy after each attack of the cascade (each attack runs on the points still robust;",
+        "the worst case per point is the last column). `skip`: not applicable (see below). `convergence`: the",
+        "strongest white-box stage rerun with twice its steps on the survivors (its own section below).",
+        "",
+    ]
+
+
+def _convergence_lines(record: Mapping[str, Any]) -> list[str]:
+    """Per defense and threat: the stage rerun, its settings before and after, and the change of the figure."""
+    rows = []
+    for name, d in record["defenses"].items():
+        for tk, e in d["attacks"].get("convergence", {}).items():
+            if e.get("status") != "ran":
+                rows.append(f"| {name} | {tk} | - | - | - | - | {e.get('reason', 'skipped')} |")
+                continue
+            before, after = e["original_settings"], e["settings"]
+            change = ", ".join(
+                f"{k} {before[k]} -> {after[k]}"
+                for k in ("steps", "eot_samples")
+                if k in after and before.get(k) != after[k]
+            )
+            fired = e["broken"] > (record["settings"]["thresholds"]["not_converged"]) * d["n"] + 1e-9
+            rows.append(
+                f"| {name} | {tk} | {e['rerun_of']} | {change} | {e['attacked']} | {e['broken']} | "
+                f"{_fmt(e['figure_before'])} -> {_fmt(e['accuracy'])}{' **not-converged**' if fired else ''} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Convergence",
+        "",
+        "After the cascade, the strongest white-box stage of each threat (the gradient stage that broke the most",
+        "points) ran again on the points still robust, with twice its steps (and twice its EOT samples on a",
+        "randomized defense). What it broke counts in the worst case above; more than one percentage point of the",
+        "figure raises `not-converged`: the attacks had not converged, and a stronger one may break more.",
+        "",
+        "| defense | threat | rerun of | settings | survivors attacked | newly broken | figure |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _curve_lines(record: Mapping[str, Any]) -> list[str]:
+    lines = [
         "## Accuracy vs eps",
         "",
         "Independent runs of the curve attack (BPDA PGD through a preprocessing defense, "
@@ -97,7 +159,11 @@ def write_markdown(record: Mapping[str, Any]) -> str:
         for norm, c in d["curves"].items():
             pts = ", ".join(f"{e:g}: {_fmt(a)}" for e, a in zip(c["eps"], c["accuracy"], strict=True))
             lines.append(f"- {name}, {norm} ({c['attack']}, {c['settings']['steps']} steps): {pts}")
-    lines += ["", "## Red flags", ""]
+    return lines
+
+
+def _flag_lines(record: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## Red flags", ""]
     for flag, rule in record["flag_definitions"].items():
         lines.append(f"- **{flag}**: {rule}.")
     lines += ["", "| defense | flag | status | where | detail |", "|---|---|---|---|---|"]
@@ -105,7 +171,11 @@ def write_markdown(record: Mapping[str, Any]) -> str:
         for c in d["checks"]:
             status = "**FLAG**" if c["status"] == "flag" else c["status"]
             lines.append(f"| {name} | {c['flag']} | {status} | {c['where']} | {c['detail']} |")
-    lines += ["", "## Audit", ""]
+    return lines
+
+
+def _audit_lines(record: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## Audit", ""]
     for name, d in record["defenses"].items():
         parts = []
         for tk, a in d["audit"].items():
@@ -115,8 +185,11 @@ def write_markdown(record: Mapping[str, Any]) -> str:
                 f"{tk}: max {a['norm']} perturbation {a['max_perturbation']:.4g} (eps {a['eps']:g}), NaN {a['nan_count']}, {rng}"
             )
         lines.append(f"- audit {name}: " + "; ".join(parts))
-    lines += _cost_lines(record)
-    lines += ["", "## Attacks", ""]
+    return lines
+
+
+def _attack_lines(record: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## Attacks", ""]
     for a, doc in record["attack_definitions"].items():
         lines.append(f"- `{a}`: {doc}")
     skipped = sorted(
@@ -130,16 +203,10 @@ def write_markdown(record: Mapping[str, Any]) -> str:
     )
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"`{a}`: {r}" for a, r in skipped) + "."]
-    lines += [
-        "",
-        "Grids (clean / adversarial / projected): "
-        + ", ".join(
-            f"`grid_{name}_{tk}.png`" for name in record["defenses"] for tk in record["threat_models"]
-        )
-        + ".",
-        "",
-    ]
-    return "\n".join(lines)
+    grids = ", ".join(
+        f"`grid_{name}_{tk}.png`" for name in record["defenses"] for tk in record["threat_models"]
+    )
+    return [*lines, "", f"Grids (clean / adversarial / projected): {grids}.", ""]
 
 
 def _projection_lines(record: Mapping[str, Any]) -> list[str]:
@@ -185,15 +252,10 @@ def _cost_lines(record: Mapping[str, Any]) -> list[str]:
             "|---|---|---|---|---|",
         ]
         for stage, r in cost["stages"].items():
-            per = (
-                f"{r['real_passes'] / r['points']:.1f}"
-                if r["real_passes"] is not None and r["points"]
-                else "-"
-            )
-            secs = "-" if r["process_seconds"] is None else f"{r['process_seconds']:.1f}"
+            per = f"{r['real_passes'] / r['points']:.1f}" if r["points"] else "-"
+            secs = f"{r['process_seconds']:.1f}"
             lines.append(f"| {stage} | {_fmt(r['points'])} | {_fmt(r['real_passes'])} | {per} | {secs} |")
-        note = "" if t["complete"] else " (some stages were saved before these counts existed)"
-        lines.append(f"| **total**{note} | | **{t['real_passes']}** | | **{t['process_seconds']}** |")
+        lines.append(f"| **total** | | **{t['real_passes']}** | | **{t['process_seconds']}** |")
     return lines
 
 
@@ -263,77 +325,6 @@ def _latent_lines(record: Mapping[str, Any]) -> list[str]:
     return ["## Latent attacks on the classifier alone", "", *lines, ""]
 
 
-def plot_curves(record: Mapping[str, Any], path: Path) -> None:
-    """Accuracy vs eps, one panel per norm, one line per defense."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    norms = sorted({n for d in record["defenses"].values() for n in d["curves"]}, key=lambda v: v != "linf")
-    fig, axes = plt.subplots(1, max(1, len(norms)), figsize=(5 * max(1, len(norms)), 3.8), squeeze=False)
-    for ax, norm in zip(axes[0], norms, strict=False):
-        for name, d in record["defenses"].items():
-            c = d["curves"].get(norm)
-            if c:
-                ax.plot(c["eps"], c["accuracy"], marker="o", label=f"{name} ({c['attack']}, n={d['n']})")
-        ax.set_xlabel(f"{norm} eps")
-        ax.set_ylabel("robust accuracy")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if not norms:
-        axes[0][0].text(0.1, 0.5, "no curves computed")
-    fig.suptitle(("QUICK " if record.get("quick") else "") + "accuracy vs eps", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_examples(ex: Mapping[str, Any], y: list[int] | None, title: str, path: Path) -> None:
-    """Rows clean / adversarial / projected (when the defense has a projection), one column per example."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(ex.get("attacks", []))
-    rows = [("clean", ex.get("clean")), ("adversarial", ex.get("x_adv"))]
-    if isinstance(ex.get("projected"), Tensor):
-        rows.append(("projected", ex["projected"]))
-    fig, axes = plt.subplots(
-        len(rows), max(1, count), figsize=(1.6 * max(1, count) + 0.6, 1.8 * len(rows) + 0.6), squeeze=False
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, (_label, imgs) in enumerate(rows):
-        for c in range(count):
-            if not isinstance(imgs, Tensor):
-                continue
-            img = imgs[c]
-            ax = axes[r][c]
-            ax.imshow(
-                img.reshape(img.shape[-2], img.shape[-1]).numpy()
-                if img.shape[0] == 1
-                else img.permute(1, 2, 0).numpy(),
-                cmap="gray",
-                vmin=0,
-                vmax=1,
-            )
-            if r == 0:
-                ax.set_title(f"y={y[c] if y else '?'}", fontsize=7)
-            elif r == 1:
-                ax.set_title(f"{ex['attacks'][c]}: {int(ex['pred'][c])}", fontsize=7)
-            else:
-                ax.set_title("projection", fontsize=7)
-    if count == 0:
-        axes[0][0].text(0.0, 0.5, "no point broken: nothing to show", fontsize=9)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_outputs(
     record: Mapping[str, Any], stages: Mapping[str, Any], out: Path, labels: list[int] | None = None
 ) -> None:
@@ -357,27 +348,9 @@ def write_outputs(
             )
             on = stages.get(f"{name}|{tk}|onmanifold")
             if on is not None and "pairs" in on:
-                _plot_onmanifold(
+                plot_onmanifold(
                     on, d["attacks"]["onmanifold"][tk], out / f"onmanifold_{name}_{tk}.png", f"{name}, {tk}"
                 )
-
-
-def _plot_onmanifold(rec: Mapping[str, Any], entry: Mapping[str, Any], path: Path, where: str) -> None:
-    """The on-manifold pairs ``G(z) | G(z')`` the classifier gets wrong, closest first."""
-    from eval.defense_figures import plot_pairs
-
-    pairs = rec["pairs"]
-    pos = pairs["positions"].tolist()
-    points = rec["indices"][pos].tolist() if len(pos) else []
-    captions = [
-        (f"G(z) #{i}", f"G(z'): pred {int(rec['pred_adv'][p])}, l2 {float(rec['pixel_distance'][p]):.2f}")
-        for i, p in zip(points, pos, strict=True)
-    ]
-    title = (
-        f"{where}: on-manifold pairs G(z) | G(z'), ||G(z') - G(z)||_2 <= {entry['settings']['budget_l2']:g} "
-        f"(closest {len(pos)} of {entry.get('successes', '?')} flips)"
-    )
-    plot_pairs(path, pairs["x0"], pairs["x_adv"], captions, title)
 
 
 def _finite(value: Any) -> Any:

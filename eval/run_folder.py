@@ -31,7 +31,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,7 @@ def _what(owner: str) -> str:
     return "a run of unknown origin" if owner == "?" else f"a `python -m eval {owner}` run"
 
 
-def _without_marker(out: Path, command: str, legacy_owners: Collection[str]) -> None:
+def _without_marker(out: Path, command: str) -> None:
     """Checks for a folder that has no ``run.json``: refuse what another or an older run left there."""
     results = out / "results.json"
     if results.is_file():
@@ -149,8 +149,6 @@ def _without_marker(out: Path, command: str, legacy_owners: Collection[str]) -> 
             why = f"its {MARKER} is missing, so its protocol cannot be checked"
         else:
             why = f"written by an older version: no {MARKER}, and {results} carries no integrity hash"
-        if owner in legacy_owners:
-            owner = command
         if owner != command:
             raise RunFolderError(
                 f"{out} holds {_what(owner)}; refusing to write a `{command}` run over it (its results would be "
@@ -211,15 +209,13 @@ def _differences(saved: Any, new: Any) -> str:
     return f"{saved!r} -> {new!r}"
 
 
-def _check(
-    out: Path, command: str, wanted: Any, replace: bool, legacy_owners: Collection[str]
-) -> tuple[str, Any] | None:
+def _check(out: Path, command: str, wanted: Any, replace: bool) -> tuple[str, Any] | None:
     """Refuse ``out`` for a ``command`` run of ``wanted`` (see :func:`claim_run_folder`); its marker if any."""
     if not out.is_dir():
         return None
     found = _read_marker(out)
     if found is None:
-        _without_marker(out, command, legacy_owners)
+        _without_marker(out, command)
         return None
     owner, saved = found
     if owner != command:
@@ -327,7 +323,6 @@ def claim_run_folder(
     protocol: Mapping[str, Any] | None = None,
     *,
     replace: bool = False,
-    legacy_owners: Collection[str] = (),
 ) -> Path:
     """Create ``out`` (if needed), lock it for this writer and record a ``command`` run of ``protocol`` in
     ``out/run.json``.
@@ -338,7 +333,6 @@ def claim_run_folder(
         protocol: JSON-able settings that decide the run's figures; ``None`` when the command checks its own
             (the robustness harness fingerprints its state).
         replace: accept the same command's run of another protocol (the caller discards it, e.g. ``--fresh``).
-        legacy_owners: other commands whose runs count as this command's (the demo's robustness sub-run).
 
     Returns:
         ``out`` as a ``Path``.
@@ -362,12 +356,12 @@ def claim_run_folder(
             "(e.g. runs/NAME)"
         )
     wanted = _normalized(protocol)
-    _check(out, command, wanted, replace, legacy_owners)  # refuse before writing anything
+    _check(out, command, wanted, replace)  # refuse before writing anything
     if _rank() != 0:
         return out  # under torchrun rank 0 owns the folder
     took = _lock(out)
     try:
-        found = _check(out, command, wanted, replace, legacy_owners)  # again, now as the only writer
+        found = _check(out, command, wanted, replace)  # again, now as the only writer
         saved = found[1] if found is not None else None
         if found is None or saved is None or (replace and saved != wanted):
             atomic_write_text(

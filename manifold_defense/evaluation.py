@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 OnBatch = Callable[[], None] | None
+"""An optional callback with no arguments, called once per processed batch (progress bars)."""
 
 
 def _tick(on_batch: OnBatch) -> None:

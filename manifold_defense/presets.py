@@ -28,10 +28,10 @@ __all__ = [
     "schedule_config",
 ]
 
-#: Projection schedules by name. "defense-gan": Defense-GAN's own (SGD momentum 0.7, lr 10, L = 200, R = 10,
-#: lr x0.1 at 0.8 L, z ~ N(0, 1/k): 2000 generator passes per image). "fast": Adam lr 0.05, 50 steps,
-#: 2 restarts, restart 0 at the encoder's E(x), restart 1 at E(x) + N(0, 1/k) noise (102 generator passes).
 SCHEDULES: tuple[str, ...] = ("defense-gan", "fast")
+"""Projection schedules by name. "defense-gan": Defense-GAN's own (SGD momentum 0.7, lr 10, L = 200, R = 10,
+lr x0.1 at 0.8 L, z ~ N(0, 1/k): 2000 generator passes per image). "fast": Adam lr 0.05, 50 steps,
+2 restarts, restart 0 at the encoder's E(x), restart 1 at E(x) + N(0, 1/k) noise (102 generator passes)."""
 
 
 def schedule_config(name: str, seed: int = 0) -> InversionConfig:

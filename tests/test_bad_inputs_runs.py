@@ -129,9 +129,9 @@ def test_a_run_folder_accepts_its_own_rerun_and_refuses_a_file(tmp_path: Path) -
     assert claim_run_folder(out, "defense", {"n": 2}, replace=True) == out  # e.g. --fresh
     assert json.loads((out / MARKER).read_text())["protocol"] == {"n": 2}
     demo = _folder(tmp_path / "demo", None, legacy="python -m eval demo --n 5")  # an older version's sub-run
-    with pytest.raises(RunFolderError, match=r"holds a `python -m eval robustness` run that cannot be resumed "
-                       r"\(written by an older version"):  # fmt: skip
-        claim_run_folder(demo, "robustness", legacy_owners=("demo",))
+    with pytest.raises(RunFolderError, match=r"holds a `python -m eval demo` run; refusing to write a `robustness` run "
+                       r"over it \(its results would be lost; written by an older version"):  # fmt: skip
+        claim_run_folder(demo, "robustness")
     (tmp_path / "f").write_text("x")
     with pytest.raises(RunFolderError, match=r"expected --out .*f to be a folder, got a file"):
         claim_run_folder(tmp_path / "f", "cs")

@@ -75,3 +75,22 @@ def test_exact_gradient_rows_are_worst_case_and_resume(prior_dir: Path, tmp_path
         assert len(row["robust"]) == round(row["accuracy"] * row["n"])
     assert main(argv) == 0
     assert read_record(out / "exact.json")["rows"] == rows
+
+
+def test_diffpure_through_the_harness_runs_every_stage_and_refuses_a_missing_t_star(
+    prior_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "harness"
+    argv = ["robustness", "--quick", "--defenses", "diffpure", "--diffpure-t-star", "60", "--diffpure-steps", "2",
+            "--diffpure-weights-dir", str(prior_dir), "--n", "2", "--threats", "l2-2", "--no-curves",
+            "--attacks", "clean,bpda-pgd,surrogate-pgd,unrolled-pgd,real-bpda-eot", "--out", str(out),
+            "--threads", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    record = read_record(out / "results.json")["defenses"]["diffpure"]
+    assert record["randomized"] is True and record["surrogates"]["names"] == ["ddim-2"]
+    attacks = record["attacks"]
+    for stage in ("bpda-pgd", "surrogate-pgd", "unrolled-pgd", "real-bpda-eot"):
+        assert attacks[stage]["l2-2"]["status"] == "ran", stage
+    assert record["worst_case"]["l2-2"] <= attacks["clean"]["l2-2"]["accuracy"]
+    assert run(argv[:4] + argv[6:]) == 2  # --defenses diffpure without --diffpure-t-star
+    assert "--diffpure-t-star" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -20,7 +20,7 @@ import eval.bench_core as bench_core
 from eval.bench import RATIOS, BenchSettings, fast_config, reference_config
 from eval.bench_core import count_step_flops, flop_rate_sweep, project, project_loop, restart_starts
 from eval.cli import main
-from eval.defense_eval import DefenseModels
+from eval.harness.command import DefenseModels
 from manifold_defense.inversion import InversionConfig, invert
 
 K = 4

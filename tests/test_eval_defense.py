@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from attacks import LatentAttackConfig, Norm, PGDConfig, ThreatModel
 from eval.cli import build_parser, main
-from eval.defense_eval import FIGURES, load_zoo_models, preset
+from eval.defense_eval import FIGURES, preset
 from eval.defense_figures import plot_pairs
+from eval.harness.command import load_zoo_models
 from manifold_defense.evaluation import correct_in_every_draw, evaluate_onmanifold, evaluate_pgd
 from manifold_defense.presets import schedule_config
 
@@ -127,9 +128,10 @@ def test_schedules_and_preset_settings() -> None:
     assert settings.attacks == ("clean", "pgd", "bpda-eot-pgd", "onmanifold", "overpowered")
     budgets = ["defense", "--latent-eps", "1.5", "--op-eps", "2", "--figures", "onmanifold,overpowered"]
     settings, defenses = preset(build_parser().parse_args(budgets))
-    assert (settings.latent_budget, settings.op_budget, settings.threats) == (1.5, 2.0, ("l2-1.5",))
+    assert (settings.onmanifold.eps, settings.overpowered.eps, settings.threats) == (1.5, 2.0, ("l2-1.5",))
+    assert not settings.latent_budget_from_threat and settings.overpowered.temperature == 10.0
     assert defenses == ("undefended",) and settings.curve_eps_l2 == ()
-    with pytest.raises(ValueError, match="latent_budget"):
+    with pytest.raises(ValueError, match=r"onmanifold: expected eps to be finite and >= 0, got -1\.0"):
         preset(build_parser().parse_args(["defense", "--latent-eps", "-1"]))
     with pytest.raises(ValueError, match="expected --quick with the fast schedule"):
         preset(build_parser().parse_args(["defense", "--quick", "--schedule", "defense-gan"]))
@@ -236,7 +238,10 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     written = json.loads((out / "results.json").read_text())
     result = written["defenses"]["undefended"]["attacks"]
     rec = zoo.record("mnist-rmd", tmp_path)
-    onm, op = rec["figures"]["onmanifold_l2_1.5"], rec["figures"]["overpowered_l2_4"]
+    onm, op = (
+        rec["figures"]["onmanifold_l2_1.5"],
+        rec["figures"]["overpowered_l2_4_t10"],
+    )  # the default: logits / 10
     assert onm["success_rate"] == result["onmanifold"]["l2-1.5"]["success_rate"]
     assert onm["eligible"] == result["onmanifold"]["l2-1.5"]["eligible"] == 2 and onm["n"] == 2
     entry = result["overpowered"]["l2-1.5"]
@@ -247,18 +252,17 @@ def test_write_records_the_classifier_figures(tmp_path: Path) -> None:
     assert onm["command"] == written["command"] and rec["training"] == {"note": "test weights"}
     table = markdown_table(tmp_path)
     assert "| `mnist-rmd` | on-manifold attack success rate, pixel l2 <= 1.5 (2 steps;" in table
+    assert "pair l2 <= 4 (2 steps, logits / 10) |" in table
     assert (
-        "| `mnist-rmd` | overpowered attack accuracy (start correct and pairs consistent), pair l2 <= 4 (2 steps) |"
-        in table
-    )
-    assert (
-        main([*base, "--figures", "overpowered", "--op-temperature", "10", "--out", str(tmp_path / "t10")])
-        == 0
+        main([*base, "--figures", "overpowered", "--op-temperature", "1", "--out", str(tmp_path / "t1")]) == 0
     )
     rec = zoo.record("mnist-rmd", tmp_path)
-    assert rec["figures"]["overpowered_l2_4_t10"]["attack"]["temperature"] == 10.0
-    assert rec["figures"]["overpowered_l2_4"] == op  # the temperature-1 figure is kept beside it
-    assert "pair l2 <= 4 (2 steps, logits / 10) |" in markdown_table(tmp_path)
+    assert rec["figures"]["overpowered_l2_4"]["attack"]["temperature"] == 1.0  # Jalal et al.'s loss, by name
+    assert rec["figures"]["overpowered_l2_4_t10"] == op  # the default's figure is kept beside it
+    assert (
+        "| `mnist-rmd` | overpowered attack accuracy (start correct and pairs consistent), pair l2 <= 4 (2 steps) |"
+        in markdown_table(tmp_path)
+    )
     with pytest.raises(ValueError, match="cannot be used with --quick"):
         main([*base, "--quick", "--out", str(tmp_path / "q")])
     with pytest.raises(ValueError, match="expected --figures to include one of them, got undefended"):

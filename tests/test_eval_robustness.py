@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from eval.cli import build_parser
 from eval.harness import (
     ATTACKS,
     Defense,
@@ -134,31 +135,33 @@ def tiny_setup(n: int = 12) -> dict[str, Any]:
 TINY_INVERSION = InversionConfig(optimizer="adam", lr=0.1, steps=10, restarts=2, init="random", init_std=1.0)
 
 
-def tiny_settings(**overrides: Any) -> RobustnessSettings:
+def tiny_settings(changes: dict[str, Any] | None = None, **fields: Any) -> RobustnessSettings:
+    """Cheap settings of the tiny models; ``changes`` (dotted keys, ``"pgd.steps"``) and ``fields`` override them."""
     base: dict[str, Any] = {
         "n": 12,
         "n_per_defense": {},
         "threats": ("linf-0.3", "l2-1"),
         "batch_size": 5,
         "draws": 2,
-        "pgd_steps": 12,
-        "bpda_steps": 5,
-        "eot_samples": 2,
-        "unrolled_steps": 4,
+        "pgd.steps": 12,
+        "bpda.steps": 5,
+        "bpda.eot_samples": 2,
+        "unrolled.steps": 4,
         "unrolled_n": 4,
         "unrolled_batch": 2,
-        "apgd_steps": 5,
-        "square_queries": 20,
-        "latent_steps": 10,
-        "op_steps": 10,
+        "apgd.steps": 5,
+        "apgd.eot_samples": 2,
+        "square.queries": 20,
+        "onmanifold.steps": 10,
+        "overpowered.steps": 10,
+        "final.eot_samples": 2,
         "curve_eps_linf": (0.1, 0.3, 1.0),
         "curve_eps_l2": (0.5, 1.0, 4.0),
-        "curve_steps": 6,
+        "curve.steps": 6,
         "grad_check_n": 4,
         "grid_examples": 3,
     }
-    base.update(overrides)
-    return RobustnessSettings(**base)
+    return RobustnessSettings().updated({**base, **(changes or {}), **fields})
 
 
 def tiny_defenses(setup: dict[str, Any]) -> list[Defense]:
@@ -203,12 +206,14 @@ def test_cascade_end_to_end_and_schema(tmp_path: Path) -> None:
     und, proj = saved["defenses"]["undefended"], saved["defenses"]["projection-tiny"]
     for d in (und, proj):
         assert set(d) >= {"clean", "attacks", "worst_case", "flags"}
-        assert list(d["attacks"]) == list(ATTACKS)
+        assert list(d["attacks"]) == [*ATTACKS, "convergence"]
         assert d["clean"] >= 0.75
         for tk in saved["threat_models"]:
             ran = [d["attacks"][a][tk]["accuracy"] for a in ATTACKS if d["attacks"][a][tk]["status"] == "ran"]
             assert ran == sorted(ran, reverse=True)  # the cascade only removes points
-            assert d["worst_case"][tk] == ran[-1]
+            assert d["worst_case"][tk] == ran[-1]  # the convergence rerun's, last
+            rerun = d["attacks"]["convergence"][tk]
+            assert rerun["status"] == "ran" and rerun["accuracy"] <= rerun["figure_before"]
             audit = d["audit"][tk]
             assert audit["nan_count"] == 0 and audit["max_perturbation"] <= parse_threat(tk).eps * (1 + 1e-4)
     assert und["clean"] == 1.0
@@ -227,9 +232,15 @@ def test_cascade_end_to_end_and_schema(tmp_path: Path) -> None:
     assert "audit undefended" in report and "black-box-stronger" in report and "| projection-tiny |" in report
 
 
-def _run(setup: dict[str, Any], defenses: list[Defense], out: Path, **overrides: Any) -> dict[str, Any]:
+def _run(
+    setup: dict[str, Any],
+    defenses: list[Defense],
+    out: Path,
+    changes: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     return run_robustness(
-        tiny_settings(**overrides),
+        tiny_settings(changes, **fields),
         defenses,
         setup["x"],
         setup["y"],
@@ -245,19 +256,23 @@ CHEAP = ("clean", "pgd", "bpda-pgd", "unrolled-pgd", "square")
 
 def test_plain_model_raises_no_flag(tmp_path: Path) -> None:
     setup = tiny_setup()
-    record = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, attacks=CHEAP)
+    # budgets where PGD has converged (at l2 1 and 1.5 a point on the boundary falls only to the rerun with twice
+    # the steps: not-converged, rightly)
+    threats = ("linf-0.2", "l2-0.5")
+    record = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, attacks=CHEAP, threats=threats)
     d = record["defenses"]["undefended"]
     assert d["flags"] == [], d["flags"]
     statuses = {(c["flag"], c["status"]) for c in d["checks"]}
     assert ("unbounded-eps-not-zero", "ok") in statuses and ("black-box-stronger", "ok") in statuses
     assert ("zero-or-nan-gradients", "ok") in statuses and ("randomized-defense", "ok") in statuses
+    assert ("not-converged", "ok") in statuses and 0 < d["worst_case"]["l2-0.5"] < 1
     assert d["curves"]["linf"]["accuracy"][-1] == 0.0  # Linf eps 1: every point falls
 
 
 def test_gradient_masking_model_raises_its_flags(tmp_path: Path) -> None:
     setup = tiny_setup()
     masked = Defense("masked", MaskedGradient(setup["classifier"]).eval())
-    record = _run(setup, [masked], tmp_path, attacks=CHEAP, square_queries=200)
+    record = _run(setup, [masked], tmp_path, {"square.queries": 200}, attacks=CHEAP)
     d = record["defenses"]["masked"]
     assert {"zero-or-nan-gradients", "black-box-stronger"} <= _flags(record, "masked")
     assert d["gradients"]["pgd"]["zero_fraction"] == 1.0
@@ -407,23 +422,61 @@ def test_output_folder_of_another_run_is_refused(tmp_path: Path) -> None:
         _run(setup, [undefended_defense(setup["classifier"])], tmp_path / "other", **kw)
 
 
-def test_state_saved_before_a_new_setting_resumes_only_at_its_legacy_value(tmp_path: Path) -> None:
-    """A state written before ``op_temperature`` existed ran the OP attack at temperature 1: it resumes with
-    ``op_temperature=1`` (every stage reused) and is refused at the new default 10."""
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (
+            lambda fp: fp.pop("version"),
+            r"a version of manifold-defense older than .* \(it records no version",
+        ),
+        (
+            lambda fp: fp.update(version="0.0.9"),
+            r"written by manifold-defense 0\.0\.9 \(manifold-defense robustness v2\)",
+        ),
+        (lambda fp: fp.update(schema="manifold-defense robustness v1"), r"robustness v1"),
+    ],
+    ids=["no-version", "older-version", "older-schema"],
+)
+def test_a_state_written_by_another_version_is_refused_naming_it(
+    tmp_path: Path, edit: Any, named: str
+) -> None:
+    """A state whose fingerprint names another version of manifold-defense (or none: written before versions were
+    recorded) is refused with one message naming that version, this one and ``--fresh``; ``fresh=True``
+    recomputes it."""
+    from manifold_defense import __version__
+
     setup = tiny_setup()
     kw: dict[str, Any] = {"attacks": ("clean", "pgd"), "threats": ("linf-0.3",)}
-    _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=1.0, **kw)
-    state_path = tmp_path / "state.pt"
-    state = load_checked(state_path)
-    del state["fingerprint"]["settings"]["op_temperature"]  # as written by the harness before the setting
-    save_checked(state, state_path)
-    with pytest.raises(StateMismatchError, match=r"op_temperature: saved 1\.0, now 10\.0"):
+    first = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, **kw)
+    state = load_checked(tmp_path / "state.pt")
+    assert state["fingerprint"]["version"] == first["version"] == __version__
+    edit(state["fingerprint"])
+    save_checked(state, tmp_path / "state.pt")
+    with pytest.raises(StateMismatchError, match=named) as err:
         _run(setup, [undefended_defense(setup["classifier"])], tmp_path, **kw)
-    resumed = _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=1.0, **kw)
-    assert resumed["resumed_stages"] == len(state["stages"]) > 0
-    assert tiny_settings().op_temperature == 10.0
-    with pytest.raises(ValueError, match="op_temperature"):
-        tiny_settings(op_temperature=0.0)
+    assert f"this is manifold-defense {__version__}" in str(err.value) and "--fresh" in str(err.value)
+    again = run_robustness(tiny_settings(**kw), [undefended_defense(setup["classifier"])], setup["x"], setup["y"],
+                           tmp_path, progress=False, fresh=True)  # fmt: skip
+    assert again["resumed_stages"] == 0 and _strip_times(again["defenses"]) == _strip_times(first["defenses"])
+
+
+def test_overpowered_temperature_has_one_default() -> None:
+    """The harness's overpowered attack divides the logits by 10 in every command (robustness, defense, demo)."""
+    from eval.defense_eval import preset
+
+    assert (
+        tiny_settings().overpowered.temperature
+        == RobustnessSettings.quick_preset().overpowered.temperature
+        == 10.0
+    )
+    args = build_parser().parse_args(["defense", "--figures", "overpowered"])
+    assert preset(args)[0].overpowered.temperature == 10.0
+    assert (
+        preset(build_parser().parse_args(["defense", "--op-temperature", "1"]))[0].overpowered.temperature
+        == 1.0
+    )
+    with pytest.raises(ValueError, match=r"overpowered: expected temperature > 0, got 0\.0"):
+        tiny_settings({"overpowered.temperature": 0.0})
 
 
 def test_op_temperature_reaches_the_overpowered_attack(
@@ -441,7 +494,7 @@ def test_op_temperature_reaches_the_overpowered_attack(
     monkeypatch.setattr(core, "evaluate_overpowered", spy)
     setup = tiny_setup()
     kw: dict[str, Any] = {"attacks": ("clean", "overpowered"), "threats": ("l2-2",)}
-    _run(setup, [undefended_defense(setup["classifier"])], tmp_path, op_temperature=3.0, **kw)
+    _run(setup, [undefended_defense(setup["classifier"])], tmp_path, {"overpowered.temperature": 3.0}, **kw)
     assert seen and set(seen) == {3.0}
 
 
@@ -545,7 +598,12 @@ def test_process_group_waits_longer_than_a_slow_chunk(monkeypatch: pytest.Monkey
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
     monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
-    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+    for name, value in {
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29999",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
     ctx = distributed.setup_distributed("cpu")

@@ -3,20 +3,26 @@
 An attack cascade over a set of defenses, worst case per point, red-flag checks, resumable state and ``torchrun``
 sharding; surrogate attacks verified on the real defense. Modules (each one a reader can hold):
 
-- :mod:`eval.harness.settings`: the cascade (:data:`ATTACKS`), red-flag rules (:data:`FLAGS`), threat models and
-  :class:`RobustnessSettings`;
+- :mod:`eval.harness.settings`: threat models and :class:`RobustnessSettings` (each attack's settings nested as
+  its own config object; :mod:`eval.harness.configs`: APGD, Square and the flag thresholds);
+- :mod:`eval.harness.registry`: typed stage keys (:class:`StageKey`), the :class:`Stage` contract and the
+  registry (:func:`register_stage`: adding a stage is one class); :mod:`eval.harness.cascade`: the built-in
+  stages (:data:`ATTACKS`; the latent ones in :mod:`eval.harness.latent_stages`);
 - :mod:`eval.harness.defenses`: :class:`Defense` (model, BPDA / unrolled variants, surrogates) and constructors
   (:func:`purifier_defense`: any purifier in front of a classifier; :func:`projection_defense`: Defense-GAN's);
 - :mod:`eval.harness.state`: fingerprint, saved state, per-chunk seeds and the sharded chunk runner;
-- :mod:`eval.harness.stages`: the runner (info, clean, the attack cascade and its verdicts);
-- :mod:`eval.harness.sections`: the other stages (projection figures, accuracy-vs-eps curves, example grids);
-- :mod:`eval.harness.record`: the per-defense record (transfer counts, flags, audit);
+- :mod:`eval.harness.runner`: the runner (clean, the cascade, its verdicts, the convergence rerun);
+- :mod:`eval.harness.sections`: the other stages (info and the gradient check, projection figures,
+  accuracy-vs-eps curves, example grids);
+- :mod:`eval.harness.record` and :mod:`eval.harness.flags`: the per-defense record (transfer counts, audit) and
+  the red-flag checks (:data:`FLAGS`, one function per flag);
 - :mod:`eval.harness.api`: :func:`run_robustness` and :func:`evaluate_robustness` (one call: models or purifier
   defenses, tensors, threats -> a typed :class:`RobustnessReport`, :mod:`eval.harness.report`);
 - :mod:`eval.harness.purifiers`: a user's purifier on the command line (``--purifier FILE.py:factory``...);
 - :mod:`eval.harness.models`: models and data named on the command line (zoo names, ``module:factory``,
-  ``path.py:factory``, safetensors weights);
-- :mod:`eval.robustness_report`: ``results.json`` schema, ``report.md`` and the plots;
+  ``path.py:factory``, safetensors weights); :mod:`eval.harness.command`: the typed evaluation request of the
+  ``robustness``, ``defense`` and ``demo`` commands;
+- :mod:`eval.robustness_report`: ``results.json`` schema and ``report.md`` (:mod:`eval.harness.plots`: the plots);
 - :mod:`eval.robustness` / :mod:`eval.defense_eval`: the ``python -m eval robustness`` / ``defense`` commands.
 
 The cascade (:data:`ATTACKS`, in this order):
@@ -26,7 +32,7 @@ The cascade (:data:`ATTACKS`, in this order):
   gradient of the bare classifier (the projection ignored, the examples transferred): where a projection defense
   "looks robust".
 - ``bpda-pgd`` / ``bpda-eot-pgd``: PGD through the defense with BPDA (identity backward through the projection),
-  with EOT (``eot_samples`` fresh projections per step) on randomized defenses.
+  with EOT (``bpda.eot_samples`` fresh projections per step) on randomized defenses.
 - ``surrogate-pgd``: PGD through each surrogate the defense names (e.g. the differentiable ``G(E(x))``).
 - ``unrolled-pgd``: PGD back-propagating through every projection step, chunk by chunk (``unrolled_batch``
   points at a time bound the memory), on every point that survived ``pgd`` (``unrolled_n`` caps it).
@@ -35,6 +41,9 @@ The cascade (:data:`ATTACKS`, in this order):
   projected onto the threat ball around ``x``.
 - ``real-bpda-eot``: for defenses with surrogates, a final round of BPDA + EOT with real forward passes on
   every point still robust.
+- ``convergence`` (after every cascade): the strongest white-box stage of the threat (the gradient stage that
+  broke the most points) rerun on the survivors with twice its steps (and EOT samples on a randomized defense);
+  what it breaks counts in the worst case, and more than one percentage point raises ``not-converged``.
 
 Verdicts: a point is robust after an attack when the real defense labels the candidate correctly in every one of
 ``draws`` fresh forward passes (and in the attack's own final pass when that pass was the real defense's); the
@@ -52,25 +61,33 @@ from eval.harness.api import (
     summary_json,
     tensors_from_loader,
 )
+from eval.harness.cascade import ATTACKS
+from eval.harness.configs import APGDConfig, FlagThresholds, SquareConfig
 from eval.harness.defenses import (
     Defense,
     EncoderProjection,
+    diffpure_defense,
     projection_defense,
     projection_surrogates,
     purifier_defense,
     undefended_defense,
 )
+from eval.harness.flags import FLAGS, check_monotone
+from eval.harness.registry import (
+    Stage,
+    StageEnv,
+    StageKey,
+    StageView,
+    register_stage,
+    registered_stages,
+    unregister_stage,
+)
 from eval.harness.report import Check, DefenseReport, RobustnessReport, StageReport, Transfer
 from eval.harness.settings import (
-    ATTACK_DOCS,
-    ATTACKS,
     DEFAULT_THREATS,
-    FLAGS,
-    LEGACY_SETTINGS,
     SCHEMA,
     STATE_FILE,
     RobustnessSettings,
-    check_monotone,
     parse_threat,
     threat_key,
 )
@@ -78,23 +95,29 @@ from eval.harness.state import StateMismatchError, fingerprint, load_state
 
 __all__ = [
     "ATTACKS",
-    "ATTACK_DOCS",
     "DEFAULT_THREATS",
     "FLAGS",
-    "LEGACY_SETTINGS",
     "SCHEMA",
     "STATE_FILE",
+    "APGDConfig",
     "Check",
     "Defense",
     "DefenseReport",
     "EncoderProjection",
+    "FlagThresholds",
     "RobustnessReport",
     "RobustnessSettings",
+    "SquareConfig",
+    "Stage",
+    "StageEnv",
+    "StageKey",
     "StageReport",
+    "StageView",
     "StateMismatchError",
     "Transfer",
     "as_defense",
     "check_monotone",
+    "diffpure_defense",
     "evaluate_robustness",
     "fingerprint",
     "load_state",
@@ -102,9 +125,12 @@ __all__ = [
     "projection_defense",
     "projection_surrogates",
     "purifier_defense",
+    "register_stage",
+    "registered_stages",
     "run_robustness",
     "summary_json",
     "tensors_from_loader",
     "threat_key",
     "undefended_defense",
+    "unregister_stage",
 ]

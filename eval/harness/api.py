@@ -28,13 +28,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from eval.harness import state as st
+from eval.harness.cascade import CLEAN_DOC
 from eval.harness.defenses import Defense, purifier_defense, undefended_defense
-from eval.harness.record import defense_record
+from eval.harness.flags import FLAGS
+from eval.harness.record import CONVERGENCE, CONVERGENCE_DOC, defense_record
+from eval.harness.registry import StageKey, stage
 from eval.harness.report import RobustnessReport
-from eval.harness.settings import ATTACK_DOCS, FLAGS, SCHEMA, STATE_FILE, RobustnessSettings
-from eval.harness.stages import Runner
+from eval.harness.runner import Runner
+from eval.harness.settings import SCHEMA, STATE_FILE, RobustnessSettings
 from eval.inputs import check_labeled_images
 from eval.run_folder import claim_run_folder, run_folder_session
+from manifold_defense import __version__
 from manifold_defense.inversion import InversionConfig
 from manifold_defense.purification import PurifiedClassifier
 from manifold_defense.training.distributed import DistContext
@@ -86,6 +90,72 @@ def run_robustness(
     """
     from eval.robustness_report import write_outputs
 
+    defenses = _checked(settings, defenses, x, y)
+    ctx = ctx if ctx is not None else DistContext(0, 1, x.device)
+    x, y = x[: settings.n].detach(), y[: settings.n].detach()
+    out = Path(out)
+    extra = {"generator": None if generator is None else type(generator).__name__, "latent_config": latent_config,
+             "order": [d.name for d in defenses]}  # fmt: skip
+    fp = st.fingerprint(settings, defenses, x, y, extra)
+    if generator is not None:
+        fp["generator"] = st.generator_hash(generator)
+    state = _open_state(out, fp, command, fresh, ctx)
+    resumed = len(state["stages"])
+    start = time.perf_counter()
+    Runner(
+        settings, defenses, x, y, out, ctx, generator, encoder, latent_config, state, progress, on_stage
+    ).run()
+    record = _results(settings, defenses, state, x, ctx, meta, resumed, start)
+    if ctx.is_main:
+        st.save_state(state, out)
+        write_outputs(record, state["stages"], out)
+    if ctx.distributed:
+        ctx.barrier()
+    return record
+
+
+def _results(
+    settings: RobustnessSettings,
+    defenses: Sequence[Defense],
+    state: dict[str, Any],
+    x: Tensor,
+    ctx: DistContext,
+    meta: Mapping[str, Any] | None,
+    resumed: int,
+    start: float,
+) -> dict[str, Any]:
+    """The results record of a finished run (schema in :mod:`eval.robustness_report`)."""
+    for d in defenses:
+        state["stages"][StageKey(d.name, None, "info").text]["dim"] = int(x[0].numel())
+    return {
+        "schema": SCHEMA,
+        "version": __version__,
+        "threat_models": list(settings.threats),
+        "n": settings.n,
+        "image_shape": list(x.shape[1:]),
+        "settings": settings.to_json(),
+        "quick": settings.quick,
+        "reduced_vs_full": settings.reductions(),
+        **dict(meta or {}),
+        "world_size": ctx.world_size,
+        "resumed_stages": resumed,
+        "seconds_this_call": round(time.perf_counter() - start, 1),
+        "seconds_stages": round(
+            sum(float(v.get("seconds", 0.0)) for v in state["stages"].values() if isinstance(v, dict)), 1
+        ),
+        "attack_definitions": {"clean": CLEAN_DOC}
+        | {a: stage(a).doc for a in settings.attacks[1:]}
+        | {CONVERGENCE: CONVERGENCE_DOC},
+        "flag_definitions": dict(FLAGS),
+        "defenses": {d.name: defense_record(settings, state["stages"], d.name) for d in defenses},
+    }
+
+
+def _checked(
+    settings: RobustnessSettings, defenses: Sequence[Defense], x: Tensor, y: Tensor
+) -> list[Defense]:
+    """The defenses as a list, after checking the settings, the defenses and the data (``TypeError`` /
+    ``ValueError`` naming what was expected)."""
     if not isinstance(settings, RobustnessSettings):
         raise TypeError(f"expected settings as RobustnessSettings, got {type(settings).__name__}")
     defenses = list(defenses)
@@ -95,17 +165,12 @@ def run_robustness(
     if len(set(names)) != len(names):
         raise ValueError(f"expected distinct defense names, got {names}")
     check_labeled_images(x, y, settings.n)
-    ctx = ctx if ctx is not None else DistContext(0, 1, x.device)
-    x, y = x[: settings.n].detach(), y[: settings.n].detach()
-    out = Path(out)
-    extra = {
-        "generator": None if generator is None else type(generator).__name__,
-        "latent_config": latent_config,
-        "order": names,
-    }
-    fp = st.fingerprint(settings, defenses, x, y, extra)
-    if generator is not None:
-        fp["generator"] = st.generator_hash(generator)
+    return defenses
+
+
+def _open_state(out: Path, fp: dict[str, Any], command: str, fresh: bool, ctx: DistContext) -> dict[str, Any]:
+    """Claim ``out`` and read its saved state (rank 0; ``fresh`` discards it first), then share it with every
+    rank."""
     state: dict[str, Any] = {}
     if ctx.is_main:
         claim_run_folder(out, command)  # the settings are checked by the state's fingerprint
@@ -123,38 +188,7 @@ def run_robustness(
         box: list[Any] = [state if ctx.is_main else None]
         dist.broadcast_object_list(box, src=0)
         state = box[0]
-    resumed = len(state["stages"])
-    start = time.perf_counter()
-    Runner(
-        settings, defenses, x, y, out, ctx, generator, encoder, latent_config, state, progress, on_stage
-    ).run()
-    for d in defenses:
-        state["stages"][f"{d.name}|info"]["dim"] = int(x[0].numel())
-    record: dict[str, Any] = {
-        "schema": SCHEMA,
-        "threat_models": list(settings.threats),
-        "n": settings.n,
-        "image_shape": list(x.shape[1:]),
-        "settings": settings.to_json(),
-        "quick": settings.quick,
-        "reduced_vs_full": settings.reductions(),
-        **dict(meta or {}),
-        "world_size": ctx.world_size,
-        "resumed_stages": resumed,
-        "seconds_this_call": round(time.perf_counter() - start, 1),
-        "seconds_stages": round(
-            sum(float(v.get("seconds", 0.0)) for v in state["stages"].values() if isinstance(v, dict)), 1
-        ),
-        "attack_definitions": {a: ATTACK_DOCS[a] for a in settings.attacks},
-        "flag_definitions": dict(FLAGS),
-        "defenses": {d.name: defense_record(settings, state["stages"], d.name) for d in defenses},
-    }
-    if ctx.is_main:
-        st.save_state(state, out)
-        write_outputs(record, state["stages"], out)
-    if ctx.distributed:
-        ctx.barrier()
-    return record
+    return state
 
 
 def tensors_from_loader(loader: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:

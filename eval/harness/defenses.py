@@ -28,6 +28,7 @@ from manifold_defense.purification import FixedSeed, PurifiedClassifier
 __all__ = [
     "Defense",
     "EncoderProjection",
+    "diffpure_defense",
     "projection_defense",
     "projection_surrogates",
     "purifier_defense",
@@ -280,4 +281,35 @@ def projection_defense(
         preprocess=projector("bpda", False, config),
         stand_ins=surrogates,
         surrogate=surrogate,
+    )
+
+
+def diffpure_defense(
+    classifier: nn.Module,
+    prior: nn.Module,
+    t_star: int,
+    steps: int = 10,
+    *,
+    eta: float = 0.0,
+    seed: int = 0,
+    surrogate_steps: int | None = 2,
+    name: str = "diffpure",
+) -> Defense:
+    """DiffPure (Nie et al., ICML 2022) as a :class:`Defense`: the classifier behind
+    :class:`~manifold_defense.diffpure.DiffusionPurifier` (``prior`` a
+    :class:`~manifold_defense.diffusion.DiffusionModel`, diffused to ``t_star``, ``steps`` DDIM steps back),
+    randomized, with its exact gradient through every reverse step (the ``unrolled-pgd`` stage, gradient
+    checkpointed) and, unless ``surrogate_steps`` is ``None``, the ``ddim-<surrogate_steps>`` surrogate reverse
+    process (the ``surrogate-pgd`` stage; Lee and Kim, ICCV 2023), whose examples are judged on the real purifier.
+    """
+    from manifold_defense.diffpure import DiffusionPurifier
+    from manifold_defense.diffusion import DiffusionModel
+
+    if not isinstance(prior, DiffusionModel):
+        raise TypeError(f"expected the DiffPure prior as a DiffusionModel, got {type(prior).__name__}")
+    purifier = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=True)
+    surrogates = {} if surrogate_steps is None else {f"ddim-{surrogate_steps}": purifier.with_steps(surrogate_steps)}
+    fixed = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=False)  # for grids and stats
+    return purifier_defense(
+        name, classifier, purifier, randomized=True, surrogates=surrogates, exact=True, seed=seed, preprocess=fixed
     )

@@ -20,7 +20,7 @@ curves; the bare classifier ``pgd`` and the latent attacks (:func:`eval.harness.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,14 @@ from eval.harness.defenses import Defense, purifier_defense
 from eval.harness.models import load_factory, parse_spec
 from manifold_defense.purification import detect_randomized
 
-__all__ = ["PURIFIED", "add_purifier_args", "load_purifier", "purifier_defense_from_args", "surrogate_arg"]
+__all__ = [
+    "PURIFIED",
+    "PurifierSpec",
+    "add_purifier_args",
+    "load_purifier",
+    "purifier_defense_from_spec",
+    "surrogate_arg",
+]
 
 #: The name of the purifier defense in the report.
 PURIFIED = "purified"
@@ -102,45 +109,71 @@ def load_purifier(text: str, device: torch.device, role: str = "--purifier") -> 
     return module.to(device).eval()
 
 
-def purifier_defense_from_args(
-    args: argparse.Namespace, classifier: nn.Module, x: Tensor, seed: int = 0
-) -> Defense | None:
-    """The ``purified`` defense the command line names (``None`` without ``--purifier``).
+@dataclass(frozen=True)
+class PurifierSpec:
+    """A user's purifier by name (the ``--purifier`` options).
 
     Args:
-        args: parsed options (:func:`add_purifier_args`; missing ones count as not given).
-        classifier: the loaded ``--classifier``; x: the evaluation images (the first two decide
-            randomness when neither ``--purifier-randomized`` nor ``--purifier-deterministic`` is given).
+        spec: ``package.module:factory`` or ``path.py:factory`` returning the purifier (images in [0, 1] ->
+            images of the same shape in [0, 1]).
+        surrogates: ``(NAME, SPEC)`` pairs of differentiable approximations of the purifier (distinct names).
+        randomized: whether it draws fresh noise on every call; ``None``: detected by two calls on the first two
+            evaluation images.
+        exact: its own autograd gradient is exact (``unrolled-pgd`` attacks through it).
+    """
+
+    spec: str
+    surrogates: tuple[tuple[str, str], ...] = ()
+    randomized: bool | None = None
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.surrogates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expected distinct --purifier-surrogate names, got {names}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PurifierSpec | None:
+        """The purifier the parsed options name (:func:`add_purifier_args`), ``None`` without ``--purifier``.
+
+        Raises:
+            ValueError: purifier options without ``--purifier``, a surrogate name given twice.
+        """
+        text = getattr(args, "purifier", None)
+        pairs = tuple(getattr(args, "purifier_surrogate", None) or ())
+        randomized = getattr(args, "purifier_randomized", None)
+        exact = bool(getattr(args, "purifier_exact", False))
+        if text is None:
+            if pairs or randomized is not None or exact:
+                raise ValueError("--purifier-surrogate, --purifier-randomized/-deterministic and --purifier-exact "
+                                 "describe a purifier: expected --purifier FILE.py:factory too, got none")  # fmt: skip
+            return None
+        return cls(text, pairs, randomized, exact)
+
+
+def purifier_defense_from_spec(
+    spec: PurifierSpec, classifier: nn.Module, x: Tensor, seed: int = 0, verbatim: bool = False
+) -> Defense:
+    """The ``purified`` defense: ``classifier`` behind the purifier ``spec`` names.
+
+    Args:
+        spec: :class:`PurifierSpec`; classifier: the loaded classifier.
+        x: the evaluation images (the first two decide randomness when ``spec.randomized`` is ``None``).
         seed: the run's seed (the purifier's per-call seed stream).
+        verbatim: every attack on the real defense (refused with surrogates).
 
     Raises:
-        ValueError: purifier options without ``--purifier``, a surrogate name given twice.
+        ValueError: surrogates with ``verbatim``; TypeError: a factory that returns no ``nn.Module``.
     """
-    text = getattr(args, "purifier", None)
-    pairs: list[Any] = list(getattr(args, "purifier_surrogate", None) or [])
-    randomized = getattr(args, "purifier_randomized", None)
-    exact = bool(getattr(args, "purifier_exact", False))
-    if text is None:
-        if pairs or randomized is not None or exact:
-            raise ValueError("--purifier-surrogate, --purifier-randomized/-deterministic and --purifier-exact "
-                             "describe a purifier: expected --purifier FILE.py:factory too, got none")  # fmt: skip
-        return None
-    if pairs and getattr(args, "verbatim", False):
+    if spec.surrogates and verbatim:
         raise ValueError("--verbatim attacks the real defense only: expected no --purifier-surrogate, got "
-                         f"{[name for name, _ in pairs]}")  # fmt: skip
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"expected distinct --purifier-surrogate names, got {names}")
-    purifier = load_purifier(text, x.device)
-    surrogates = {name: load_purifier(spec, x.device, f"--purifier-surrogate {name}") for name, spec in pairs}
-    if randomized is None:
-        randomized = detect_randomized(purifier, x[:2])
+                         f"{[name for name, _ in spec.surrogates]}")  # fmt: skip
+    purifier = load_purifier(spec.spec, x.device)
+    surrogates = {
+        name: load_purifier(text, x.device, f"--purifier-surrogate {name}") for name, text in spec.surrogates
+    }
+    randomized = spec.randomized if spec.randomized is not None else detect_randomized(purifier, x[:2])
     return purifier_defense(
-        PURIFIED,
-        classifier,
-        purifier,
-        randomized=randomized,
-        surrogates=surrogates,
-        exact=exact or None,
+        PURIFIED, classifier, purifier, randomized=randomized, surrogates=surrogates, exact=spec.exact or None,
         seed=seed,
-    )
+    )  # fmt: skip

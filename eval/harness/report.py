@@ -99,7 +99,8 @@ class DefenseReport:
         name, n: the defense and its number of points.
         randomized: its forward pass is random (verdicts are then worst case over ``draws`` fresh passes).
         clean: clean accuracy; worst_case: ``threat -> robust accuracy`` (worst case per point over the cascade).
-        stages: every (attack, threat) stage in cascade order, threat by threat; checks: every red-flag check.
+        stages: every (attack, threat) stage in cascade order, threat by threat, the ``convergence`` rerun last;
+            checks: every red-flag check.
     """
 
     name: str
@@ -190,7 +191,19 @@ class RobustnessReport:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], out: Path | None = None) -> RobustnessReport:
-        """The report of a results record (a run's return value or its ``results.json``)."""
+        """The report of a results record (a run's return value or its ``results.json``).
+
+        Raises:
+            ValueError: a record written by another version of the harness (its schema and version named).
+        """
+        from eval.harness.settings import SCHEMA
+
+        if record.get("schema") != SCHEMA:
+            raise ValueError(
+                f"expected a results record of {SCHEMA!r}, got one of {record.get('schema')!r} written by "
+                f"manifold-defense {record.get('version', '(a version that records none)')}: run it again with this "
+                "version"
+            )
         threats = tuple(record["threat_models"])
         return cls(
             threats=threats,

@@ -3,8 +3,9 @@ the chunk runner that splits a stage's points over ``torchrun`` ranks.
 
 Resume: after every ``(defense, threat, attack)`` stage rank 0 writes ``DIR/state.pt`` (atomic replace through a
 temporary file unique to the writer, behind a SHA-256 header: :mod:`manifold_defense.integrity`), keyed by
-a fingerprint of the settings, the data and the models' parameters; a later call with the same fingerprint skips
-the finished stages, one with a different fingerprint is refused (never mixed). Within a stage rank 0 also saves
+a fingerprint of the settings, the data, the models' parameters and the package version that wrote it; a later call
+with the same fingerprint skips the finished stages, one with a different fingerprint is refused (never mixed),
+and a state written by another version of manifold-defense is refused naming that version. Within a stage rank 0 also saves
 each chunk it finishes (and the starting latents of the latent attacks), so a long stage resumes at its first
 missing chunk; chunks of other ranks are redone. A state file that fails its hash (cut, altered, empty, random,
 or written by an older version without one) is refused naming the file, never read into a figure.
@@ -29,9 +30,10 @@ import torch
 from torch import Tensor
 
 from eval.harness.defenses import Defense
-from eval.harness.settings import LEGACY_SETTINGS, SCHEMA, STATE_FILE, RobustnessSettings, jsonable
+from eval.harness.settings import SCHEMA, STATE_FILE, RobustnessSettings, jsonable
 from eval.run_folder import MARKER as RUN_MARKER
 from eval.run_folder import is_bookkeeping
+from manifold_defense import __version__
 from manifold_defense.integrity import load_checked, save_checked
 from manifold_defense.training.distributed import DistContext
 
@@ -59,11 +61,8 @@ def _hash_tensor(h: Any, t: Tensor) -> None:
 def fingerprint(
     settings: RobustnessSettings, defenses: Sequence[Defense], x: Tensor, y: Tensor, extra: Any
 ) -> dict[str, Any]:
-    """What identifies a run: settings, data hash, each defense's name and parameter hash, extra settings.
-
-    A defense's surrogates enter its hash (names, parameters, configuration) only when it has any, so states
-    saved before surrogates existed keep their fingerprint.
-    """
+    """What identifies a run: harness schema and package version, settings, data hash, each defense's name and
+    parameter hash (its surrogates' names, parameters and configuration included), extra settings."""
     h = hashlib.sha256()
     _hash_tensor(h, x)
     _hash_tensor(h, y)
@@ -85,6 +84,7 @@ def fingerprint(
         models[d.name] = hm.hexdigest()[:16]
     return {
         "schema": SCHEMA,
+        "version": __version__,
         "settings": settings.to_json(),
         "data": h.hexdigest()[:16],
         "defenses": models,
@@ -122,7 +122,8 @@ def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
     Raises:
         IntegrityError: ``state.pt`` does not match the SHA-256 written with it (cut, altered, empty, random) or
             was written by an older version without one; the message names the file and how to recompute.
-        StateMismatchError: the state is another run's, or ``out`` holds other files and no state.
+        StateMismatchError: the state is another run's, was written by another version of manifold-defense
+            (named), or ``out`` holds other files and no state.
     """
     path = out / STATE_FILE
     if not path.exists():
@@ -141,10 +142,7 @@ def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
     state = load_checked(path, what="robustness harness state", recover=RECOVER)
     if not isinstance(state, dict) or "fingerprint" not in state:
         raise StateMismatchError(f"expected {path} to be a robustness state file, got {type(state).__name__}")
-    saved_settings = state["fingerprint"].get("settings") if isinstance(state["fingerprint"], dict) else None
-    if isinstance(saved_settings, dict):
-        for key, value in LEGACY_SETTINGS.items():
-            saved_settings.setdefault(key, value)
+    _check_version(path, state["fingerprint"])
     if state["fingerprint"] != fp:
         diff = _diff(state["fingerprint"], fp)
         raise StateMismatchError(
@@ -153,6 +151,24 @@ def load_state(out: Path, fp: dict[str, Any]) -> dict[str, Any]:
             "discard it"
         )
     return state
+
+
+def writer(fp: Any) -> str:
+    """The version of manifold-defense that wrote a state's fingerprint ``fp``, in words."""
+    fp = fp if isinstance(fp, dict) else {}
+    if isinstance(fp.get("version"), str):
+        return f"manifold-defense {fp['version']} ({fp.get('schema')})"
+    return f"a version of manifold-defense older than {__version__}'s harness (it records no version; {fp.get('schema')})"
+
+
+def _check_version(path: Path, fp: Any) -> None:
+    """Refuse a state written by another version of manifold-defense, naming it."""
+    if isinstance(fp, dict) and fp.get("version") == __version__ and fp.get("schema") == SCHEMA:
+        return
+    raise StateMismatchError(
+        f"{path} was written by {writer(fp)}; this is manifold-defense {__version__} ({SCHEMA}), which does not "
+        "read its stages: run the same command with --fresh (fresh=True) to recompute the run, or use another --out"
+    )
 
 
 def save_state(state: dict[str, Any], out: Path) -> None:
@@ -254,9 +270,10 @@ def run_chunks(
             mine.append((j, done["result"]))
             continue
         start = time.perf_counter()
-        with seeded(chunk_seed(seed, key, int(chunk[0])), defense, device), _counting_rows(
-            _real_modules(defense)
-        ) as rows:
+        with (
+            seeded(chunk_seed(seed, key, int(chunk[0])), defense, device),
+            _counting_rows(_real_modules(defense)) as rows,
+        ):
             result = fn(chunk)
         share = torch.full((len(chunk),), 1.0 / len(chunk), dtype=torch.float64)
         cost = {"chunk_seconds": share * (time.perf_counter() - start), "real_rows": share * rows[0]}
@@ -273,6 +290,4 @@ def run_chunks(
     mine.sort(key=lambda item: item[0])
     if not mine:
         return {}
-    # chunks saved before the cost entries existed lack them: a key is kept only when every chunk has it
-    keys = [k for k in mine[0][1] if all(k in r for _, r in mine)]
-    return {k: torch.cat([r[k] for _, r in mine]) for k in keys}
+    return {k: torch.cat([r[k] for _, r in mine]) for k in mine[0][1]}

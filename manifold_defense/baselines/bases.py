@@ -40,8 +40,8 @@ __all__ = [
     "synthesis_matrix",
 ]
 
-#: Names accepted by every function that takes a ``basis`` argument.
 BASES: tuple[str, ...] = ("pixel", "dct", "wavelet")
+"""Names accepted by every function that takes a ``basis`` argument."""
 
 
 def _check_basis_name(basis: object) -> str:

@@ -48,9 +48,9 @@ __all__ = [
     "select_alpha",
 ]
 
-#: Default grid for :func:`select_alpha`. It spans CS-DIP's 1e-5 (DCT/wavelet) to CSGM's 0.1 (pixel) and
-#: beyond; with an unscaled N(0, 1) matrix and MNIST-like images the best value is typically in [1e-4, 1].
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""Default grid for :func:`select_alpha`. It spans CS-DIP's 1e-5 (DCT/wavelet) to CSGM's 0.1 (pixel) and
+beyond; with an unscaled N(0, 1) matrix and MNIST-like images the best value is typically in [1e-4, 1]."""
 
 
 @dataclass(frozen=True)

@@ -52,21 +52,21 @@ __all__ = [
     "render",
 ]
 
-#: The world's digit classes (values of ``D``, in this order).
 DIGITS: tuple[int, ...] = (0, 1, 3, 4, 7)
-#: ``P(D)``, in the order of :data:`DIGITS`.
+"""The world's digit classes (values of ``D``, in this order)."""
 DIGIT_PRIOR: tuple[float, ...] = (0.25, 0.25, 0.20, 0.15, 0.15)
-#: ``P(T = thick | D)``: round digits are mostly thick, straight ones mostly thin.
+"""``P(D)``, in the order of :data:`DIGITS`."""
 THICK_GIVEN_DIGIT: tuple[float, ...] = (0.85, 0.15, 0.80, 0.30, 0.20)
-#: ``P(S = right | D, T)``: rows are T (thin, thick), columns D; thick strokes lean right.
+"""``P(T = thick | D)``: round digits are mostly thick, straight ones mostly thin."""
 RIGHT_GIVEN_DIGIT_THICKNESS: tuple[tuple[float, ...], ...] = (
     (0.20, 0.35, 0.20, 0.30, 0.35),
     (0.75, 0.90, 0.75, 0.85, 0.90),
 )
-#: Shear of the slant attribute (``|mu11 / mu02|`` of a rendered digit).
+"""``P(S = right | D, T)``: rows are T (thin, thick), columns D; thick strokes lean right."""
 SLANT: float = 0.25
-#: Thickness (area / skeleton length) separating thin (about 3.2) from thick (about 5.8).
+"""Shear of the slant attribute (``|mu11 / mu02|`` of a rendered digit)."""
 THICKNESS_SPLIT: float = 4.35
+"""Thickness (area / skeleton length) separating thin (about 3.2) from thick (about 5.8)."""
 #: Dilation radius of the skeleton for thin and thick strokes.
 STROKE_RADIUS: tuple[int, int] = (1, 2)
 

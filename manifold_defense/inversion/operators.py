@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: A batch of measurements: a tensor ``(B, ...)``, or for :class:`Mixture` a tuple with one entry per
-# component.
 Measurements: TypeAlias = "torch.Tensor | tuple[Measurements, ...]"
+"""A batch of measurements: a tensor ``(B, ...)``, or for :class:`Mixture` a tuple with one entry per
+component."""
 
 Shape3 = tuple[int, int, int]
 

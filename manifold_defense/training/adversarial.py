@@ -65,10 +65,10 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-#: Training or validation data: a dataset of ``(image, label)`` pairs or a tuple ``(images, labels)`` of tensors
-#: (:func:`~manifold_defense.training.loop.dataset_tensors`). A ``DataLoader`` is refused: batch order and size come
-#: from the config, so its sampler and batch size would be ignored; pass ``loader.dataset``.
 TrainData = Dataset[Any] | tuple[torch.Tensor, torch.Tensor]
+"""Training or validation data: a dataset of ``(image, label)`` pairs or a tuple ``(images, labels)`` of tensors
+(:func:`~manifold_defense.training.loop.dataset_tensors`). A ``DataLoader`` is refused: batch order and size come
+from the config, so its sampler and batch size would be ignored; pass ``loader.dataset``."""
 
 _SEED_MOD = 2**62
 

@@ -33,6 +33,7 @@ from manifold_defense.integrity import atomic_write_bytes, atomic_write_text
 from manifold_defense.models import VAE, CompactMNISTClassifier, Encoder, Generator, MNISTClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+"""The folder of the shipped weights and their JSON records (``<name>.safetensors``, ``<name>.json``)."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,15 @@ REGISTRY: dict[str, ZooEntry] = {
         ),
     )
 }
+"""Every zoo model by name: how to build it before its weights are loaded (:func:`available` lists the
+names, :func:`load` builds one and loads its weights)."""
 
 
-#: Architectures of the zoo's MNIST classifiers.
 CLASSIFIER_TYPES: tuple[type[nn.Module], ...] = (MNISTClassifier, CompactMNISTClassifier)
+"""Architectures of the zoo's MNIST classifiers."""
 
-#: Zoo entries that are MNIST classifiers (the standard one and the robustly trained ones).
 CLASSIFIERS: tuple[str, ...] = tuple(n for n, e in REGISTRY.items() if e.build in CLASSIFIER_TYPES)
+"""Zoo entries that are MNIST classifiers (the standard one and the robustly trained ones)."""
 
 
 class ZooIntegrityError(ValueError):
