@@ -6,13 +6,15 @@ On the shipped zoo and the offline MNIST bundle it writes, into ``results/demo/`
   defense (fast schedule) under the attack cascade (clean, naive PGD, BPDA, BPDA+EOT, unrolled, APGD, Square,
   on-manifold, overpowered) at Linf 0.3 and l2 2 and 4, accuracy-vs-eps curves, red flags and audit:
   ``report.md``, ``results.json``, ``accuracy_vs_eps.png``, ``grid_*.png``;
-- ``cs/``: the QUICK compressed-sensing benchmark (:mod:`eval.cs`): ``results.md``, ``results.json``,
-  ``mse_vs_m.png`` and reconstruction grids;
+- ``cs/``: the QUICK compressed-sensing benchmark (:mod:`eval.cs`; m in {50, 200}, CSGM with ``mnist-gan`` and
+  the Lasso in three bases, :data:`eval.cs.QUICK_METHODS`): ``results.md``, ``results.json``, ``mse_vs_m.png``
+  and reconstruction grids;
 - ``mnist-gan-samples.png``, ``mnist-vae-samples.png``: samples of the zoo generators.
 
 It prints the zoo's recorded figures, the robustness table and flags, the compressed-sensing errors, where the
 reports are and every setting that is reduced versus the full protocols (``python -m eval robustness`` and
-``python -m eval cs`` without ``--quick``). About 6 minutes on one CPU thread; each run starts afresh.
+``python -m eval cs`` without ``--quick``). ``make demo`` (``--threads 1``) took 196-250 s on the shared 2-core CPU,
+the compressed-sensing part 25-29 s (README); each run starts afresh.
 """
 
 from __future__ import annotations

@@ -25,9 +25,12 @@ __all__ = [
 ]
 
 Method = Literal["ambient", "ignore", "unmeasure"]
+"""A training method's name: ``"ambient"`` (AmbientGAN), ``"ignore"`` or ``"unmeasure"`` (the paper's baselines)."""
 METHODS: tuple[str, ...] = ("ambient", "ignore", "unmeasure")
 """The training methods: AmbientGAN and the paper's two baselines."""
 InpaintMethod = Literal["biharmonic", "normalized-convolution"]
+"""How the ``unmeasure`` baseline fills the pixels a pixel-dropping measurement removed: biharmonic inpainting or a
+normalized convolution (``RandomMeasurement.unmeasure``'s ``inpaint``)."""
 
 
 def _check_images(x: Any, what: str = "images") -> torch.Tensor:
