@@ -12,7 +12,8 @@ measured on the first validation images (never the test points the harness repor
 - network passes per purified image and seconds per image on this machine.
 
 The chosen ``t*`` is the one with the highest probe accuracy among those whose clean accuracy reaches
-``--min-clean`` (ties: the smaller ``t*``, which changes the input less). Each ``t*`` row is written to
+``--min-clean`` (ties: the smaller ``t*``, which changes the input less). With ``--test-n N`` the defended clean
+accuracy at the chosen ``t*`` is then measured on the first ``N`` test images (worst of ``--draws``). Each ``t*`` row is written to
 ``DIR/tstar.json`` as it finishes (with a hash; a rerun of the same command resumes at the first missing row), and
 the curve to ``DIR/tstar.png``. Papers: Nie et al., "Diffusion Models for Adversarial Purification" (ICML 2022),
 who choose ``t*`` the same way (clean accuracy against robustness); BPDA + EOT: Athalye, Carlini, Wagner (ICML 2018).
@@ -44,14 +45,45 @@ log = logging.getLogger(__name__)
 RESULTS = "tstar.json"
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str, low: int = 0) -> list[int]:
+    """Comma-separated ints ``>= low`` (an ``argparse`` type)."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
+    if not values or any(v < low for v in values):
+        raise argparse.ArgumentTypeError(f"expected ints >= {low}, got {text!r}")
     return values
+
+
+def add_prior_args(p: argparse.ArgumentParser) -> None:
+    """The options every DiffPure command shares: where the prior is, the device, threads and data."""
+    p.add_argument("--weights-dir", type=Path, default=None, help="where mnist-ddpm is (default: the zoo)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+
+
+def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """``ValueError`` naming every option of ``names`` that is not positive."""
+    bad = {k: getattr(args, k) for k in names if getattr(args, k) <= 0}
+    if bad:
+        raise ValueError(f"expected positive values, got {bad}")
+
+
+def load_prior(args: argparse.Namespace, t_star: int | None = None) -> tuple[DiffusionModel, torch.device, str]:
+    """``(mnist-ddpm, device, its weights' SHA-256)`` from ``--weights-dir``, ``--device`` and ``--threads``;
+    ``t_star`` (if given) is checked against the prior's timesteps."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    prior = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
+    if not isinstance(prior, DiffusionModel):
+        raise TypeError(f"expected mnist-ddpm to load as a DiffusionModel, got {type(prior).__name__}")
+    if t_star is not None and not 0 <= t_star < prior.timesteps:
+        raise ValueError(f"expected --t-star in [0, {prior.timesteps - 1}], got {t_star}")
+    sha = str(zoo.record("mnist-ddpm", args.weights_dir or zoo.WEIGHTS_DIR).get("sha256"))
+    return prior, dev, sha
 
 
 def add_parsers(sub: Any) -> None:
@@ -62,7 +94,7 @@ def add_parsers(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--t-stars", type=_int_list, default=[50, 100, 200, 300, 400, 500])
+    p.add_argument("--t-stars", type=int_list, default=[50, 100, 200, 300, 400, 500])
     p.add_argument("--steps", type=int, default=10, help="DDIM reverse steps (network passes) per purification")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise of the reverse steps (0 to 1)")
     p.add_argument("--n", type=int, default=500, help="validation images for clean accuracy")
@@ -72,19 +104,16 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--probe-eot", type=int, default=4)
     p.add_argument("--draws", type=int, default=3, help="fresh purifications per verdict (worst case)")
     p.add_argument("--min-clean", type=float, default=0.985)
+    p.add_argument("--test-n", type=int, default=0, help="test images for the chosen t*'s clean accuracy (0: none)")
     p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--weights-dir", type=Path, default=None, help="where mnist-ddpm is (default: the zoo)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
+    add_prior_args(p)
     p.set_defaults(func=run)
 
 
 def _check(args: argparse.Namespace) -> None:
-    positive = ("steps", "n", "probe_n", "probe_steps", "probe_eot", "draws", "batch")
-    bad = {k: getattr(args, k) for k in positive if getattr(args, k) <= 0}
-    if bad:
-        raise ValueError(f"expected positive values, got {bad}")
+    check_positive(args, ("steps", "n", "probe_n", "probe_steps", "probe_eot", "draws", "batch"))
+    if args.test_n < 0:
+        raise ValueError(f"expected --test-n >= 0, got {args.test_n}")
     if args.probe_n > args.n:
         raise ValueError(f"expected --probe-n <= --n, got {args.probe_n} > {args.n}")
     if not 0.0 <= args.eta <= 1.0 or not 0.0 < args.probe_eps <= 1.0 or not 0.0 <= args.min_clean <= 1.0:
@@ -138,14 +167,8 @@ def choose(rows: list[dict[str, Any]], min_clean: float) -> dict[str, Any] | Non
 @run_folder_session()
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    prior = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
-    if not isinstance(prior, DiffusionModel):
-        raise TypeError(f"expected mnist-ddpm to load as a DiffusionModel, got {type(prior).__name__}")
+    prior, dev, weights = load_prior(args)
     classifier = zoo.load("mnist-classifier", dev)
-    weights = zoo.record("mnist-ddpm", args.weights_dir or zoo.WEIGHTS_DIR).get("sha256")
     protocol = {
         k: getattr(args, k)
         for k in ("steps", "eta", "n", "probe_n", "probe_eps", "probe_steps", "probe_eot", "draws")
@@ -169,10 +192,24 @@ def run(args: argparse.Namespace) -> int:
         "command": command_line(args), "protocol": protocol, "rows": rows,
         "chosen": best["t_star"] if best else None, "rule": f"best probe accuracy with clean >= {args.min_clean}",
     }  # fmt: skip
+    if best is not None and args.test_n > 0:
+        record["test"] = _test_accuracy(prior, classifier, best["t_star"], args, dev)
     write_record(path, record)
     _plot(rows, out / "tstar.png")
     print(json.dumps(record, indent=1))
     return 0
+
+
+def _test_accuracy(
+    prior: DiffusionModel, classifier: torch.nn.Module, t_star: int, args: argparse.Namespace, dev: torch.device
+) -> dict[str, Any]:
+    """Defended clean accuracy at ``t_star`` on the first ``--test-n`` test images (worst of ``--draws``)."""
+    test = load_mnist("test", args.data_dir, limit=args.test_n)
+    purifier = DiffusionPurifier(prior, t_star, args.steps, eta=args.eta, seed=t_star + 1, randomize=True)
+    defended = torch.nn.Sequential(purifier, classifier).eval()
+    with torch.no_grad():
+        ok = correct_in_every_draw(defended, test.images.to(dev), test.labels.to(dev), args.draws, args.batch)
+    return {"t_star": t_star, "n": args.test_n, "draws": args.draws, "clean_accuracy": round(float(ok.float().mean()), 4)}
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -27,27 +27,16 @@ import torch
 
 from attacks import PGDConfig
 from eval.cli import command_line
+from eval.diffpure import add_prior_args, check_positive, int_list, load_prior
 from eval.harness import parse_threat
 from eval.run_folder import claim_run_folder, read_record, run_folder_session, write_record
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
-from manifold_defense.devices import resolve_device
 from manifold_defense.diffpure import diffpure_classifier
-from manifold_defense.diffusion import DiffusionModel
 from manifold_defense.evaluation import correct_in_every_draw, evaluate_pgd
 
 log = logging.getLogger(__name__)
 RESULTS = "exact.json"
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return values
 
 
 def add_parsers(sub: Any) -> None:
@@ -62,34 +51,21 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=10, help="DDIM reverse steps of the purifier")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--threats", default="linf-0.3,l2-2,l2-4")
-    p.add_argument("--pgd-steps", type=_ints, default=[10, 50, 200])
+    p.add_argument("--pgd-steps", type=lambda t: int_list(t, 1), default=[10, 50, 200])
     p.add_argument("--eot", type=int, default=4, help="purifications averaged per PGD step")
     p.add_argument("--draws", type=int, default=3, help="fresh purifications per verdict (worst case)")
     p.add_argument("--n", type=int, default=20, help="first test images attacked")
     p.add_argument("--batch", type=int, default=20)
-    p.add_argument("--weights-dir", type=Path, default=None, help="where mnist-ddpm is (default: the zoo)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
+    add_prior_args(p)
     p.set_defaults(func=run)
 
 
 @run_folder_session()
 def run(args: argparse.Namespace) -> int:
-    bad = {k: getattr(args, k) for k in ("steps", "eot", "draws", "n", "batch") if getattr(args, k) <= 0}
-    if bad:
-        raise ValueError(f"expected positive values, got {bad}")
+    check_positive(args, ("steps", "eot", "draws", "n", "batch"))
     threats = [parse_threat(t.strip()) for t in args.threats.split(",") if t.strip()]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    prior = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
-    if not isinstance(prior, DiffusionModel):
-        raise TypeError(f"expected mnist-ddpm to load as a DiffusionModel, got {type(prior).__name__}")
-    if not 0 <= args.t_star < prior.timesteps:
-        raise ValueError(f"expected --t-star in [0, {prior.timesteps - 1}], got {args.t_star}")
+    prior, dev, weights = load_prior(args, args.t_star)
     classifier = zoo.load("mnist-classifier", dev)
-    weights = zoo.record("mnist-ddpm", args.weights_dir or zoo.WEIGHTS_DIR).get("sha256")
     protocol = {k: getattr(args, k) for k in ("t_star", "steps", "eta", "eot", "draws", "n")} | {"weights": weights}
     out = claim_run_folder(args.out, "diffpure-exact", protocol)
     path = out / RESULTS

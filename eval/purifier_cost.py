@@ -22,12 +22,11 @@ from typing import Any
 import torch
 
 from eval.cli import command_line
+from eval.diffpure import add_prior_args, check_positive, load_prior
 from eval.run_folder import claim_run_folder, run_folder_session, write_record
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
-from manifold_defense.devices import resolve_device
 from manifold_defense.diffpure import DiffusionPurifier
-from manifold_defense.diffusion import DiffusionModel
 from manifold_defense.presets import projection_purifier
 
 
@@ -44,10 +43,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--weights-dir", type=Path, default=None, help="where mnist-ddpm is (default: the zoo)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
+    add_prior_args(p)
     p.set_defaults(func=run)
 
 
@@ -73,17 +69,8 @@ def _passes(purifier: torch.nn.Module) -> float:
 
 @run_folder_session()
 def run(args: argparse.Namespace) -> int:
-    bad = {k: getattr(args, k) for k in ("steps", "n", "batch", "repeats") if getattr(args, k) <= 0}
-    if bad:
-        raise ValueError(f"expected positive values, got {bad}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    prior = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
-    if not isinstance(prior, DiffusionModel):
-        raise TypeError(f"expected mnist-ddpm to load as a DiffusionModel, got {type(prior).__name__}")
-    if not 0 <= args.t_star < prior.timesteps:
-        raise ValueError(f"expected --t-star in [0, {prior.timesteps - 1}], got {args.t_star}")
+    check_positive(args, ("steps", "n", "batch", "repeats"))
+    prior, dev, _ = load_prior(args, args.t_star)
     gen, enc = zoo.load("mnist-gan", dev), zoo.load("mnist-encoder", dev)
     purifiers: dict[str, tuple[torch.nn.Module, str]] = {
         "diffpure": (DiffusionPurifier(prior, args.t_star, args.steps, randomize=True), "UNet"),

@@ -43,14 +43,16 @@ def test_tstar_sweep_writes_rows_resumes_and_refuses_bad_values(
     out = tmp_path / "tstar"
     argv = ["diffpure-tstar", "--out", str(out), "--weights-dir", str(prior_dir), "--t-stars", "20,60",
             "--steps", "2", "--n", "8", "--probe-n", "4", "--probe-steps", "2", "--probe-eot", "1",
-            "--draws", "2", "--threads", "1"]  # fmt: skip
+            "--draws", "2", "--test-n", "6", "--min-clean", "0", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     record = read_record(out / "tstar.json")
     assert [r["t_star"] for r in record["rows"]] == [20, 60]
     for row in record["rows"]:
         assert 0 <= row["probe_accuracy"] <= row["clean_accuracy"] <= 1
         assert row["network_passes_per_image"] == 2 and row["n"] == 8 and row["probe_n"] == 4
-    assert record["chosen"] in (None, 20, 60)
+    assert record["chosen"] == choose(record["rows"], 0.0)["t_star"]  # type: ignore[index]
+    assert record["test"]["t_star"] == record["chosen"] and record["test"]["n"] == 6
+    assert 0 <= record["test"]["clean_accuracy"] <= 1
     assert (out / "tstar.png").is_file()
     before = (out / "tstar.json").read_text()
     capsys.readouterr()

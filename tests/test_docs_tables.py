@@ -1,0 +1,30 @@
+"""Every generated figure table in docs/ matches the results JSON it restates (eval/docs_tables.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eval.docs_tables import ROOT, TABLES, render_page, stale_blocks
+
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_generated_tables_match_their_json(page: Path) -> None:
+    stale = stale_blocks(page.read_text())
+    assert not stale, f"{page.name}: tables {stale} differ from their JSON: run python scripts/render_docs_tables.py"
+
+
+def test_every_table_is_published_somewhere() -> None:
+    text = "".join(p.read_text() for p in PAGES)
+    assert all(f"<!-- table:{name} -->" in text for name in TABLES)
+
+
+def test_a_retyped_figure_is_caught() -> None:
+    name = next(iter(TABLES))
+    good = f"<!-- table:{name} -->\n{TABLES[name]()}\n<!-- /table:{name} -->"
+    assert stale_blocks(good) == [] and render_page(good) == good
+    edited = good.replace("0.", "9.", 1)
+    assert edited != good and stale_blocks(edited) == [name]
