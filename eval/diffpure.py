@@ -183,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         if t_star >= prior.timesteps:
             raise ValueError(f"expected t* < {prior.timesteps} (the prior's timesteps), got {t_star}")
-        rows.append(measure_tstar(prior, classifier, x, y, t_star, args))
-        rows.sort(key=lambda r: r["t_star"])
-        log.info("t*=%d: %s", t_star, json.dumps(rows[-1]))
+        row = measure_tstar(prior, classifier, x, y, t_star, args)
+        rows = sorted([*rows, row], key=lambda r: r["t_star"])
+        log.info("t*=%d: %s", t_star, json.dumps(row))
         write_record(path, {"command": command_line(args), "protocol": protocol, "rows": rows})
     best = choose([r for r in rows if r["t_star"] in args.t_stars], args.min_clean)
     record = {

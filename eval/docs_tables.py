@@ -75,6 +75,9 @@ def samples_table() -> str:
     lines = [_row(["figure", "mnist-ddpm", "mnist-gan", "real-data floor", "target"]), _row(["---"] * 5)]
     for key, label, target in keys:
         lines.append(_row([label, f"{ddpm[key]:.4g}", f"{gan[key]:.4g}", f"{floor[key]:.4g}", target]))
+        if key == "frechet_features":
+            above = [f"{m[key] - floor[key]:.4g}" for m in (ddpm, gan)]
+            lines.append(_row(["Fréchet distance above the floor (same count)", *above, "0", ""]))
     lines.append("")
     lines.append(f"{floor['n']} samples each against the first {floor['n']} test images; {ddpm['sampler']}; "
                  f"{ddpm['seconds_per_sample']} s per sample.")  # fmt: skip
@@ -83,7 +86,7 @@ def samples_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"diffpure-tstar": tstar_table, "purifier-cost": cost_table,
                                         "ddpm-samples": samples_table}  # fmt: skip
-_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table:(?P=name) -->)", re.S)
+_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(^<!-- /table:(?P=name) -->)", re.S | re.M)
 
 
 def render(name: str) -> str:
@@ -93,9 +96,9 @@ def render(name: str) -> str:
 
 def render_page(text: str) -> str:
     """``text`` with every marked table block rewritten from its JSON."""
-    return _BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+    return _BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + "\n" + m.group(4), text)
 
 
 def stale_blocks(text: str) -> list[str]:
     """Names of the marked blocks of ``text`` that differ from what their JSON renders."""
-    return [m.group("name") for m in _BLOCK.finditer(text) if m.group("body") != render(m.group("name"))]
+    return [m.group("name") for m in _BLOCK.finditer(text) if m.group("body") != render(m.group("name")) + "\n"]

@@ -25,6 +25,8 @@ def test_every_table_is_published_somewhere() -> None:
 def test_a_retyped_figure_is_caught() -> None:
     name = next(iter(TABLES))
     good = f"<!-- table:{name} -->\n{TABLES[name]()}\n<!-- /table:{name} -->"
+    empty = f"<!-- table:{name} -->\n<!-- /table:{name} -->"
+    assert stale_blocks(empty) == [name] and render_page(empty) == good
     assert stale_blocks(good) == [] and render_page(good) == good
     edited = good.replace("0.", "9.", 1)
     assert edited != good and stale_blocks(edited) == [name]
