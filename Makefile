@@ -32,7 +32,7 @@ test-all: setup
 	$(PY) -m pytest -q --runslow
 
 lint: setup
-	$(VENV)/bin/ruff check manifold_defense attacks eval tests examples scripts/check_api_docs.py scripts/render_docs_tables.py
+	$(VENV)/bin/ruff check manifold_defense attacks eval tests examples scripts/check_api_docs.py scripts/render_docs_tables.py scripts/bench_ddpm_step.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy examples scripts/check_api_docs.py
 

@@ -31,14 +31,13 @@ from typing import Any
 import torch
 
 from attacks import Norm, PGDConfig, ThreatModel
-from attacks.bpda import BPDA
 from eval.cli import command_line
 from eval.run_folder import claim_run_folder, read_record, run_folder_session, write_record
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
-from manifold_defense.diffpure import DiffusionPurifier
-from manifold_defense.diffusion import DiffusionModel
+from manifold_defense.diffpure import diffpure_classifier
+from manifold_defense.diffusion import DiffusionModel, ddim_timesteps
 from manifold_defense.evaluation import correct_in_every_draw, evaluate_pgd
 
 log = logging.getLogger(__name__)
@@ -132,18 +131,16 @@ def measure_tstar(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One row of the sweep: clean accuracy (worst of ``draws``), the BPDA + EOT probe, cost per image."""
-    purifier = DiffusionPurifier(prior, t_star, args.steps, eta=args.eta, seed=t_star, randomize=True)
-    defended = torch.nn.Sequential(purifier, classifier).eval()
+    defended = diffpure_classifier(classifier, prior, t_star, args.steps, eta=args.eta, seed=t_star)
     start = time.perf_counter()
     with torch.no_grad():
         clean = correct_in_every_draw(defended, x, y, args.draws, args.batch, name=f"diffpure t*={t_star}")
     seconds = (time.perf_counter() - start) / (args.draws * len(x))
-    bpda = torch.nn.Sequential(BPDA(purifier), classifier).eval()
     config = PGDConfig(steps=args.probe_steps, eot_samples=args.probe_eot, seed=t_star)
     threat = ThreatModel(Norm.LINF, args.probe_eps)
     xp, yp = x[: args.probe_n], y[: args.probe_n]
-    probe = evaluate_pgd(
-        bpda, xp, yp, threat, config, eval_model=defended, draws=args.draws,
+    probe = evaluate_pgd(  # BPDA (the defended model's default gradient) + EOT; verdicts on fresh purifications
+        defended, xp, yp, threat, config, eval_model=defended, draws=args.draws,
         clean_correct=clean[: args.probe_n], batch_size=args.batch,
     )  # fmt: skip
     return {
@@ -152,7 +149,7 @@ def measure_tstar(
         "n": len(x),
         "probe_accuracy": round(probe.accuracy, 4),
         "probe_n": len(xp),
-        "network_passes_per_image": purifier.network_evals,
+        "network_passes_per_image": len(ddim_timesteps(t_star, args.steps)),
         "seconds_per_image": round(seconds, 4),
         "probe_seconds": round(probe.seconds, 1),
     }
@@ -205,8 +202,7 @@ def _test_accuracy(
 ) -> dict[str, Any]:
     """Defended clean accuracy at ``t_star`` on the first ``--test-n`` test images (worst of ``--draws``)."""
     test = load_mnist("test", args.data_dir, limit=args.test_n)
-    purifier = DiffusionPurifier(prior, t_star, args.steps, eta=args.eta, seed=t_star + 1, randomize=True)
-    defended = torch.nn.Sequential(purifier, classifier).eval()
+    defended = diffpure_classifier(classifier, prior, t_star, args.steps, eta=args.eta, seed=t_star + 1)
     with torch.no_grad():
         ok = correct_in_every_draw(defended, test.images.to(dev), test.labels.to(dev), args.draws, args.batch)
     return {"t_star": t_star, "n": args.test_n, "draws": args.draws, "clean_accuracy": round(float(ok.float().mean()), 4)}

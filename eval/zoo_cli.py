@@ -235,7 +235,8 @@ def _measure_ddpm(
     if args.ddim_steps <= 0:
         raise ValueError(f"expected --ddim-steps > 0, got {args.ddim_steps}")
     model = zoo.load("mnist-ddpm", dev, weights_dir=args.weights_dir)
-    assert isinstance(model, DiffusionModel)
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"expected mnist-ddpm to load as a DiffusionModel, got {type(model).__name__}")
     start = time.perf_counter()
     samples = sample(model, len(reference), steps=args.ddim_steps, seed=0, batch_size=args.batch, device=dev)
     seconds = time.perf_counter() - start

@@ -14,8 +14,6 @@ chosen ``t*`` from a noised input: :mod:`manifold_defense.diffpure`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -110,7 +108,6 @@ def ddim_reverse(
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    noise_fn: Callable[[tuple[int, ...]], Tensor] | None = None,
     grad_checkpoint: bool = False,
 ) -> Tensor:
     """Run the reverse process from ``x_t`` at timestep ``start`` to a clean image in [0, 1] (DDIM update).
@@ -122,7 +119,6 @@ def ddim_reverse(
         steps: number of reverse steps (network passes), evenly spaced from ``start`` to 0.
         eta: DDIM's noise scale (0: deterministic; 1: DDPM-like ancestral noise).
         generator: random source of the ancestral noise when ``eta > 0``.
-        noise_fn: alternative source of that noise (``shape -> tensor``); overrides ``generator``.
         grad_checkpoint: recompute each network pass in the backward pass (memory bounded by one step's
             activations when differentiating through the whole reverse process).
 
@@ -149,10 +145,7 @@ def ddim_reverse(
         direction = (1.0 - a_prev - sigma**2).clamp(min=0.0).sqrt() * eps
         x = a_prev.sqrt() * x0 + direction
         if eta > 0:
-            z = noise_fn(tuple(x.shape)) if noise_fn is not None else torch.randn(
-                x.shape, device=x.device, generator=generator
-            )
-            x = x + sigma * z
+            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 

@@ -302,14 +302,14 @@ def diffpure_defense(
     checkpointed) and, unless ``surrogate_steps`` is ``None``, the ``ddim-<surrogate_steps>`` surrogate reverse
     process (the ``surrogate-pgd`` stage; Lee and Kim, ICCV 2023), whose examples are judged on the real purifier.
     """
-    from manifold_defense.diffpure import DiffusionPurifier
+    from manifold_defense.diffpure import DiffusionPurifier, diffpure_classifier
     from manifold_defense.diffusion import DiffusionModel
 
     if not isinstance(prior, DiffusionModel):
         raise TypeError(f"expected the DiffPure prior as a DiffusionModel, got {type(prior).__name__}")
-    purifier = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=True)
-    surrogates = {} if surrogate_steps is None else {f"ddim-{surrogate_steps}": purifier.with_steps(surrogate_steps)}
+    spec = diffpure_classifier(classifier, prior, t_star, steps, eta=eta, seed=seed, surrogate_steps=surrogate_steps or 2)
+    surrogates = dict(spec.surrogates.items()) if surrogate_steps is not None else {}
     fixed = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=False)  # for grids and stats
     return purifier_defense(
-        name, classifier, purifier, randomized=True, surrogates=surrogates, exact=True, seed=seed, preprocess=fixed
+        name, classifier, spec.purifier, randomized=True, surrogates=surrogates, exact=True, seed=seed, preprocess=fixed
     )

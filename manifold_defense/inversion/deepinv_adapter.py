@@ -60,6 +60,17 @@ class _PhysicsMixin:
 
     physics: Any  # a deepinv.physics.Physics (an nn.Module: registered as a sub-module)
 
+    @classmethod
+    def _checked(cls, physics: Any, input_shape: Shape3, *, linear: bool) -> tuple[Shape3, tuple[int, ...]]:
+        """``(input_shape, measurement_shape)`` after checking that ``physics`` is a deepinv ``Physics`` (a
+        ``LinearPhysics`` when ``linear``) and probing its ``A``."""
+        physics_cls, linear_cls = _deepinv_physics()
+        wanted = linear_cls if linear else physics_cls
+        if not isinstance(physics, wanted):
+            raise TypeError(f"expected a deepinv.physics.{wanted.__name__}, got {type(physics).__name__}")
+        shape = _check_shape3(input_shape)
+        return shape, cls._probe(physics, shape)
+
     @staticmethod
     def _probe(physics: Any, input_shape: Shape3) -> tuple[int, ...]:
         """Run ``physics.A`` on two zero images; the per-sample measurement shape, or a clear error."""
@@ -102,12 +113,7 @@ class DeepinvOperator(_PhysicsMixin, MeasurementOperator):
     """
 
     def __init__(self, physics: Any, input_shape: Shape3) -> None:
-        physics_cls, _ = _deepinv_physics()
-        if not isinstance(physics, physics_cls):
-            raise TypeError(f"expected a deepinv.physics.Physics, got {type(physics).__name__}")
-        shape = _check_shape3(input_shape)
-        measurement_shape = self._probe(physics, shape)
-        super().__init__(shape, measurement_shape)
+        super().__init__(*self._checked(physics, input_shape, linear=False))
         self.physics = physics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +131,7 @@ class DeepinvLinearOperator(_PhysicsMixin, LinearOperator):
     """
 
     def __init__(self, physics: Any, input_shape: Shape3) -> None:
-        _, linear_cls = _deepinv_physics()
-        if not isinstance(physics, linear_cls):
-            raise TypeError(f"expected a deepinv.physics.LinearPhysics, got {type(physics).__name__}")
-        shape = _check_shape3(input_shape)
-        measurement_shape = self._probe(physics, shape)
-        super().__init__(shape, measurement_shape)
+        super().__init__(*self._checked(physics, input_shape, linear=True))
         self.physics = physics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,8 @@ def train_ddpm(
     def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model.loss(batch[0])
-        check_finite_metrics({"loss": loss.item()}, f"in DDPM training at step {step}")
+        value = loss.item()
+        check_finite_metrics({"loss": value}, f"in DDPM training at step {step}")  # before the update
         opt.zero_grad(set_to_none=True)
         loss.float().backward()
         grad_norm = (
@@ -141,7 +142,7 @@ def train_ddpm(
         opt.step()
         sched.step()
         ema.update()
-        metrics = {"loss": loss.item()}
+        metrics = {"loss": value}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
