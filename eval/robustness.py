@@ -145,6 +145,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], type, str]] = {
     ),
     "--curve-steps": (("curve.steps",), int, "steps of the accuracy-vs-eps curve attack"),
     "--final-steps": (("final.steps",), int, "steps of real-bpda-eot, the final real-forward round"),
+    "--final-eot": (("final.eot_samples",), int, "EOT samples per step of real-bpda-eot (after --eot)"),
 }
 
 
@@ -192,6 +193,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-convergence", action="store_true",
                    help="skip the convergence rerun of the strongest white-box stage (with --quick only; the report "
                    "says so)")  # fmt: skip
+    p.add_argument("--majority", action="store_true",
+                   help="randomized defenses: pass every draw on every verdict and report the majority-vote figure "
+                   "beside the worst case")  # fmt: skip
     p.add_argument(
         "--verbatim",
         action="store_true",
@@ -249,6 +253,8 @@ def settings_from_args(args: argparse.Namespace) -> RobustnessSettings:
         changes["n_per_defense"] = {"projection-defense-gan": args.dgan_n}
     if args.no_curves:
         changes |= {"curve_eps_linf": (), "curve_eps_l2": ()}
+    if getattr(args, "majority", False):
+        changes["majority"] = True
     if args.no_convergence:
         if not args.quick:
             raise ValueError(

@@ -16,6 +16,9 @@ that wrote it)::
                      "convergence": {"<threat>": {... as above, "rerun_of": stage, "original_settings": {...},
                      "figure_before": accuracy before the rerun}}},
          "worst_case": {"<threat>": final robust accuracy (worst case per point over the cascade and the rerun)},
+         "majority_vote": null, or on a randomized defense run with the majority setting {"draws": k, "clean":
+                     accuracy, "accuracy": {"<threat>": ...}}: a point counts when most draws classify it correctly
+                     (an upper bound beside the worst case: later stages attack only worst-case survivors),
          "curves": {"linf" | "l2": {"attack": ..., "eps": [0, ...], "accuracy": [clean, ...]}},
          "audit": {"<threat>": {"norm", "eps", "max_perturbation", "nan_count", "value_range": [lo, hi]}},
          "gradients": {"<source>": {"points", "nan_or_inf", "zero_fraction", "norm_median"}},
@@ -68,12 +71,31 @@ def write_markdown(record: Mapping[str, Any]) -> str:
                 f"| {name} | {d['n']} | " + " | ".join(cells) + f" | **{_fmt(d['worst_case'][tk])}** |"
             )
         lines.append("")
-    lines += _convergence_lines(record)
+    lines += _convergence_lines(record) + _majority_lines(record)
     lines += (
         _projection_lines(record) + _transfer_lines(record) + _latent_lines(record) + _curve_lines(record)
     )
     lines += _flag_lines(record) + _audit_lines(record) + _cost_lines(record) + _attack_lines(record)
     return "\n".join(lines)
+
+
+def _majority_lines(record: Mapping[str, Any]) -> list[str]:
+    rows = [(name, d["majority_vote"]) for name, d in record["defenses"].items() if d.get("majority_vote")]
+    if not rows:
+        return []
+    lines = [
+        "## Majority vote beside the worst case",
+        "",
+        "A point counts when most of the fresh draws classify it correctly, on its clean image and on every stage's",
+        "example; an upper bound beside the worst case (later stages attack only the worst case's survivors).",
+        "",
+        "| defense | draws | clean | " + " | ".join(record["threat_models"]) + " |",
+        "|---|---|---|" + "---|" * len(record["threat_models"]),
+    ]
+    for name, m in rows:
+        cells = " | ".join(_fmt(m["accuracy"].get(tk)) for tk in record["threat_models"])
+        lines.append(f"| {name} | {m['draws']} | {_fmt(m['clean'])} | {cells} |")
+    return [*lines, ""]
 
 
 def _setup_lines(record: Mapping[str, Any]) -> list[str]:

@@ -52,7 +52,8 @@ class DiffusionPurifier(nn.Module):
         eta: DDIM noise scale of the reverse steps: 0 (only the forward noise is random) to 1 (DDPM-like
             ancestral noise, as DiffPure's reverse SDE).
         seed: seed of the noise. Every call uses it (a deterministic function of the input: the "noise fixed"
-            defense) unless ``randomize`` is set.
+            defense, one noise image shared by every image of the batch, so an image's result does not depend on
+            its position in the batch) unless ``randomize`` is set.
         randomize: fresh noise on every call (per-call seeds from a stream seeded by ``seed``; :meth:`reseed`
             restarts it): the randomized defense an evaluator attacks with EOT.
         grad_checkpoint: recompute each reverse step in the backward pass (bounded memory for exact gradients).
@@ -126,12 +127,15 @@ class DiffusionPurifier(nn.Module):
         seed = int(torch.randint(0, 2**62, (1,), generator=self._stream)) if self.randomize else self.seed
         gen = torch.Generator(device=x.device).manual_seed(seed)
         dtype = self.model.alpha_bar.dtype
-        noise = torch.randn(x.shape, device=x.device, dtype=dtype, generator=gen)
+        # fixed noise: one noise image for every image of every call, so the purifier is a deterministic function
+        # of each image (not of its position in the batch)
+        shape = x.shape if self.randomize else (1, *x.shape[1:])
+        noise = torch.randn(shape, device=x.device, dtype=dtype, generator=gen).expand(x.shape)
         t = torch.full((x.shape[0],), self.t_star, device=x.device, dtype=torch.long)
         x_t = self.model.noised(x.to(dtype), t, noise)
         out = ddim_reverse(
             self.model, x_t, self.t_star, self.steps, eta=self.eta, generator=gen,
-            grad_checkpoint=self.grad_checkpoint,
+            grad_checkpoint=self.grad_checkpoint, shared_noise=not self.randomize,
         )  # fmt: skip
         self.last_network_evals = self.network_evals
         return out.to(x.dtype)

@@ -108,6 +108,7 @@ def ddim_reverse(
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    shared_noise: bool = False,
     grad_checkpoint: bool = False,
 ) -> Tensor:
     """Run the reverse process from ``x_t`` at timestep ``start`` to a clean image in [0, 1] (DDIM update).
@@ -119,6 +120,8 @@ def ddim_reverse(
         steps: number of reverse steps (network passes), evenly spaced from ``start`` to 0.
         eta: DDIM's noise scale (0: deterministic; 1: DDPM-like ancestral noise).
         generator: random source of the ancestral noise when ``eta > 0``.
+        shared_noise: one ancestral noise image for the whole batch (a fixed-noise purifier: each image's result
+            then does not depend on its position in the batch).
         grad_checkpoint: recompute each network pass in the backward pass (memory bounded by one step's
             activations when differentiating through the whole reverse process).
 
@@ -145,7 +148,8 @@ def ddim_reverse(
         direction = (1.0 - a_prev - sigma**2).clamp(min=0.0).sqrt() * eps
         x = a_prev.sqrt() * x0 + direction
         if eta > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+            shape = (1, *x.shape[1:]) if shared_noise else x.shape
+            x = x + sigma * torch.randn(shape, device=x.device, generator=generator).expand_as(x)
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 

@@ -104,6 +104,11 @@ def test_purifier_randomness_is_explicit() -> None:
     assert torch.equal(random(x), first)  # the stream restarts
     fixed = DiffusionPurifier(model, t_star=50, steps=3, randomize=False, seed=3)
     assert torch.equal(fixed(x), fixed(x))  # the "noise fixed" defense is a function of its input
+    # ... of each image, not of its place in the batch (the harness re-judges subsets of a chunk)
+    torch.testing.assert_close(fixed(x)[1:2], fixed(x[1:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fixed(x.flip(0)).flip(0), fixed(x), atol=1e-5, rtol=0)
+    ancestral = DiffusionPurifier(model, t_star=50, steps=3, eta=1.0, randomize=False, seed=3)
+    torch.testing.assert_close(ancestral(x)[1:2], ancestral(x[1:2]), atol=1e-5, rtol=0)
     assert fixed.network_evals == 3 and fixed.last_network_evals == 3
     assert random.with_steps(1).network_evals == 1
 

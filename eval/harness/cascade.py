@@ -173,6 +173,8 @@ class SurrogatePGD(Stage):
                 part = pgd_chunks(env, module, dataclasses.replace(config, eot_samples=eot))(chunk[todo])
                 fooled = part.pop("surrogate_broken").cpu()
                 for k, v in part.items():
+                    if k not in out:  # votes (the majority setting): every point of the chunk gets one
+                        out[k] = torch.full((n, *v.shape[1:]), env.draws, dtype=v.dtype, device=v.device)
                     out[k][todo.to(out[k].device)] = v.to(out[k].device, out[k].dtype)
                 out["surrogate_broken"][todo] |= fooled
                 out[f"tried|{name}"][todo] = True

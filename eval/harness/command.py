@@ -8,7 +8,8 @@ generator passes per projection; with an encoder it attacks through its surrogat
 differentiable ``G(E(x))``, unless ``verbatim``) and ``projection-fast`` (Adam, 50 steps, 2 restarts from the
 encoder's ``E(x)``: 102 passes; needs an encoder). Both projection defenses draw fresh restart noise on every call.
 ``diffpure`` (DiffPure with the zoo's ``mnist-ddpm``: diffuse to ``t*``, DDIM back; :class:`DiffPureSpec`) runs only
-when named.
+when named; ``diffpure-fixed`` is the same purifier with its noise fixed (one seed for every call): a deterministic
+white-box defense, the figure an attacker gets when the purifier's randomness is known (arXiv 2505.22839).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 #: The defenses by name.
-DEFENSES: tuple[str, ...] = ("undefended", "projection-defense-gan", "projection-fast", "diffpure")
+DEFENSES: tuple[str, ...] = ("undefended", "projection-defense-gan", "projection-fast", "diffpure", "diffpure-fixed")
 #: The defenses of a quick run with an encoder (without one: ``projection-defense-gan`` on 2 points).
 QUICK_DEFENSES: tuple[str, ...] = ("undefended", "projection-fast")
 #: Zoo classifiers (any other classifier: ``module:factory`` or ``path.py:factory``).
@@ -250,8 +251,8 @@ def build_defenses(
         if name == "undefended":
             out.append(undefended_defense(clf))
             continue
-        if name == "diffpure":
-            out.append(_diffpure(clf, diffpure, seed, surrogates))
+        if name in ("diffpure", "diffpure-fixed"):
+            out.append(_diffpure(clf, diffpure, seed, surrogates, fixed=name == "diffpure-fixed"))
             continue
         if gen is None:
             raise ValueError(f"defense {name} projects onto a generator: expected --generator, got none")
@@ -272,14 +273,17 @@ def build_defenses(
     return out
 
 
-def _diffpure(classifier: nn.Module, spec: DiffPureSpec | None, seed: int, surrogates: bool) -> Defense:
+def _diffpure(
+    classifier: nn.Module, spec: DiffPureSpec | None, seed: int, surrogates: bool, *, fixed: bool = False
+) -> Defense:
     if spec is None:
         raise ValueError("defense diffpure needs its diffusion time: expected --diffpure-t-star (DiffPureSpec), got none")
     device = next(classifier.parameters()).device
     prior = zoo.load("mnist-ddpm", device, weights_dir=spec.weights_dir)
     return diffpure_defense(
         classifier, prior, spec.t_star, spec.steps, eta=spec.eta, seed=seed,
-        surrogate_steps=spec.surrogate_steps if surrogates else None,
+        surrogate_steps=spec.surrogate_steps if surrogates else None, randomize=not fixed,
+        name="diffpure-fixed" if fixed else "diffpure",
     )  # fmt: skip
 
 
@@ -297,7 +301,7 @@ def _default_defenses(models: Models, quick: bool) -> tuple[str, ...]:
     full: list[str] = [
         d
         for d in DEFENSES
-        if d != "diffpure"  # only when named: it needs its t* and the diffusion prior
+        if not d.startswith("diffpure")  # only when named: it needs its t* and the diffusion prior
         and (
             d == "undefended"
             or (models.generator is not None and (d != "projection-fast" or models.encoder is not None))

@@ -293,6 +293,7 @@ def diffpure_defense(
     eta: float = 0.0,
     seed: int = 0,
     surrogate_steps: int | None = 2,
+    randomize: bool = True,
     name: str = "diffpure",
 ) -> Defense:
     """DiffPure (Nie et al., ICML 2022) as a :class:`Defense`: the classifier behind
@@ -301,15 +302,19 @@ def diffpure_defense(
     randomized, with its exact gradient through every reverse step (the ``unrolled-pgd`` stage, gradient
     checkpointed) and, unless ``surrogate_steps`` is ``None``, the ``ddim-<surrogate_steps>`` surrogate reverse
     process (the ``surrogate-pgd`` stage; Lee and Kim, ICCV 2023), whose examples are judged on the real purifier.
+    ``randomize=False`` fixes the purifier's noise (the seed ``seed`` on every call, surrogate included): a
+    deterministic white-box defense.
     """
     from manifold_defense.diffpure import DiffusionPurifier, diffpure_classifier
     from manifold_defense.diffusion import DiffusionModel
 
     if not isinstance(prior, DiffusionModel):
         raise TypeError(f"expected the DiffPure prior as a DiffusionModel, got {type(prior).__name__}")
-    spec = diffpure_classifier(classifier, prior, t_star, steps, eta=eta, seed=seed, surrogate_steps=surrogate_steps or 2)
+    spec = diffpure_classifier(
+        classifier, prior, t_star, steps, eta=eta, seed=seed, surrogate_steps=surrogate_steps or 2, randomize=randomize
+    )
     surrogates = dict(spec.surrogates.items()) if surrogate_steps is not None else {}
     fixed = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=False)  # for grids and stats
     return purifier_defense(
-        name, classifier, spec.purifier, randomized=True, surrogates=surrogates, exact=True, seed=seed, preprocess=fixed
+        name, classifier, spec.purifier, randomized=randomize, surrogates=surrogates, exact=True, seed=seed, preprocess=fixed
     )

@@ -240,6 +240,7 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
     flips = int((clean_rec["first_ok"] & ~clean).sum()) + sum(t.flips for t in threats.values())
     checks.append(flags.randomized_defense(rnd, settings.draws, flips))
     projection = stages.get(StageKey(name, None, "projection").text)
+    majority = _majority(settings, stages, name, clean_rec) if rnd else None
     return {
         "n": n_d,
         "randomized": rnd,
@@ -247,6 +248,7 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
         "clean": round(float(clean.float().mean()), 4),
         "attacks": attacks,
         "worst_case": worst,
+        "majority_vote": majority,
         "curves": curves,
         "audit": {tk: t.audit() for tk, t in threats.items()},
         "gradients": grads,
@@ -257,6 +259,32 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
         "surrogates": info.get("surrogates"),
         "cost": _cost(settings, stages, name),
     }
+
+
+def _majority(
+    settings: RobustnessSettings, stages: Mapping[str, Any], name: str, clean_rec: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The majority-vote figure per threat (the ``majority`` setting): a point counts when most of the ``draws``
+    fresh passes classify it correctly, on its clean image and on the example of every stage that attacked it.
+    ``None`` when the votes were not recorded. An upper bound beside the worst case: the cascade attacks only
+    the points the worst-case verdict left, so a point broken early (by one draw) meets fewer attacks here."""
+    if "votes" not in clean_rec:
+        return None
+    half = settings.draws / 2
+
+    def fold(mask: Tensor, rec: Mapping[str, Any] | None) -> None:
+        if rec is not None and rec.get("status") == "ran" and "votes" in rec and len(rec["indices"]):
+            mask[rec["indices"]] &= rec["votes"] > half
+
+    out: dict[str, Any] = {"draws": settings.draws, "clean": 0.0, "accuracy": {}}
+    clean = clean_rec["votes"] > half
+    out["clean"] = round(float(clean.float().mean()), 4)
+    for tk in settings.threats:
+        mask = clean.clone()
+        for attack in (*settings.attacks[1:], CONVERGENCE):
+            fold(mask, stages.get(StageKey(name, tk, attack).text))
+        out["accuracy"][tk] = round(float(mask.float().mean()), 4)
+    return out
 
 
 def _examples(stages: Mapping[str, Any], name: str, threats: tuple[str, ...]) -> dict[str, Any]:

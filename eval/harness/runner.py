@@ -121,25 +121,31 @@ class Runner(SectionStages):
 
     def _verdict(
         self, d: Defense, draws: int, x_adv: Tensor, y: Tensor, base_ok: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``(robust, first_ok)`` on CPU: correct in ``base_ok`` and every one of ``draws`` fresh passes of the
+    ) -> dict[str, Tensor]:
+        """``robust``, ``first_ok`` (on CPU): correct in ``base_ok`` and every one of ``draws`` fresh passes of the
         real model; and after the first pass only. A point already wrong is not passed again (its verdict is
-        decided), which saves forward passes of an expensive defense and changes no verdict."""
+        decided), which saves forward passes of an expensive defense and changes no verdict. With the
+        ``majority`` setting and ``draws > 1`` every point passes every draw and ``votes`` counts the correct
+        ones (the majority-vote verdict; ``base_ok`` does not enter it)."""
         name = f"model of defense {d.name!r}"
         robust = base_ok.cpu().clone()
         first = robust.clone()
+        votes = torch.zeros(len(robust), dtype=torch.int64) if self.s.majority and draws > 1 else None
         for k in range(draws):
-            todo = robust.nonzero().squeeze(1)
+            todo = robust.nonzero().squeeze(1) if votes is None else torch.arange(len(robust))
             if not len(todo):
                 break
             dev = todo.to(x_adv.device)
             ok = evaluation.correct_in_every_draw(
                 d.model, x_adv[dev], y[dev], 1, max(1, len(todo)), name=name
             )
-            robust[todo] = ok
+            robust[todo] &= ok
+            if votes is not None:
+                votes[todo] += ok.long()
             if k == 0:
                 first = robust.clone()
-        return robust, first
+        out = {"robust": robust, "first_ok": first}
+        return out if votes is None else out | {"votes": votes}
 
     def _judge(
         self,
@@ -153,9 +159,9 @@ class Runner(SectionStages):
         """The real defense's verdict on ``x_adv`` of the points ``chunk`` (:meth:`StageEnv.judge`)."""
         xb, yb = self.x[chunk], self.y[chunk]
         base = torch.ones(len(chunk), dtype=torch.bool) if base_ok is None else base_ok
-        robust, first = self._verdict(d, draws, x_adv, yb, base)
+        verdict = self._verdict(d, draws, x_adv, yb, base)
         dist_ = per_sample_norm((x_adv - xb).double(), threat.norm).float()
-        return {"robust": robust, "first_ok": first, "x_adv": x_adv, "distance": dist_}
+        return verdict | {"x_adv": x_adv, "distance": dist_}
 
     def _env(
         self, d: Defense, draws: int, threat: ThreatModel, pool: Tensor, survivors: Tensor, after_pgd: Tensor
@@ -197,8 +203,7 @@ class Runner(SectionStages):
 
             def fn(chunk: Tensor) -> dict[str, Tensor]:
                 ones = torch.ones(len(chunk), dtype=torch.bool)
-                robust, first = self._verdict(d, draws, self.x[chunk], self.y[chunk], ones)
-                return {"robust": robust, "first_ok": first}
+                return self._verdict(d, draws, self.x[chunk], self.y[chunk], ones)
 
             parts = self._chunks(key, d, idx, self.s.batch_size, fn)
             self._finish(
@@ -294,7 +299,7 @@ class Runner(SectionStages):
         rec["robust"] = parts["robust"]
         rec["first_ok"] = parts["first_ok"]
         rec["broken_x_adv"] = x_adv[~parts["robust"]].clone()
-        for k in (*st.COST_PARTS, "surrogate_broken"):
+        for k in (*st.COST_PARTS, "surrogate_broken", "votes"):
             if k in parts:
                 rec[k] = parts[k]
         finite = x_adv[torch.isfinite(x_adv)]

@@ -150,6 +150,9 @@ class RobustnessSettings:
         thresholds: :class:`eval.harness.FlagThresholds` of the red flags.
         convergence: rerun the strongest white-box stage of each threat with twice its steps (the convergence
             check); ``False`` only in a quick protocol (the report says it was off).
+        majority: on a randomized defense, every verdict passes all ``draws`` fresh purifications (also for points
+            the first pass already misclassified) and records how many classified correctly, so the report gives
+            the majority-vote figure beside the worst case (a few more forward passes per broken point).
         quick: a reduced smoke run (recorded in the outputs).
     """
 
@@ -186,6 +189,7 @@ class RobustnessSettings:
     grid_examples: int = 6
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
     convergence: bool = True
+    majority: bool = False
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -194,7 +198,7 @@ class RobustnessSettings:
         check_int(self, "unrolled_n", 1, optional=True)
         for name in ("seed", "grad_check_n", "grid_examples"):
             check_int(self, name, 0)
-        for name in ("cascade", "latent_budget_from_threat", "convergence", "quick"):
+        for name in ("cascade", "latent_budget_from_threat", "convergence", "majority", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"expected {name} as a bool, got {type(getattr(self, name)).__name__}")
         if not self.convergence and not self.quick:
