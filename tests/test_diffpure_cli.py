@@ -77,6 +77,12 @@ def test_exact_gradient_rows_are_worst_case_and_resume(prior_dir: Path, tmp_path
         assert len(row["robust"]) == round(row["accuracy"] * row["n"])
     assert main(argv) == 0
     assert read_record(out / "exact.json")["rows"] == rows
+    # --cumulative: each count attacks only what the shorter ones left; rows never rise, attacked = survivors
+    cum = tmp_path / "cumulative"
+    assert main([*argv[:2], str(cum), *argv[3:], "--cumulative"]) == 0
+    first, second = read_record(cum / "exact.json")["rows"]
+    assert first["cumulative"] and first["attacked"] == round(first["clean_accuracy"] * first["n"])
+    assert second["attacked"] == len(first["robust"]) and set(second["robust"]) <= set(first["robust"])
 
 
 def test_diffpure_through_the_harness_runs_every_stage_and_refuses_a_missing_t_star(
