@@ -361,6 +361,24 @@ def _python_report(
     )
 
 
+def test_the_majority_vote_counts_every_draw_and_is_never_below_the_worst_case(user: dict[str, Any]) -> None:
+    dither = _defended(user, "dither")
+    base = RobustnessSettings.quick_preset(n=6)
+    worst = evaluate_robustness({"dither": dither}, user["x"], user["y"], threats=[THREAT], settings=base)
+    report = evaluate_robustness(
+        {"dither": dither}, user["x"], user["y"], threats=[THREAT], settings=base.updated({"majority": True})
+    )
+    d = report["dither"]
+    assert worst["dither"].majority_vote is None and d.majority_vote is not None
+    # the votes change no worst-case verdict (the same seeds draw the same purifications) ...
+    assert d.worst_case == worst["dither"].worst_case and d.clean == worst["dither"].clean
+    # ... and a point a majority of draws gets right includes every point all draws get right
+    assert d.majority_vote[THREAT] >= d.worst_case[THREAT]
+    from eval.robustness_report import write_markdown
+
+    assert "Majority vote" in write_markdown(report.record) and "Majority vote" not in write_markdown(worst.record)
+
+
 def test_one_python_call_evaluates_both_purifiers(user: dict[str, Any]) -> None:
     clf = user["classifier"]
     report = _python_report(

@@ -99,6 +99,8 @@ class DefenseReport:
         name, n: the defense and its number of points.
         randomized: its forward pass is random (verdicts are then worst case over ``draws`` fresh passes).
         clean: clean accuracy; worst_case: ``threat -> robust accuracy`` (worst case per point over the cascade).
+        majority_vote: ``threat -> robust accuracy`` under the majority-vote verdict (the ``majority`` setting on
+            a randomized defense; an upper bound beside the worst case), else ``None``.
         stages: every (attack, threat) stage in cascade order, threat by threat, the ``convergence`` rerun last;
             checks: every red-flag check.
     """
@@ -111,6 +113,7 @@ class DefenseReport:
     worst_case: Mapping[str, float]
     stages: tuple[StageReport, ...]
     checks: tuple[Check, ...]
+    majority_vote: Mapping[str, float] | None = None
 
     @property
     def flags(self) -> tuple[Check, ...]:
@@ -164,6 +167,7 @@ class DefenseReport:
             worst_case={k: float(v) for k, v in entry["worst_case"].items()},
             stages=tuple(stages),
             checks=checks,
+            majority_vote=None if not entry.get("majority_vote") else dict(entry["majority_vote"]["accuracy"]),
         )
 
 
