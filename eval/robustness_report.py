@@ -16,6 +16,7 @@ that wrote it)::
                      "convergence": {"<threat>": {... as above, "rerun_of": stage, "original_settings": {...},
                      "figure_before": accuracy before the rerun}}},
          "worst_case": {"<threat>": final robust accuracy (worst case per point over the cascade and the rerun)},
+         "robust_points": {"<threat>": [indices of the points robust in the worst case (0-based, evaluation order)]},
          "majority_vote": null, or on a randomized defense run with the majority setting {"draws": k, "clean":
                      accuracy, "accuracy": {"<threat>": ...}}: a point counts when most draws classify it correctly
                      (an upper bound beside the worst case: later stages attack only worst-case survivors),

@@ -374,6 +374,8 @@ def test_the_majority_vote_counts_every_draw_and_is_never_below_the_worst_case(u
     assert d.worst_case == worst["dither"].worst_case and d.clean == worst["dither"].clean
     # ... and a point a majority of draws gets right includes every point all draws get right
     assert d.majority_vote[THREAT] >= d.worst_case[THREAT]
+    points = report.record["defenses"]["dither"]["robust_points"][THREAT]
+    assert len(points) == round(d.worst_case[THREAT] * d.n) and all(0 <= i < d.n for i in points)
     from eval.robustness_report import write_markdown
 
     assert "Majority vote" in write_markdown(report.record) and "Majority vote" not in write_markdown(worst.record)

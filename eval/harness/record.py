@@ -248,6 +248,7 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
         "clean": round(float(clean.float().mean()), 4),
         "attacks": attacks,
         "worst_case": worst,
+        "robust_points": {tk: [int(i) for i in t.robust.nonzero().flatten()] for tk, t in threats.items()},
         "majority_vote": majority,
         "curves": curves,
         "audit": {tk: t.audit() for tk, t in threats.items()},
