@@ -15,7 +15,8 @@
 #   cuda-tests     the test files with CUDA cases (skipped on a machine without a GPU)
 #   diffpure-exact DiffPure (mnist-ddpm, t* = $TSTAR, 10 DDIM steps): PGD with exact gradients through the whole
 #                  reverse process at 10 / 50 / 200 steps, EOT 4, worst of 3 draws, first 20 test images, three threats
-#   diffpure       DiffPure through the full harness cascade (convergence check included), first 100 test images
+#   diffpure       DiffPure and its fixed-noise variant through the full harness cascade (convergence check,
+#                  final round EOT 20, majority vote beside the worst case; curves included), first 100 test images
 # Measured on an H200 (2026-11-30): bench, verbatim and surrogate (docs/robustness.md, "Reference defense");
 # not yet run on a GPU: verbatim-full, fast, cuda-tests.
 # A data warm-up runs first and stops the script at once if the device, the imports or MNIST are missing.
@@ -72,8 +73,9 @@ job cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_inversion_cuda.py
   tests/test_ambient.py -rs
 job diffpure-exact $PY -m eval diffpure-exact --out "$OUTDIR/diffpure-exact" --t-star "$TSTAR" --n 20 --batch 20 \
   --pgd-steps 10,50,200 --eot 4 --draws 3 --device "$DEVICE" --threads "$THREADS"
-job diffpure $PY -m eval robustness --out "$OUTDIR/robustness-diffpure" --defenses diffpure --diffpure-t-star "$TSTAR" \
-  --n 100 --batch 100 --device "$DEVICE" --threads "$THREADS" --no-progress
+job diffpure $PY -m eval robustness --out "$OUTDIR/robustness-diffpure" --defenses diffpure,diffpure-fixed \
+  --diffpure-t-star "$TSTAR" --n 100 --final-eot 20 --majority --batch 100 --device "$DEVICE" --threads "$THREADS" \
+  --no-progress
 if [ -n "$PACK" ]; then  # pack every minute too, so a run cut short still leaves its outputs
   ( while sleep 60; do tar czf "$PACK.part" "$OUTDIR" 2> /dev/null && mv "$PACK.part" "$PACK"; done ) > /dev/null 2>&1 &
   PACKER=$!
