@@ -27,12 +27,14 @@ COMMAND_MODULES = (
     "eval.causal",
     "eval.defense_eval",
     "eval.crosscheck",
+    "eval.deepinv_crosscheck",
     "eval.bench",
     "eval.robustness",
     "eval.autoattack",
     "eval.diffpure",
     "eval.diffpure_exact",
     "eval.purifier_cost",
+    "eval.leaderboard",
 )
 
 

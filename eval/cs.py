@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import torch
 
 from eval.cli import command_line
 from eval.cs_core import (
+    EXTRA_METHODS,
     GENERATORS,
     METHODS,
     CSProtocol,
@@ -65,6 +67,7 @@ from manifold_defense import zoo
 from manifold_defense.data import load_mnist
 from manifold_defense.devices import resolve_device
 from manifold_defense.integrity import load_checked, save_checked
+from manifold_defense.inversion.diffusion_posterior import diffpir_recover, select_diffpir_aggregate
 from manifold_defense.progress import progress as progress_display
 
 __all__ = [
@@ -112,8 +115,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--n", type=positive_int_arg, default=None, help="test images (full 300, quick 10)")
     p.add_argument("--m", type=positive_int_arg, nargs="+", default=None, help="numbers of measurements")
     p.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-        help=f"subset of {', '.join(METHODS)} (default: all)",
+        "--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS), metavar="METHOD",
+        help=f"subset of {', '.join(METHODS + EXTRA_METHODS)} (default: all but {', '.join(EXTRA_METHODS)}, "
+        "which needs the deepinv extra)",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="base seed (A, noise, restarts; default 0)")
@@ -243,6 +247,8 @@ def _record(
         selected.setdefault("lasso_alpha", {}).setdefault(method.split("-", 1)[1], {})[str(m)] = selection
     elif method == "sparse-gen":
         selected.setdefault("sparse_gen", {})[str(m)] = selection
+    elif method == "diffpir-ddpm":
+        selected.setdefault("diffpir", {})[str(m)] = selection
 
 
 class ResultCache:
@@ -354,6 +360,8 @@ def run_benchmark(
         needed |= set(protocol.sparse_generators)
     if grids:
         needed |= {GENERATORS[k] for k in GENERATORS}
+    if "diffpir-ddpm" in chosen:
+        needed.add("mnist-ddpm")
     generators = {name: zoo.load(name, dev) for name in sorted(needed)}
     test_seeds = [protocol.seed + i for i in range(protocol.n_images)]
     val_seeds = [protocol.seed + 100_000 + i for i in range(protocol.n_val)]
@@ -407,6 +415,16 @@ def run_benchmark(
             elif method == "dip":
                 k = protocol.dip_images
                 out = recover_dip(y[:k], A, protocol, protocol.dip_tv_weight * m, test_seeds[:k], dev)
+            elif method == "diffpir-ddpm":
+                # the aggregate is chosen on validation images, then the test images are timed
+                ddpm, sigma = generators["mnist-ddpm"], protocol.noise_std
+                cfg, scores = select_diffpir_aggregate(
+                    ddpm, y_val, x_val, A, sigma, protocol.diffpir, seeds=val_seeds, batch=protocol.batch
+                )
+                start = time.perf_counter()
+                x_hat = diffpir_recover(ddpm, y, A, sigma, cfg, seeds=test_seeds, batch=protocol.batch).cpu()
+                picked = {"aggregate": cfg.aggregate, "val_mse": scores}
+                out = MethodOutput(x_hat, time.perf_counter() - start, picked)
             else:  # sparse-gen
                 base_val = {
                     gen: recover_csgm(
@@ -536,6 +554,12 @@ def main(args: argparse.Namespace) -> int:
         overrides["dip_n"] = args.dip_n
     protocol = quick_protocol(**overrides) if args.quick else full_protocol(**overrides)
     methods = check_methods(args.methods)
+    if "diffpir-ddpm" in methods:  # refused before any work, as one line
+        try:
+            importlib.import_module("deepinv")
+        except ImportError as err:
+            msg = "--methods diffpir-ddpm needs deepinv: pip install 'manifold-defense[deepinv]'"
+            raise ValueError(msg) from err
     command = command_line(args)
     if protocol.quick:
         reduced = "; ".join(

@@ -68,9 +68,11 @@ from torch import nn
 
 from manifold_defense.baselines import DEFAULT_ALPHAS, DIPConfig, dip_recover, lasso_recover, select_alpha
 from manifold_defense.inversion import GaussianMatrix, InversionConfig, LinearOperator, invert, measure
+from manifold_defense.inversion.diffusion_posterior import DiffPIRConfig
 from manifold_defense.inversion.operators import MeasurementOperator
 
 __all__ = [
+    "EXTRA_METHODS",
     "GENERATORS",
     "IMAGE_SHAPE",
     "METHODS",
@@ -102,6 +104,9 @@ METHODS: tuple[str, ...] = (
     "dip",
     "sparse-gen",
 )
+#: Methods run only when named (``--methods``): ``diffpir-ddpm`` (DiffPIR with ``mnist-ddpm``) needs the optional
+#: deepinv extra (:mod:`manifold_defense.inversion.diffusion_posterior`).
+EXTRA_METHODS: tuple[str, ...] = ("diffpir-ddpm",)
 #: Zoo generator behind each CSGM method.
 GENERATORS: dict[str, str] = {
     "csgm-vae": "mnist-vae",
@@ -148,6 +153,7 @@ class CSProtocol:
         grid_sparse_weight: deviation weight (DCT basis) of sparse-gen in the pixel-domain grids (inpainting,
             super-resolution), whose per-entry loss is about ``n`` times smaller than Gaussian CS's.
         grid_dip_tv_weight: DIP's TV weight for the pixel-domain grids (CS-DIP's normalized scale).
+        diffpir: ``diffpir-ddpm``'s settings (its aggregate is chosen per ``m`` on validation images).
     """
 
     quick: bool = False
@@ -186,6 +192,7 @@ class CSProtocol:
     grid_1bit_m: int = 300
     grid_sparse_weight: float = 1e-3
     grid_dip_tv_weight: float = 5e-3
+    diffpir: DiffPIRConfig = dataclasses.field(default_factory=DiffPIRConfig)
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -326,13 +333,14 @@ def check_m_grid(m_grid: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    """Validate a subset of :data:`METHODS` (returned in :data:`METHODS` order)."""
-    unknown = [name for name in methods if name not in METHODS]
+    """Validate a subset of :data:`METHODS` + :data:`EXTRA_METHODS` (returned in that order)."""
+    known = METHODS + EXTRA_METHODS
+    unknown = [name for name in methods if name not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}: expected names from {list(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}: expected names from {list(known)}")
     if not methods:
-        raise ValueError(f"expected at least one method from {list(METHODS)}, got none")
-    return tuple(name for name in METHODS if name in methods)
+        raise ValueError(f"expected at least one method from {list(known)}, got none")
+    return tuple(name for name in known if name in methods)
 
 
 # ------------------------------------------------------------------------------------------ the ratio

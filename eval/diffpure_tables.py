@@ -41,7 +41,7 @@ _INNER = {"pgd": "bare classifier", "unrolled-pgd": "exact-gradient stand-in", "
 
 
 def _missing(name: str) -> str:
-    return f"(not measured yet: `docs/figures/{name}` is absent; the commands below write it)"
+    return f"(not measured yet: `docs/figures/{name}` is absent; the command on this page writes it)"
 
 
 def _se(p: float, n: int) -> float:

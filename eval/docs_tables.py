@@ -14,13 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from eval import diffpure_tables
 from eval.run_folder import read_record
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
 ZOO = ROOT / "manifold_defense" / "zoo" / "weights"
 
-__all__ = ["TABLES", "render", "render_page", "stale_blocks"]
+__all__ = ["QUOTES", "TABLES", "pages", "render", "render_page", "stale_blocks"]
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -84,9 +85,176 @@ def samples_table() -> str:
     return "\n".join(lines)
 
 
+def _zoo(name: str) -> dict[str, Any]:
+    figures: dict[str, Any] = json.loads((ZOO / f"{name}.json").read_text())["figures"]
+    return figures
+
+
+def headline_table() -> str:
+    """The README's headline figures beside the leaderboard, each read from its committed JSON or zoo record."""
+    clf, pgd, l2, rmd = _zoo("mnist-classifier"), _zoo("mnist-pgd-at"), _zoo("mnist-l2-at"), _zoo("mnist-rmd")
+    op = _json(FIGURES / "op_pgd_at_pac50k_results.json")["defenses"]["undefended"]["attacks"]["overpowered"]
+    op = op["l2-1.5"]
+    bench = _json(FIGURES / "bench_h200_results.json")
+    cs = _json(FIGURES / "csgm_pacgan50k_results.json")
+    gan = _zoo("mnist-gan")
+    s, floor = gan["samples"], gan["samples"]["floor_train_vs_test"]
+    amb = _json(FIGURES / "ambient_grid_results.json")
+    causal = _zoo("causal-digit-gan")["checks"]
+    aa, on = "autoattack_l2_2.5", "onmanifold_l2_1.5"
+
+    def score(method: str, point: str) -> str:
+        return next(f"{r['mnist_score']:.2f}" for r in amb["methods"][method] if r["point"] == point)
+
+    def trio(point: str) -> str:
+        return " / ".join(score(m, point) for m in ("ambient", "ignore", "unmeasure"))
+
+    c = causal["causal"]
+    rows = [
+        ["`mnist-classifier`, `mnist-pgd-at`", "clean, whole test split; `mnist-pgd-at`: AutoAttack Linf 0.3",
+         f"{clf['clean_accuracy']:.4f}, {pgd['clean_accuracy']:.4f}; {pgd['autoattack_linf_0.3']['robust_accuracy']:.3f}",
+         f"{clf['n']}, {pgd['n']}; {pgd['autoattack_linf_0.3']['n']}",
+         "[zoo](docs/zoo.md), [robust training](docs/robust-training.md)"],
+        ["`mnist-l2-at` vs `mnist-rmd`",
+         "clean; AutoAttack l2 2.5; on-manifold success, l2 1.5; the paper's claim",
+         f"{l2['clean_accuracy']:.4f} vs {rmd['clean_accuracy']:.4f}; {l2[aa]['robust_accuracy']:.3f} vs "
+         f"{rmd[aa]['robust_accuracy']:.3f}; {l2[on]['success_rate']:.3f} vs {rmd[on]['success_rate']:.3f}; "
+         "**not reproduced**", f"{l2['n']}; {l2[aa]['n']}; {l2[on]['n']} / {rmd[on]['n']}",
+         "[robust manifold](docs/robust-manifold.md)"],
+        ["overpowered pair attack on `mnist-pgd-at`", "consistent starts, pair l2 <= 1.5, 300 / 3000 steps",
+         f"{op['consistency_at_steps']['300']:.3f} / {op['consistency_at_steps']['3000']:.3f}", op["attacked"],
+         "[robust training](docs/robust-training.md)"],
+        ["projection cost", "generator passes, Defense-GAN's over the fast schedule's; batched over looped "
+         f"restarts ({bench['device_name']})",
+         f"{bench['evals_ratio']:.1f}x; {bench['batched_over_loop']:.0f}x",
+         f"{bench['settings']['n']}; {bench['batched_vs_loop']['n']}", "[performance](docs/performance.md)"],
+        ["compressed sensing (CSGM, `mnist-gan`)", "per-pixel MSE at m = " + " / ".join(map(str, cs["m"])),
+         " / ".join(f"{v:.4f}" for v in cs["methods"]["csgm-gan"]["mse"]), cs["protocol"]["n_images"],
+         "[compressed sensing](docs/compressed-sensing.md)"],
+        ["the prior `mnist-gan`", "Fréchet distance (floor); MNIST score (floor); class histogram min/max (floor); "
+         "accuracy on Defense-GAN projections",
+         f"{s['frechet_features']:.1f} ({floor['frechet_features']:.2f}); {s['mnist_score']:.2f} "
+         f"({floor['mnist_score']:.2f}); {s['histogram_min_max']:.2f} ({floor['histogram_min_max']:.2f}); "
+         f"{gan['defense_gan_projection']['accuracy_on_projections']:.3f}", f"{s['n']}; {gan['n']}",
+         "[prior](docs/prior.md)"],
+        ["AmbientGAN", "MNIST score, ambient / ignore / unmeasure, "
+         f"{amb['protocol']['steps']} steps: block-pixels p 0.9; blur + noise sigma 0.2",
+         f"{trio('block-pixels-p0.9')}; {trio('convolve-noise-sigma0.2')}", amb["protocol"]["n_samples"],
+         "[ambient](docs/ambient.md)"],
+        ["CausalGAN (known causal truth)", "controller joint TVD; digits under do(T = thick) / T = thick, TVD "
+         f"to the exact laws ({c['exact do vs condition T=thick']:.3f} apart); reversed graph, do(T = thick)",
+         f"{c['controller_joint_tvd']:.4f}; {c['do(T=thick) D tvd']:.4f} / {c['T=thick D tvd']:.3f}; "
+         f"{causal['reversed']['do(T=thick) D tvd']:.3f}", _zoo("causal-digit-gan")["n_samples_per_setting"],
+         "[causal](docs/causal.md)"],
+    ]  # fmt: skip
+    lines = [_row(["result", "figure", "value", "n", "details"]), _row(["---"] * 5)]
+    return "\n".join(lines + [_row(r) for r in rows])
+
+
+def _robustness(name: str) -> dict[str, Any]:
+    return _json(FIGURES / name)
+
+
+def history_preset_table() -> str:
+    """The defense preset (fast projection, first 100 test images) on the plain 30k prior and on the shipped one."""
+    runs = [("plain DCGAN, 30k steps", "defense_gan30k_results.json"),
+            ("PacGAN2, 50k steps (shipped)", "defense_pac50k_results.json")]  # fmt: skip
+    lines = [_row(["prior", "threat", "naive transfer", "BPDA + EOT (10 steps) alone", "worst case", "n", "source"]),
+             _row(["---"] * 7)]  # fmt: skip
+    for label, name in runs:
+        d = _robustness(name)["defenses"]["projection-fast"]
+        for tk, worst in d["worst_case"].items():
+            lines.append(_row([label, tk, f"{d['attacks']['pgd'][tk]['accuracy_alone']:.2f}",
+                               f"{d['attacks']['bpda-eot-pgd'][tk]['accuracy_alone']:.2f}", f"**{worst:.2f}**",
+                               d["n"], f"[{name}](figures/{name})"]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def history_csgm_table() -> str:
+    """CSGM-GAN per-pixel MSE on each prior the zoo shipped or tried (same protocol and seeds)."""
+    runs = [("plain DCGAN, 30k steps", "csgm_gan30k_results.json", "csgm_gan30k_m50_n300_results.json"),
+            ("PacGAN2, 30k steps", "csgm_pacgan_results.json", None),
+            ("PacGAN2, 50k steps (shipped)", "csgm_pacgan50k_results.json", "csgm_pac50k_m50_n300_results.json")]  # fmt: skip
+    lines = [_row(["prior", "m = 50", "m = 100", "m = 200", "n", "m = 50, n = 300", "sources"]), _row(["---"] * 7)]
+    for label, name, n300 in runs:
+        d = _json(FIGURES / name)
+        mse = dict(zip(d["m"], d["methods"]["csgm-gan"]["mse"], strict=True))
+        big = "-" if n300 is None else f"{_json(FIGURES / n300)['methods']['csgm-gan']['mse'][0]:.4f}"
+        links = ", ".join(f"[{f}](figures/{f})" for f in (name, n300) if f)
+        lines.append(_row([label, *(f"{mse[m]:.4f}" for m in (50, 100, 200)), d["protocol"]["n_images"], big, links]))
+    return "\n".join(lines)
+
+
+def history_rmd_table() -> str:
+    """The fast projection with each classifier inside, full cascade at L2 2 and 4, on the 14k-step prior."""
+    lines = [_row(["classifier inside", "L2 2", "L2 4", "n", "source"]), _row(["---"] * 5)]
+    for clf in ("classifier", "l2_at", "rmd"):
+        name = f"robust_manifold_projection_{clf}.json"
+        rec = _robustness(name)
+        d = rec["defenses"]["projection-fast"]
+        model = rec["models"].split(",")[0].removeprefix("classifier ")
+        lines.append(_row([f"`{model}`", f"{d['worst_case']['l2-2']:.2f}", f"{d['worst_case']['l2-4']:.2f}", d["n"],
+                           f"[{name}](figures/{name})"]))  # fmt: skip
+    return "\n".join(lines)
+
+
+QUOTES: tuple[tuple[str, str, str, str], ...] = (
+    ("fast projection, full cascade, worst case Linf 0.3 / L2 2 / L2 4 (n 200 / 100 / 100 on the shipped prior; "
+     "the undefended classifier and the blends prior in parentheses)", "9718701", "README.md",
+     "(undefended: 0.00 / 0.125 / 0.00; blends prior: 0.005 / 0.43 / 0.01) | 0.245 / 0.70 / 0.09 | 200 / 100 / 100"),
+    ("projection cost: the fast schedule's median MSE against Defense-GAN's", "9718701", "README.md",
+     "now at higher median MSE (0.0034 vs 0.0026; on the blends prior it was lower)"),
+    ("overpowered pair attack on `mnist-pgd-at`, after 300 / 3000 steps, blends prior in parentheses", "9718701",
+     "README.md", "still falling at 3000 (blends: 0.41 / 0.07) | 0.765 / 0.625"),
+    ("compressed sensing: Lasso's measurements over CSGM's at m = 50; CSGM-GAN MSE at m = 100", "9718701",
+     "README.md", "(plain 30k: 0.0078; 14k: 0.0090) | 5.44 (blends: 6.01; csgm-gan alone 4.88); 0.0082"),
+    ("the prior: Fréchet distance; MNIST score; histogram min/max; TV; accuracy on projections, plain DCGAN 30k "
+     "in parentheses", "9718701", "README.md",
+     "(plain DCGAN, 30k steps: 139.3; 8.09; 0.29; 0.134; 0.991)"),
+    ("`mnist-l2-at` vs `mnist-rmd` inside the fast projection, L2 2, on the 14k prior", "9718701", "README.md",
+     "full cascade at L2 2 (`mnist-classifier` inside: 0.60)"),
+)  # fmt: skip
+"""Figures of earlier priors that no committed JSON holds, quoted verbatim from a committed page: (what, commit,
+path, quote); ``git show COMMIT:PATH`` holds each quote (``tests/test_leaderboard.py`` checks it)."""
+
+
+def history_quotes_table() -> str:
+    """The quoted figures of earlier priors, each with the commit and page that hold it."""
+    lines = [_row(["figure", "quoted", "source"]), _row(["---"] * 3)]
+    for what, commit, path, quote in QUOTES:
+        lines.append(_row([what, quote.replace("|", "\\|"), f"`git show {commit}:{path}`"]))
+    return "\n".join(lines)
+
+
+def _leaderboard_tables() -> dict[str, Callable[[], str]]:
+    from eval.leaderboard import RENDERERS
+
+    return dict(RENDERERS)
+
+
 TABLES: dict[str, Callable[[], str]] = {"diffpure-tstar": tstar_table, "purifier-cost": cost_table,
-                                        "ddpm-samples": samples_table}  # fmt: skip
+                                        "ddpm-samples": samples_table, "headline": headline_table,
+                                        "history-preset": history_preset_table, "history-csgm": history_csgm_table,
+                                        "history-rmd-projection": history_rmd_table,
+                                        "history-quotes": history_quotes_table,
+                                        **_leaderboard_tables()}  # fmt: skip
+TABLES |= {"diffpure-cascade": diffpure_tables.cascade_table, "diffpure-transfer": diffpure_tables.transfer_table,
+           "diffpure-exact": diffpure_tables.exact_table, "diffpure-eval-cost": diffpure_tables.cost_table}  # fmt: skip
+
+
+def _deepinv_tables() -> dict[str, Callable[[], str]]:
+    from eval.deepinv_crosscheck import RENDERERS
+
+    return dict(RENDERERS)
+
+
+TABLES |= _deepinv_tables()  # issue 36: deepinv cross-check and the diffusion prior in compressed sensing
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(^<!-- /table:(?P=name) -->)", re.S | re.M)
+
+
+def pages() -> list[Path]:
+    """Every page with generated tables: the README and ``docs/*.md``."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def render(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Rewrite every generated figure table of docs/*.md from its results JSON (see ``eval/docs_tables.py``).
+"""Rewrite every generated figure table of README.md and docs/*.md from its results JSON (see ``eval/docs_tables.py``).
 
 Usage: ``python scripts/render_docs_tables.py`` (from the repository root); ``--check`` only lists stale pages and
 exits 1 if there are any.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eval.docs_tables import ROOT, render_page, stale_blocks
+from eval.docs_tables import ROOT, pages, render_page, stale_blocks
 
 
 def main() -> int:
@@ -17,7 +17,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="list stale blocks, write nothing")
     args = parser.parse_args()
     stale = 0
-    for page in sorted((ROOT / "docs").glob("*.md")):
+    for page in pages():
         text = page.read_text()
         names = stale_blocks(text)
         if not names:
