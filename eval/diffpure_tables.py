@@ -1,7 +1,8 @@
 """The DiffPure evaluation's figure tables in ``docs/diffusion.md``, rendered from committed results JSON.
 
-Sources (under ``docs/figures/``): ``diffpure_cascade_results.json`` (the harness's ``results.json`` of the
-``robustness --defenses diffpure,diffpure-fixed --majority`` run) and ``diffpure_exact.json`` (``diffpure-exact``'s
+Sources (under ``docs/figures/``): ``diffpure_cascade_results.json`` and ``diffpure_fixed_cascade_results.json``
+(the harness's ``results.json`` of the ``robustness --defenses diffpure --majority`` and ``--defenses
+diffpure-fixed`` runs, merged) and ``diffpure_exact.json`` (``diffpure-exact``'s
 ``exact.json``). Registered in :data:`eval.docs_tables.TABLES`; an absent source renders a line saying which run
 writes it, never a figure.
 """
@@ -18,6 +19,8 @@ from eval.run_folder import read_record
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 CASCADE = "diffpure_cascade_results.json"
+#: The fixed-noise defense's run (its own folder and results; merged into the tables beside ``CASCADE``).
+FIXED = "diffpure_fixed_cascade_results.json"
 EXACT = "diffpure_exact.json"
 
 __all__ = ["cascade_table", "cost_table", "exact_table", "transfer_table"]
@@ -29,6 +32,24 @@ def _load(name: str) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     return read_record(path) if isinstance(data, dict) and "sha256" in data and "schema" not in data else data
+
+
+def _cascade() -> dict[str, Any] | None:
+    """The ``diffpure`` run's results with the ``diffpure-fixed`` run's defenses added (same threats and points;
+    its command and stage time kept per defense under ``runs``)."""
+    rec = _load(CASCADE)
+    if rec is None:
+        return None
+    rec = dict(rec)
+    rec["runs"] = {name: rec for name in rec["defenses"]}
+    fixed = _load(FIXED)
+    if fixed is not None:
+        if fixed["threat_models"] != rec["threat_models"] or fixed["n"] != rec["n"]:
+            raise ValueError(f"expected {FIXED} on the threats and points of {CASCADE}, got {fixed['threat_models']}"
+                             f" n {fixed['n']} against {rec['threat_models']} n {rec['n']}")  # fmt: skip
+        rec["defenses"] = {**rec["defenses"], **fixed["defenses"]}
+        rec["runs"] |= {name: fixed for name in fixed["defenses"]}
+    return rec
 
 
 def _row(cells: list[Any]) -> str:
@@ -67,7 +88,7 @@ def _stages(rec: Mapping[str, Any]) -> list[str]:
 
 def cascade_table() -> str:
     """Robust accuracy after each stage of the cascade, worst case with its standard error, convergence, majority."""
-    rec = _load(CASCADE)
+    rec = _cascade()
     if rec is None:
         return _missing(CASCADE)
     stages = [s for s in _stages(rec) if s not in ("clean", "convergence")]
@@ -89,15 +110,16 @@ def cascade_table() -> str:
                                _converged(d, tk), f"{maj['accuracy'][tk]:.2f}" if maj else "-"]))  # fmt: skip
     first = next(iter(rec["defenses"].values()))
     lines += ["", f"n = {first['n']} (the first test images); verdicts the worst of {first['draws']} fresh "
-              f"purifications for `diffpure` (one for `diffpure-fixed`, deterministic); stage time "
-              f"{rec['seconds_stages']} s on {rec['device']}, {rec['threads']} thread(s); command: "
-              f"`{rec['command']}`."]  # fmt: skip
+              "purifications for `diffpure` (one for `diffpure-fixed`, deterministic)."]  # fmt: skip
+    for name, run in rec["runs"].items():
+        lines += ["", f"`{name}`: stage time {run['seconds_stages']} s on {run['device']}, {run['threads']} "
+                  f"thread(s); command: `{run['command']}`."]  # fmt: skip
     return "\n".join(lines)
 
 
 def transfer_table() -> str:
     """Per stage that attacked through a surrogate: how many of its successes transferred to the real purifier."""
-    rec = _load(CASCADE)
+    rec = _cascade()
     if rec is None:
         return _missing(CASCADE)
     head = ["threat", "defense", "stage (surrogate)", "attacked", "fooled the surrogate", "transferred",
@@ -118,7 +140,7 @@ def transfer_table() -> str:
 
 def exact_table() -> str:
     """Exact-gradient PGD through the whole reverse process, beside the cascade on the same first points."""
-    rec, cascade = _load(EXACT), _load(CASCADE)
+    rec, cascade = _load(EXACT), _cascade()
     if rec is None:
         return _missing(EXACT)
     p = rec["protocol"]
@@ -143,7 +165,7 @@ def exact_table() -> str:
 
 def cost_table() -> str:
     """What the evaluation cost: real purifications per point and process seconds, per threat and defense."""
-    rec = _load(CASCADE)
+    rec = _cascade()
     if rec is None:
         return _missing(CASCADE)
     head = ["defense", "threat", "real purifications / point", "process seconds", "costliest stage"]

@@ -129,6 +129,9 @@ def _undefended(clf: str, label: str) -> RowSpec:
 
 _DIFFPURE = ("--diffpure-t-star", "200", "--final-eot", "20", "--majority", "--no-curves")
 _DP_FILE = "docs/figures/diffpure_cascade_results.json"
+_DP_FIXED_FILE = "docs/figures/diffpure_fixed_cascade_results.json"
+#: The threats the committed DiffPure runs cover (one run folder per defense; L2 4 not measured yet).
+_DP_THREATS = ("linf-0.3", "l2-2")
 
 ROWS: tuple[RowSpec, ...] = (
     _undefended("mnist-classifier", "`mnist-classifier` (undefended)"),
@@ -155,16 +158,15 @@ ROWS: tuple[RowSpec, ...] = (
     ),
     RowSpec(
         name="diffpure-classifier", label="DiffPure (t* 200) + `mnist-classifier`", defense="diffpure",
-        classifier="mnist-classifier", args=("--defenses", "diffpure,diffpure-fixed", *_DIFFPURE, *COMMON),
-        sources=(Source(_DP_FILE),), purifier="diffpure", prior="mnist-ddpm",
-        weights=("mnist-classifier", "mnist-ddpm"), run="diffpure-classifier",
+        classifier="mnist-classifier", args=("--defenses", "diffpure", *_DIFFPURE, *COMMON),
+        sources=(Source(_DP_FILE, _DP_THREATS),), purifier="diffpure", prior="mnist-ddpm",
+        weights=("mnist-classifier", "mnist-ddpm"),
     ),
     RowSpec(
         name="diffpure-fixed-classifier", label="DiffPure, fixed noise + `mnist-classifier`",
         defense="diffpure-fixed", classifier="mnist-classifier",
-        args=("--defenses", "diffpure,diffpure-fixed", *_DIFFPURE, *COMMON), sources=(Source(_DP_FILE),),
+        args=("--defenses", "diffpure-fixed", *_DIFFPURE, *COMMON), sources=(Source(_DP_FIXED_FILE, _DP_THREATS),),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-classifier", "mnist-ddpm"),
-        run="diffpure-classifier",
     ),
     RowSpec(
         name="diffpure-pgd-at", label="DiffPure (t* 200) + `mnist-pgd-at`", defense="diffpure",

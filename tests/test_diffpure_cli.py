@@ -86,7 +86,7 @@ def test_exact_gradient_rows_are_worst_case_and_resume(prior_dir: Path, tmp_path
 
 
 def test_diffpure_through_the_harness_runs_every_stage_and_refuses_a_missing_t_star(
-    prior_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    prior_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "harness"
     argv = ["robustness", "--quick", "--defenses", "diffpure", "--diffpure-t-star", "60", "--diffpure-steps", "2",
@@ -100,5 +100,16 @@ def test_diffpure_through_the_harness_runs_every_stage_and_refuses_a_missing_t_s
     for stage in ("bpda-pgd", "surrogate-pgd", "unrolled-pgd", "real-bpda-eot"):
         assert attacks[stage]["l2-2"]["status"] == "ran", stage
     assert record["worst_case"]["l2-2"] <= attacks["clean"]["l2-2"]["accuracy"]
+    # the docs' tables render from this file and restate its figures (eval/diffpure_tables.py)
+    from eval import diffpure_tables
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / diffpure_tables.CASCADE).write_text((out / "results.json").read_text())
+    monkeypatch.setattr(diffpure_tables, "FIGURES", figures)
+    table = diffpure_tables.cascade_table()
+    row = next(line for line in table.splitlines() if line.startswith("| l2-2 | diffpure |"))
+    assert f"**{record['worst_case']['l2-2']:.2f}**" in row and "not measured" in diffpure_tables.exact_table()
+    assert "| l2-2 | diffpure | surrogate-pgd (ddim-2) |" in diffpure_tables.transfer_table()
     assert run(argv[:4] + argv[6:]) == 2  # --defenses diffpure without --diffpure-t-star
     assert "--diffpure-t-star" in capsys.readouterr().err.strip().splitlines()[-1]
