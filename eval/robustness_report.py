@@ -28,6 +28,9 @@ that wrote it)::
          "examples": {"<threat>": {"indices": [...], "attacks": [...]}},
          "cost": {"stages": {"<stage>": {"points", "seconds", "process_seconds", "real_passes"}}, "total": {...}}}}}
 
+A record written by ``--report-partial`` also has ``"incomplete"`` (the stage keys not run) and ``"not_started"`` (the
+defenses not reached).
+
 The attacks and the per-threat results are nested ``attacks[attack][threat]`` and ``worst_case[threat]``.
 """
 
@@ -118,6 +121,13 @@ def _setup_lines(record: Mapping[str, Any]) -> list[str]:
             "Settings reduced vs the full protocol: "
             + "; ".join(f"{k} {v['this_run']} (full {v['full']})" for k, v in reduced.items())
             + ".",
+            "",
+        ]
+    if record.get("incomplete") or record.get("not_started"):
+        lines += [
+            f"**INCOMPLETE** (written from a stopped run with --report-partial): {len(record.get('incomplete', []))} "
+            f"stages not run, defenses not started: {record.get('not_started') or 'none'}. Every figure below is an "
+            "upper bound; the same command without --report-partial resumes the run.",
             "",
         ]
     if not s.get("convergence", True):

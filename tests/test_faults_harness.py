@@ -127,6 +127,47 @@ def test_exception_after_a_chunk_save_resumes_to_the_uninterrupted_result(
     assert _temps(tmp_path) == []
 
 
+def test_a_stopped_run_reports_what_it_has_then_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, full: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``report_partial`` on a run stopped inside its cascade: results with the stages it did not reach listed as
+    not run (flag ``incomplete``), the state file untouched; the same call without it resumes to the full run."""
+
+    class Stopped(Exception):
+        pass
+
+    saves = [0]
+    original = state_module.save_checked
+
+    def save_then_stop(obj: Any, path: Any) -> None:
+        original(obj, path)
+        saves[0] += 1
+        if saves[0] == 9:
+            raise Stopped
+
+    monkeypatch.setattr(state_module, "save_checked", save_then_stop)
+    with pytest.raises(Stopped):
+        run_tiny(tmp_path)
+    monkeypatch.setattr(state_module, "save_checked", original)
+    before = (tmp_path / "state.pt").read_bytes()
+    setup = tiny_setup()
+    partial = run_robustness(
+        tiny_settings(**KW), tiny_defenses(setup), setup["x"], setup["y"], tmp_path, generator=setup["generator"],
+        latent_config=TINY_INVERSION, progress=False, report_partial=True,
+    )  # fmt: skip
+    assert (tmp_path / "state.pt").read_bytes() == before  # placeholders never reach the state
+    assert partial["incomplete"] and read_record(tmp_path / "results.json")["incomplete"] == partial["incomplete"]
+    for name, d in partial["defenses"].items():
+        missing = [k for k in partial["incomplete"] if k.startswith(f"{name}|")]
+        assert any(f["flag"] == "incomplete" for f in d["flags"]) == bool(missing)
+        # what did run counts: the partial figure is never below the full run's (fewer attacks, an upper bound)
+        for tk, acc in d["worst_case"].items():
+            assert acc >= full["defenses"][name]["worst_case"][tk]
+    assert partial["not_started"] == [n for n in full["defenses"] if n not in partial["defenses"]]
+    resumed = run_tiny(tmp_path)
+    assert "incomplete" not in resumed and _strip_times(resumed["defenses"]) == full["defenses"]
+
+
 KILLER = """
 import os, signal, sys
 import torch

@@ -32,7 +32,7 @@ from eval.harness.cascade import CLEAN_DOC
 from eval.harness.defenses import Defense, purifier_defense, undefended_defense
 from eval.harness.flags import FLAGS
 from eval.harness.record import CONVERGENCE, CONVERGENCE_DOC, defense_record
-from eval.harness.registry import StageKey, stage
+from eval.harness.registry import StageKey, stage, stage_keys
 from eval.harness.report import RobustnessReport
 from eval.harness.runner import Runner
 from eval.harness.settings import SCHEMA, STATE_FILE, RobustnessSettings
@@ -63,6 +63,7 @@ def run_robustness(
     meta: Mapping[str, Any] | None = None,
     on_stage: Callable[[str], None] | None = None,
     command: str = "robustness",
+    report_partial: bool = False,
 ) -> dict[str, Any]:
     """Run the cascade on every defense, write ``out/results.json``, ``out/report.md`` and the plots.
 
@@ -80,6 +81,9 @@ def run_robustness(
         meta: extra top-level JSON fields (command, device...).
         on_stage: called with each finished stage's key (after its state is saved).
         command: the ``python -m eval`` command that owns ``out`` (:func:`eval.run_folder.claim_run_folder`).
+        report_partial: run nothing; write the outputs of a stopped run from its saved state, every stage it
+            did not reach recorded as not run (the ``incomplete`` flag: its figures are upper bounds). The state
+            file is left as it was, so the same command without this option resumes the run.
 
     Returns:
         The results record (also ``out/results.json``), schema in :mod:`eval.robustness_report`.
@@ -102,16 +106,54 @@ def run_robustness(
     state = _open_state(out, fp, command, fresh, ctx)
     resumed = len(state["stages"])
     start = time.perf_counter()
-    Runner(
-        settings, defenses, x, y, out, ctx, generator, encoder, latent_config, state, progress, on_stage
-    ).run()
+    everyone = list(defenses)
+    if report_partial:
+        defenses = _fill_not_run(settings, defenses, state)
+    runner = Runner(
+        settings, list(defenses), x, y, out, ctx, generator, encoder, latent_config, state, progress, on_stage
+    )
+    runner.persist = not report_partial
+    runner.run()
     record = _results(settings, defenses, state, x, ctx, meta, resumed, start)
+    if report_partial:
+        record["incomplete"] = sorted(k for k, v in state["stages"].items() if isinstance(v, dict) and v.get("not_run"))
+        record["not_started"] = [d.name for d in everyone if d not in defenses]
     if ctx.is_main:
-        st.save_state(state, out)
+        if not report_partial:  # (a partial report leaves the state as the stopped run saved it)
+            st.save_state(state, out)
         write_outputs(record, state["stages"], out)
     if ctx.distributed:
         ctx.barrier()
     return record
+
+
+#: Why a stage of a ``--report-partial`` record has no figure.
+NOT_RUN = "not run: the run was stopped before this stage (--report-partial); resume with the same command"
+
+
+def _fill_not_run(
+    settings: RobustnessSettings, defenses: Sequence[Defense], state: dict[str, Any]
+) -> list[Defense]:
+    """The defenses a stopped run started (its clean accuracy saved), with placeholders (status ``skipped``,
+    ``not_run``) for every attack stage it did not reach, so the record can be written; ``ValueError`` when no
+    defense has even its clean accuracy."""
+    started = [
+        d for d in defenses if all(StageKey(d.name, None, a).text in state["stages"] for a in ("info", "clean"))
+    ]
+    if not started:
+        raise ValueError(
+            "expected a stopped run with the clean accuracy of some defense saved, got none: there is nothing to "
+            "report yet"
+        )
+    for d in started:
+        for key in stage_keys(settings, d.name, d.preprocess is not None):
+            if key.text in state["stages"] or key.attack == "examples":  # grids: built from saved examples
+                continue
+            if key.threat is None:  # the projection figures of a preprocessing defense
+                raise ValueError(f"expected the {key.attack!r} stage of defense {d.name!r} saved, got none")
+            state["stages"][key.text] = {"status": "skipped", "reason": NOT_RUN, "not_run": True}
+            state.setdefault("partial", {}).pop(key.text, None)
+    return started
 
 
 def _results(

@@ -141,6 +141,7 @@ class Evaluation:
         verbatim: no surrogates: every attack's inner loop runs on the real defense.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; threads: torch CPU threads (``None``: torch's).
         fresh: discard this harness's saved state in ``out``; progress: progress bar.
+        report_partial: run nothing, write the outputs of a stopped run (see :func:`eval.harness.run_robustness`).
         command: the command owning ``out`` (``robustness`` or ``defense``); command_line: recorded as is.
     """
 
@@ -157,6 +158,7 @@ class Evaluation:
     threads: int | None = None
     fresh: bool = False
     progress: bool = True
+    report_partial: bool = False
     command: str = "robustness"
     command_line: str = "(Python API)"
 
@@ -360,5 +362,5 @@ def run_evaluation(request: Evaluation) -> dict[str, Any]:
     return run_robustness(
         settings, built, x, y, request.out, generator=models.generator, encoder=models.encoder,
         latent_config=latent_cfg, ctx=ctx, progress=request.progress, fresh=request.fresh, meta=meta,
-        command=request.command,
+        command=request.command, report_partial=request.report_partial,
     )  # fmt: skip

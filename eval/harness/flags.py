@@ -33,6 +33,8 @@ __all__ = [
 
 #: Red-flag checks: name -> rule (also printed in the report); thresholds: :class:`eval.harness.FlagThresholds`.
 FLAGS: dict[str, str] = {
+    "incomplete": "the results were written from a stopped run (--report-partial): the stages named did not run, "
+    "so every figure they would have touched is an upper bound; resume with the same command to finish",
     "unbounded-eps-not-zero": "at an unbounded budget (Linf >= 1, or l2 >= sqrt(d)) the curve attack must reach "
     "~0% accuracy; flagged when the accuracy there exceeds `thresholds.unbounded`",
     "non-monotone-in-eps": "accuracy must not rise with eps: flagged when an accuracy-vs-eps curve point exceeds "

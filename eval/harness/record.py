@@ -191,7 +191,7 @@ def _curves(
     for norm in ("linf", "l2"):
         eps_list = settings.curve_eps_linf if norm == "linf" else settings.curve_eps_l2
         keys = [StageKey(name, f"{norm}-{e:g}", "curve").text for e in eps_list]
-        if not keys or not all(k in stages for k in keys):
+        if not keys or not all(k in stages and stages[k].get("status") == "ran" for k in keys):
             continue
         accs = []
         for k in keys:
@@ -236,6 +236,9 @@ def defense_record(settings: RobustnessSettings, stages: Mapping[str, Any], name
     if not grads:
         checks.append(flags.check("zero-or-nan-gradients", None, "-", "no gradient source checked"))
     checks += [flags.zero_or_nan_gradients(src, g, settings.thresholds.zero_grad) for src, g in grads.items()]
+    missing = sorted(k for k, v in stages.items() if k.startswith(f"{name}|") and isinstance(v, dict) and v.get("not_run"))
+    if missing:
+        checks.append(flags.check("incomplete", True, "-", f"{len(missing)} stages not run: {', '.join(missing)}"))
     rnd = bool(info["randomized"])
     flips = int((clean_rec["first_ok"] & ~clean).sum()) + sum(t.flips for t in threats.values())
     checks.append(flags.randomized_defense(rnd, settings.draws, flips))

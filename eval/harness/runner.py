@@ -82,6 +82,7 @@ class Runner(SectionStages):
         self.generator, self.encoder, self.latent_config = generator, encoder, latent_config
         self.state = state
         self.on_stage = on_stage
+        self.persist = True  # False: a --report-partial pass (placeholders must never reach state.pt)
         # Latents of the points, kept in the state so that a resumed run reuses the very latents the
         # interrupted one computed (a later stage would otherwise invert them in another batch composition).
         self.latents: dict[int, Tensor] = state.setdefault("latents", {})
@@ -96,7 +97,7 @@ class Runner(SectionStages):
 
     # ---------------------------------------------------------------------------------------- plumbing
     def _save(self) -> None:
-        if self.ctx.is_main:
+        if self.ctx.is_main and self.persist:
             st.save_state(self.state, self.out)
 
     def _finish(self, key: StageKey, record: dict[str, Any]) -> None:
