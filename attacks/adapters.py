@@ -33,12 +33,18 @@ TORCHATTACKS_ATTACKS: dict[str, frozenset[Norm]] = {
     "PGDL2": frozenset({Norm.L2}),
     "EOTPGD": frozenset({Norm.LINF}),
     "APGD": frozenset({Norm.LINF, Norm.L2}),
+    "APGDT": frozenset({Norm.LINF, Norm.L2}),
+    "FAB": frozenset({Norm.LINF, Norm.L2}),
     "Square": frozenset({Norm.LINF, Norm.L2}),
     "AutoAttack": frozenset({Norm.LINF, Norm.L2}),
 }
 """torchattacks attack names -> the norms they support; attacks whose constructor takes ``norm=`` get it
 from the threat model."""
-_TORCHATTACKS_TAKE_NORM = frozenset({"APGD", "Square", "AutoAttack"})
+_TORCHATTACKS_TAKE_NORM = frozenset({"APGD", "APGDT", "FAB", "Square", "AutoAttack"})
+#: Attacks whose constructor takes ``n_classes`` (default: the model's output size, as AutoAttack's wrapper does)
+#: and ``seed`` (default: the adapter's ``seed``), with the fewest classes each accepts: APGD-T's targeted DLR
+#: loss reads the 1st, 3rd and 4th largest logits; FAB needs a class to target; AutoAttack's versions check theirs.
+_TORCHATTACKS_CLASSES = {"APGDT": 4, "FAB": 2, "AutoAttack": 1}
 
 FOOLBOX_ATTACKS: dict[str, frozenset[Norm]] = {
     "LinfPGD": frozenset({Norm.LINF}),
@@ -89,15 +95,18 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 class TorchattacksAttack(Attack):
     """Run a torchattacks attack (untargeted) as an :class:`attacks.base.Attack`.
 
-    Threat model: the given one; ``eps`` (and ``norm`` for APGD, Square, AutoAttack) come from it.
+    Threat model: the given one; ``eps`` (and ``norm`` for APGD, APGDT, FAB, Square, AutoAttack) come from it.
 
     Args:
-        name: one of ``"PGD"``, ``"PGDL2"``, ``"EOTPGD"``, ``"APGD"``, ``"Square"``, ``"AutoAttack"``
-            (:data:`TORCHATTACKS_ATTACKS`); other names raise ``ValueError`` listing the valid ones.
+        name: one of ``"PGD"``, ``"PGDL2"``, ``"EOTPGD"``, ``"APGD"``, ``"APGDT"``, ``"FAB"``, ``"Square"``,
+            ``"AutoAttack"`` (:data:`TORCHATTACKS_ATTACKS`); other names raise ``ValueError`` listing the valid ones.
         threat: :class:`ThreatModel`; its norm must be supported by the attack.
-        seed: seed of torch's RNG while the attack runs (default 0); ``None`` leaves it unseeded.
+        seed: seed of torch's RNG while the attack runs (default 0); ``None`` leaves it unseeded. APGDT, FAB and
+            AutoAttack also get it as their own ``seed`` argument (they reseed torch with it) unless given.
         **kwargs: the torchattacks constructor's other arguments, e.g. ``alpha=0.01, steps=40,
-            random_start=True`` for PGD. AutoAttack's ``n_classes`` defaults to the model's output size.
+            random_start=True`` for PGD; ``multi_targeted=True`` for FAB-T. The ``n_classes`` of APGDT (which
+            targets the ``n_classes - 1`` most likely other classes in turn), FAB and AutoAttack defaults to the
+            model's output size; APGDT needs at least 4 classes, FAB 2 (``ValueError`` otherwise).
 
     Shapes: as :class:`attacks.base.Attack`.
 
@@ -125,11 +134,19 @@ class TorchattacksAttack(Attack):
         kwargs = dict(self.kwargs)
         if self.name in _TORCHATTACKS_TAKE_NORM:
             kwargs["norm"] = "Linf" if self.threat.norm is Norm.LINF else "L2"
-        if self.name == "AutoAttack" and "n_classes" not in kwargs:
-            with torch.no_grad():
-                kwargs["n_classes"] = int(model(x[:1]).shape[1])
-        if self.name == "AutoAttack" and "seed" not in kwargs and self.seed is not None:
-            kwargs["seed"] = self.seed
+        if self.name in _TORCHATTACKS_CLASSES:
+            if "n_classes" not in kwargs:
+                with torch.no_grad():
+                    kwargs["n_classes"] = int(model(x[:1]).shape[1])
+            least = _TORCHATTACKS_CLASSES[self.name]
+            classes = kwargs["n_classes"]
+            if isinstance(classes, bool) or not isinstance(classes, int) or classes < least:
+                raise ValueError(
+                    f"expected torchattacks.{self.name} on a model of at least {least} classes, got n_classes "
+                    f"{classes!r}"
+                )
+            if "seed" not in kwargs and self.seed is not None:
+                kwargs["seed"] = self.seed
         with _seeded(self.seed, x.device):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):  # torchattacks prints instead of logging

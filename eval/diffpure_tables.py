@@ -36,20 +36,25 @@ def _load(name: str) -> dict[str, Any] | None:
 
 def _cascade() -> dict[str, Any] | None:
     """The ``diffpure`` run's results with the ``diffpure-fixed`` run's defenses added (same threats and points;
-    its command and stage time kept per defense under ``runs``)."""
-    rec = _load(CASCADE)
-    if rec is None:
+    each defense's run, for its command and stage time, under ``runs``); either alone when only it exists."""
+    parts = [r for r in (_load(CASCADE), _load(FIXED)) if r is not None]
+    if not parts:
         return None
-    rec = dict(rec)
-    rec["runs"] = {name: rec for name in rec["defenses"]}
-    fixed = _load(FIXED)
-    if fixed is not None:
-        if fixed["threat_models"] != rec["threat_models"] or fixed["n"] != rec["n"]:
-            raise ValueError(f"expected {FIXED} on the threats and points of {CASCADE}, got {fixed['threat_models']}"
-                             f" n {fixed['n']} against {rec['threat_models']} n {rec['n']}")  # fmt: skip
-        rec["defenses"] = {**rec["defenses"], **fixed["defenses"]}
-        rec["runs"] |= {name: fixed for name in fixed["defenses"]}
+    rec = dict(parts[0])
+    rec["runs"] = {}
+    rec["defenses"] = {}
+    for part in parts:
+        if part["threat_models"] != parts[0]["threat_models"] or part["n"] != parts[0]["n"]:
+            raise ValueError(f"expected {CASCADE} and {FIXED} on the same threats and points, got "
+                             f"{[(p['threat_models'], p['n']) for p in parts]}")  # fmt: skip
+        rec["defenses"] |= part["defenses"]
+        rec["runs"] |= {name: part for name in part["defenses"]}
     return rec
+
+
+def _console(command: str) -> str:
+    """A recorded command in the console spelling the docs use (``python -m eval X`` is ``manifold-defense X``)."""
+    return "manifold-defense " + command.removeprefix("python -m eval ") if command.startswith("python -m eval ") else command
 
 
 def _row(cells: list[Any]) -> str:
@@ -62,7 +67,7 @@ _INNER = {"pgd": "bare classifier", "unrolled-pgd": "exact-gradient stand-in", "
 
 
 def _missing(name: str) -> str:
-    return f"(not measured yet: `docs/figures/{name}` is absent; the command on this page writes it)"
+    return f"(not measured yet: `docs/figures/{name}` is absent; the commands on this page write it)"
 
 
 def _se(p: float, n: int) -> float:
@@ -90,7 +95,7 @@ def cascade_table() -> str:
     """Robust accuracy after each stage of the cascade, worst case with its standard error, convergence, majority."""
     rec = _cascade()
     if rec is None:
-        return _missing(CASCADE)
+        return _missing(f"{CASCADE}` nor `{FIXED}")
     stages = [s for s in _stages(rec) if s not in ("clean", "convergence")]
     head = ["threat", "defense", "clean", *stages, "convergence rerun", "**worst case** (± s.e.)", "converged",
             "majority vote"]  # fmt: skip
@@ -109,11 +114,12 @@ def cascade_table() -> str:
             lines.append(_row([tk, name, f"{d['clean']:.2f}", *cells, rerun, f"**{w:.2f}** ± {_se(w, d['n']):.2f}",
                                _converged(d, tk), f"{maj['accuracy'][tk]:.2f}" if maj else "-"]))  # fmt: skip
     first = next(iter(rec["defenses"].values()))
-    lines += ["", f"n = {first['n']} (the first test images); verdicts the worst of {first['draws']} fresh "
-              "purifications for `diffpure` (one for `diffpure-fixed`, deterministic)."]  # fmt: skip
+    verdicts = "; ".join(f"`{name}` the worst of {d['draws']} fresh purification(s)" + (
+        "" if d["randomized"] else " (deterministic)") for name, d in rec["defenses"].items())  # fmt: skip
+    lines += ["", f"n = {first['n']} (the first test images); verdicts: {verdicts}."]
     for name, run in rec["runs"].items():
         lines += ["", f"`{name}`: stage time {run['seconds_stages']} s on {run['device']}, {run['threads']} "
-                  f"thread(s); command: `{run['command']}`."]  # fmt: skip
+                  f"thread(s); command: `{_console(run['command'])}`."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -121,7 +127,7 @@ def transfer_table() -> str:
     """Per stage that attacked through a surrogate: how many of its successes transferred to the real purifier."""
     rec = _cascade()
     if rec is None:
-        return _missing(CASCADE)
+        return _missing(f"{CASCADE}` nor `{FIXED}")
     head = ["threat", "defense", "stage (surrogate)", "attacked", "fooled the surrogate", "transferred",
             "did not transfer", "broken without fooling it"]  # fmt: skip
     lines = [_row(head), _row(["---"] * len(head))]
@@ -132,7 +138,10 @@ def transfer_table() -> str:
                 if not t:
                     continue
                 subs = t.get("by_surrogate") or {}
-                label = f"{attack} ({', '.join(subs) if subs else _INNER.get(attack, 'surrogate')})"
+                inner = per[tk].get("rerun_of", attack)  # the convergence rerun: its stage's inner model
+                label = f"{attack} ({', '.join(subs) if subs else _INNER.get(inner, 'surrogate')})"
+                if attack == "convergence":
+                    label = f"convergence: {inner} again ({_INNER.get(inner, 'surrogate')})"
                 lines.append(_row([tk, name, label, t["attacked"], t["surrogate_broken"], t["transferred"],
                                    t["not_transferred"], t["broken_without_surrogate"]]))  # fmt: skip
     return "\n".join(lines)
@@ -159,7 +168,7 @@ def exact_table() -> str:
                            f"{r['accuracy']:.2f} ({len(r['robust'])} of {r['n']})", cell, extra, r["seconds"]]))  # fmt: skip
     mode = "each count on the points the shorter ones left (cumulative)" if p.get("cumulative") else "each count alone"
     lines += ["", f"t* = {p['t_star']}, {p['steps']} DDIM steps, EOT {p['eot']}, worst of {p['draws']} draws, first "
-              f"{p['n']} test images, {mode}; command: `{rec['command']}`."]  # fmt: skip
+              f"{p['n']} test images, {mode}; command: `{_console(rec['command'])}`."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -167,7 +176,7 @@ def cost_table() -> str:
     """What the evaluation cost: real purifications per point and process seconds, per threat and defense."""
     rec = _cascade()
     if rec is None:
-        return _missing(CASCADE)
+        return _missing(f"{CASCADE}` nor `{FIXED}")
     head = ["defense", "threat", "real purifications / point", "process seconds", "costliest stage"]
     lines = [_row(head), _row(["---"] * len(head))]
     for name, d in rec["defenses"].items():

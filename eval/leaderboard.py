@@ -145,8 +145,8 @@ def figures_table(board: Mapping[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-STAGES = ("clean", "pgd", "bpda-pgd", "bpda-eot-pgd", "surrogate-pgd", "unrolled-pgd", "apgd", "square", "onmanifold",
-          "overpowered", "real-bpda-eot", "convergence")  # fmt: skip
+STAGES = ("clean", "pgd", "bpda-pgd", "bpda-eot-pgd", "surrogate-pgd", "unrolled-pgd", "apgd", "apgd-t", "fab", "square",
+          "onmanifold", "overpowered", "real-bpda-eot", "convergence")  # fmt: skip
 
 
 def stages_table(board: Mapping[str, Any] | None = None) -> str:

@@ -21,6 +21,11 @@ Your own purifier: ``--purifier FILE.py:factory`` (images in [0, 1] -> images in
 (repeatable), ``--purifier-randomized`` / ``--purifier-deterministic`` (default: detected) and ``--purifier-exact``
 (its autograd gradient is exact: ``unrolled-pgd`` runs): :mod:`eval.harness.purifiers`.
 
+The cascade holds AutoAttack standard's attacks, ``apgd`` (CE), ``apgd-t`` (targeted DLR), ``fab`` (FAB-T,
+deterministic defenses) and ``square``: at AutoAttack's budgets on a plain classifier (100 iterations per target
+class, 5000 queries) and at smaller ones through a preprocessing defense, where every pass runs the purifier
+(``--apgd-t-steps``, ``--fab-steps`` and ``--square-queries`` set both budgets of their stage).
+
 After the cascade of each threat, its strongest white-box stage runs again on the survivors with twice its steps
 (the convergence check: what it breaks counts in the worst case; more than one percentage point raises
 ``not-converged``). ``--no-convergence`` turns it off in a ``--quick`` run only.
@@ -122,7 +127,7 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], type, str]] = {
     "--pgd-steps": (("pgd.steps",), int, "steps of the naive pgd"),
     "--bpda-steps": (("bpda.steps",), int, "steps of bpda-pgd, bpda-eot-pgd and surrogate-pgd"),
     "--eot": (
-        ("bpda.eot_samples", "apgd.eot_samples", "final.eot_samples"),
+        ("bpda.eot_samples", "apgd.eot_samples", "apgd_t.eot_samples", "final.eot_samples"),
         int,
         "EOT samples per step of every EOT stage on a randomized defense",
     ),
@@ -130,7 +135,21 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], type, str]] = {
     "--unrolled-n": (("unrolled_n",), int, "points of unrolled-pgd (the first that survived pgd)"),
     "--unrolled-batch": (("unrolled_batch",), int, "points per chunk of unrolled-pgd (bounds its memory)"),
     "--apgd-steps": (("apgd.steps",), int, "APGD iterations"),
-    "--square-queries": (("square.queries",), int, "Square queries per point"),
+    "--apgd-t-steps": (
+        ("apgd_t.steps", "apgd_t.plain_steps"),
+        int,
+        "APGD-T iterations per target class (apgd-t; on a plain model and through preprocessing alike)",
+    ),
+    "--fab-steps": (
+        ("fab.steps", "fab.plain_steps"),
+        int,
+        "FAB-T iterations per target class (fab; on a plain model and through preprocessing alike)",
+    ),
+    "--square-queries": (
+        ("square.queries", "square.plain_queries"),
+        int,
+        "Square queries per point (on a plain model and through preprocessing alike)",
+    ),
     "--latent-steps": (("onmanifold.steps",), int, "steps of the on-manifold attack"),
     "--op-steps": (("overpowered.steps",), int, "steps of the overpowered attack"),
     "--op-temperature": (
@@ -147,6 +166,22 @@ SETTING_FLAGS: dict[str, tuple[tuple[str, ...], type, str]] = {
     "--final-steps": (("final.steps",), int, "steps of real-bpda-eot, the final real-forward round"),
     "--final-eot": (("final.eot_samples",), int, "EOT samples per step of real-bpda-eot (after --eot)"),
 }
+
+
+def _defaults_of(paths: Sequence[str]) -> str:
+    """The defaults of a flag's settings: ``"full F, quick Q"`` when they agree, else per group of settings that
+    agree, e.g. ``"apgd_t.steps: full 10, quick 1; plain model: full 100, quick 5"`` (``plain_*``: a plain model's
+    budget)."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(_defaults(p), []).append(p)
+    if len(groups) == 1:
+        return next(iter(groups))
+    parts = []
+    for text, group in groups.items():
+        plain = all(p.rpartition(".")[2].startswith("plain_") for p in group)
+        parts.append(f"{'plain model' if plain else ', '.join(group)}: {text}")
+    return "; ".join(parts)
 
 
 def _defaults(path: str) -> str:
@@ -186,13 +221,16 @@ def add_parsers(sub: Any) -> None:
     )
     for flag, (paths, kind, what) in SETTING_FLAGS.items():
         p.add_argument(flag, dest=paths[0].replace(".", "_"), type=kind, default=None, metavar="N" if kind is int else "X",
-                       help=f"{what} ({_defaults(paths[0])})")  # fmt: skip
+                       help=f"{what} ({_defaults_of(paths)})")  # fmt: skip
     p.add_argument(
         "--no-curves", action="store_true", help="skip the accuracy-vs-eps curves (and their checks)"
     )
     p.add_argument("--no-convergence", action="store_true",
                    help="skip the convergence rerun of the strongest white-box stage (with --quick only; the report "
                    "says so)")  # fmt: skip
+    p.add_argument("--report-partial", action="store_true",
+                   help="run nothing: write the report of a stopped run from its saved state (stages not reached "
+                   "are listed as not run; flag incomplete); the same command without it resumes")  # fmt: skip
     p.add_argument("--majority", action="store_true",
                    help="randomized defenses: pass every draw on every verdict and report the majority-vote figure "
                    "beside the worst case")  # fmt: skip
@@ -276,7 +314,8 @@ def evaluation_from_args(
         settings=settings, out=out, defenses=defenses, models=model_specs(args), data=args.data,
         threats_chosen=args.threats is not None, purifier=PurifierSpec.from_args(args), diffpure=diffpure_spec(args),
         verbatim=getattr(args, "verbatim", False), device=args.device, threads=args.threads, fresh=args.fresh,
-        progress=not args.no_progress, command=command, command_line=command_line(args),
+        progress=not args.no_progress, report_partial=getattr(args, "report_partial", False), command=command,
+        command_line=command_line(args),
     )  # fmt: skip
 
 

@@ -114,7 +114,7 @@ def test_unknown_names_list_valid_ones() -> None:
         ValueError, match=r"expected a foolbox attack name, one of \['BoundaryAttack', .*got 'PGD'"
     ):
         FoolboxAttack("PGD", LINF)
-    assert set(TORCHATTACKS_ATTACKS) >= {"PGD", "APGD", "EOTPGD", "Square", "AutoAttack"}
+    assert set(TORCHATTACKS_ATTACKS) >= {"PGD", "APGD", "APGDT", "FAB", "EOTPGD", "Square", "AutoAttack"}
     assert set(FOOLBOX_ATTACKS) >= {"LinfPGD", "L2CarliniWagnerAttack", "BoundaryAttack"}
 
 

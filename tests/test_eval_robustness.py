@@ -102,6 +102,9 @@ class TrapModel(nn.Module):
     """Zero-gradient memorizer: right at distance < 0.05 or > 0.45 (Linf) from its nearest memorized point,
     wrong in between; PGD's random start at a large eps lands it back on "right" (non-monotone, not ~0)."""
 
+    mem: Tensor
+    labels: Tensor
+
     def __init__(self, x: Tensor, y: Tensor) -> None:
         super().__init__()
         self.register_buffer("mem", x.reshape(x.shape[0], -1).clone())
@@ -151,7 +154,13 @@ def tiny_settings(changes: dict[str, Any] | None = None, **fields: Any) -> Robus
         "unrolled_batch": 2,
         "apgd.steps": 5,
         "apgd.eot_samples": 2,
+        "apgd_t.steps": 2,
+        "apgd_t.plain_steps": 3,
+        "apgd_t.eot_samples": 2,
+        "fab.steps": 2,
+        "fab.plain_steps": 3,
         "square.queries": 20,
+        "square.plain_queries": 20,
         "onmanifold.steps": 10,
         "overpowered.steps": 10,
         "final.eot_samples": 2,

@@ -36,7 +36,10 @@ The cascade (:data:`ATTACKS`, in this order):
 - ``surrogate-pgd``: PGD through each surrogate the defense names (e.g. the differentiable ``G(E(x))``).
 - ``unrolled-pgd``: PGD back-propagating through every projection step, chunk by chunk (``unrolled_batch``
   points at a time bound the memory), on every point that survived ``pgd`` (``unrolled_n`` caps it).
-- ``apgd`` (torchattacks APGD through BPDA, EOT on randomized defenses), ``square`` (torchattacks Square, black box).
+- ``apgd`` (torchattacks APGD through BPDA, EOT on randomized defenses), ``apgd-t`` (APGD-T: the targeted DLR loss
+  toward each other class, EOT on randomized defenses), ``fab`` (FAB-T, deterministic defenses) and ``square``
+  (torchattacks Square, black box): AutoAttack standard's attacks, at its budgets on a plain model
+  (:mod:`eval.harness.autoattack_stages`).
 - ``onmanifold`` / ``overpowered``: latent attacks on the bare classifier from ``z = invert(x)``, the candidate
   projected onto the threat ball around ``x``.
 - ``real-bpda-eot``: for defenses with surrogates, a final round of BPDA + EOT with real forward passes on
@@ -62,7 +65,7 @@ from eval.harness.api import (
     tensors_from_loader,
 )
 from eval.harness.cascade import ATTACKS
-from eval.harness.configs import APGDConfig, FlagThresholds, SquareConfig
+from eval.harness.configs import APGDConfig, APGDTConfig, FABConfig, FlagThresholds, SquareConfig
 from eval.harness.defenses import (
     Defense,
     EncoderProjection,
@@ -100,10 +103,12 @@ __all__ = [
     "SCHEMA",
     "STATE_FILE",
     "APGDConfig",
+    "APGDTConfig",
     "Check",
     "Defense",
     "DefenseReport",
     "EncoderProjection",
+    "FABConfig",
     "FlagThresholds",
     "RobustnessReport",
     "RobustnessSettings",

@@ -6,7 +6,8 @@ for the naive ``pgd``, the BPDA model, the unrolled model, or a surrogate of the
 verdict is always the real defense's (:meth:`eval.harness.registry.StageEnv.judge`); when the inner model is not
 the real defense, the stage also records per point whether the inner model itself was fooled
 (``surrogate_broken``), so the report can say how many of those successes transferred. The latent stages are in
-:mod:`eval.harness.latent_stages`.
+:mod:`eval.harness.latent_stages`, the AutoAttack stages ``apgd-t`` and ``fab`` (and the torchattacks chunk runner)
+in :mod:`eval.harness.autoattack_stages`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks import Norm, PGDConfig, TorchattacksAttack
+from attacks import PGDConfig
 from eval.harness import flags
+from eval.harness.autoattack_stages import APGDT, FAB, adapter_chunks, norm_name, plain, real_model, through
 from eval.harness.latent_stages import OnManifold, Overpowered, attack_seed
 from eval.harness.registry import ChunkFn, Stage, StageEnv, StageView, register_stage, registered_stages
 from manifold_defense import evaluation
@@ -28,23 +30,13 @@ from manifold_defense.defense import LatentProjector
 __all__ = ["ATTACKS", "BPDA_STAGES", "CLEAN_DOC", "PGD_STAGE", "pgd_chunks"]
 
 
-def _real(env: StageEnv, model: nn.Module) -> bool:
-    """Whether ``model`` is the real defense (its final forward pass then counts as one verdict draw)."""
-    return model is env.defense.model or model is env.defense.bpda_model
-
-
 def _step(config: PGDConfig) -> str:
     return f"2.5 eps / {config.steps}" if config.step_size is None else f"{config.step_size:g}"
 
 
-def _through(env: StageEnv) -> str:
-    d = env.defense
-    return f"surrogate {d.surrogate!r}" if d.surrogate is not None else "BPDA model"
-
-
 def pgd_chunks(env: StageEnv, model: nn.Module, config: PGDConfig) -> ChunkFn:
     """PGD with ``config`` through ``model`` on a chunk; the verdict is the real defense's (module docs)."""
-    real = _real(env, model)
+    real = real_model(env, model)
 
     def fn(chunk: Tensor) -> dict[str, Tensor]:
         xb, yb = env.x[chunk], env.y[chunk]
@@ -113,7 +105,7 @@ class BPDAPGD(Stage):
 
     def describe(self, env: StageEnv, config: PGDConfig) -> dict[str, Any]:
         return {"steps": config.steps, "eot_samples": config.eot_samples, "step_size": _step(config),
-                "through": _through(env)}  # fmt: skip
+                "through": through(env)}  # fmt: skip
 
     def on_surrogate(self, env: StageEnv) -> bool:
         return env.defense.surrogate is not None
@@ -231,26 +223,6 @@ class UnrolledPGD(Stage):
         return {"compare": flags.bpda_unrolled_compare(idx, view.rec["robust"], bpda)}, []
 
 
-def _adapter_chunks(env: StageEnv, name: str, model: nn.Module, kwargs: dict[str, Any]) -> ChunkFn:
-    real = _real(env, model)
-
-    def fn(chunk: Tensor) -> dict[str, Tensor]:
-        xb, yb = env.x[chunk], env.y[chunk]
-        seed = int(torch.initial_seed() % (2**31))
-        # (torchattacks' APGD / Square also reseed torch with their own `seed` argument, default 0)
-        res = TorchattacksAttack(name, env.threat, seed=seed, **kwargs)(model, xb, yb)
-        out = env.judge(chunk, res.x_adv, ~res.success if real else None)
-        if not real:
-            out["surrogate_broken"] = res.success.cpu()
-        return out
-
-    return fn
-
-
-def _norm(env: StageEnv) -> str:
-    return "l2" if env.threat.norm is Norm.L2 else "linf"
-
-
 class APGD(Stage):
     name = "apgd"
     doc = (
@@ -263,11 +235,10 @@ class APGD(Stage):
         return dataclasses.replace(apgd, eot_samples=apgd.eot_samples if env.randomized else 1)
 
     def chunk_fn(self, env: StageEnv, config: Any) -> ChunkFn:
-        return _adapter_chunks(env, "APGD", env.defense.inner_model(), config.kwargs())
+        return adapter_chunks(env, "APGD", env.defense.inner_model(), config.kwargs())
 
     def describe(self, env: StageEnv, config: Any) -> dict[str, Any]:
-        through = _through(env) if env.defense.inner_model() is not env.defense.model else "model"
-        return {**config.kwargs(), "through": through, "norm": _norm(env)}
+        return {**config.kwargs(), "through": through(env), "norm": norm_name(env)}
 
     def on_surrogate(self, env: StageEnv) -> bool:
         return env.defense.surrogate is not None
@@ -275,19 +246,24 @@ class APGD(Stage):
 
 class Square(Stage):
     name = "square"
-    doc = "torchattacks Square, black box (queries to the defended model, or to its surrogate)"
+    doc = (
+        "torchattacks Square, black box (queries to the defended model, or to its surrogate; AutoAttack's 5000 "
+        "queries on a plain model)"
+    )
 
     def config(self, env: StageEnv) -> Any:
-        return env.settings.square
+        s = env.settings.square
+        queries = s.plain_queries if plain(env) else s.queries
+        return dataclasses.replace(s, queries=queries, plain_queries=queries)
 
     def chunk_fn(self, env: StageEnv, config: Any) -> ChunkFn:
         d = env.defense
         queried = d.surrogates[d.surrogate] if d.surrogate is not None else d.model
-        return _adapter_chunks(env, "Square", queried, config.kwargs())
+        return adapter_chunks(env, "Square", queried, config.kwargs())
 
     def describe(self, env: StageEnv, config: Any) -> dict[str, Any]:
-        to = _through(env) if env.defense.surrogate is not None else "model"
-        return {**config.kwargs(), "norm": _norm(env), "queries_to": to}
+        to = through(env) if env.defense.surrogate is not None else "model"
+        return {**config.kwargs(), "norm": norm_name(env), "queries_to": to}
 
     def on_surrogate(self, env: StageEnv) -> bool:
         return env.defense.surrogate is not None
@@ -325,8 +301,8 @@ class RealBPDAEOT(Stage):
         return {}, [flags.real_bpda_eot_broke(view.threat, view.newly, view.n, tol, view.surrogate_inner)]
 
 
-for _cls in (NaivePGD, BPDAPGD, BPDAEOTPGD, SurrogatePGD, UnrolledPGD, APGD, Square, OnManifold, Overpowered,
-             RealBPDAEOT):  # fmt: skip
+for _cls in (NaivePGD, BPDAPGD, BPDAEOTPGD, SurrogatePGD, UnrolledPGD, APGD, APGDT, FAB, Square, OnManifold,
+             Overpowered, RealBPDAEOT):  # fmt: skip
     register_stage(_cls)
 
 #: What the ``clean`` column is (it runs first, before every stage of the cascade).

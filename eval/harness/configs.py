@@ -1,7 +1,12 @@
-"""The settings objects of the harness that no attack of :mod:`attacks` defines itself: the torchattacks APGD and
-Square attacks as the cascade runs them, and the red-flag thresholds. Every other attack's settings are that
-attack's own config (:class:`attacks.PGDConfig`, :class:`attacks.LatentAttackConfig`,
-:class:`attacks.OverpoweredConfig`), nested in :class:`eval.harness.RobustnessSettings`."""
+"""The settings objects of the harness that no attack of :mod:`attacks` defines itself: the torchattacks APGD,
+APGD-T, FAB and Square attacks as the cascade runs them, and the red-flag thresholds. Every other attack's settings
+are that attack's own config (:class:`attacks.PGDConfig`, :class:`attacks.LatentAttackConfig`,
+:class:`attacks.OverpoweredConfig`), nested in :class:`eval.harness.RobustnessSettings`.
+
+The AutoAttack components (APGD-T, FAB-T, Square; Croce & Hein, ICML 2020) have two budgets: AutoAttack's own on a
+*plain* model (no preprocessing, no surrogate: every pass is one classifier pass, so the cascade is at least
+AutoAttack standard there), and a smaller one on a defense whose every pass runs its preprocessing (a purifier, a
+projection), where AutoAttack's budget would cost tens of times the rest of the cascade."""
 
 from __future__ import annotations
 
@@ -10,7 +15,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
-__all__ = ["APGDConfig", "FlagThresholds", "SquareConfig", "check_float", "check_int", "doubled"]
+__all__ = [
+    "APGDConfig",
+    "APGDTConfig",
+    "FABConfig",
+    "FlagThresholds",
+    "SquareConfig",
+    "check_float",
+    "check_int",
+    "doubled",
+]
 
 
 def check_int(owner: object, name: str, low: int, optional: bool = False, prefix: str = "") -> None:
@@ -70,25 +84,95 @@ class APGDConfig:
 
 
 @dataclass(frozen=True)
+class APGDTConfig:
+    """Settings of torchattacks' APGD-T (Croce & Hein, ICML 2020: APGD on the targeted DLR loss, run toward each of
+    the ``n_classes - 1`` most likely other classes in turn, AutoAttack standard's second attack) as the ``apgd-t``
+    stage runs it (:class:`attacks.TorchattacksAttack` ``"APGDT"``; ``n_classes`` from the model's output).
+
+    Args:
+        steps: iterations per target class on a defense with preprocessing or a surrogate (default 10:
+            torchattacks' AutoAttack's; each iteration is ``eot_samples`` passes of the defense).
+        plain_steps: iterations per target class on a plain model (default 100: AutoAttack's reference
+            implementation; ``steps`` replaces it in the stage's recorded settings).
+        restarts: restarts per target class (default 1).
+        eot_samples: EOT iterations per step on a randomized defense (default 4; 1 on a deterministic one).
+
+    Cost per attacked point: ``(n_classes - 1) * steps * restarts * eot_samples`` gradient passes (10 classes,
+    the defaults: 900 on a deterministic plain model; 360 on a randomized preprocessing defense, 4.5 times
+    ``apgd``'s 80).
+    """
+
+    steps: int = 10
+    plain_steps: int = 100
+    restarts: int = 1
+    eot_samples: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "plain_steps", "restarts", "eot_samples"):
+            check_int(self, name, 1, prefix="apgd_t.")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The torchattacks constructor arguments (``steps``: the budget the stage chose)."""
+        return {"steps": self.steps, "n_restarts": self.restarts, "eot_iter": self.eot_samples}
+
+
+@dataclass(frozen=True)
+class FABConfig:
+    """Settings of torchattacks' FAB-T (Croce & Hein, ICML 2020: the minimum-norm Fast Adaptive Boundary attack,
+    targeted at each of the ``n_classes - 1`` most likely other classes in turn, AutoAttack standard's third
+    attack; a result counts only within eps) as the ``fab`` stage runs it (:class:`attacks.TorchattacksAttack`
+    ``"FAB"``, ``multi_targeted=True``). Deterministic defenses only (the stage skips randomized ones).
+
+    Args:
+        steps: iterations per target class on a defense with preprocessing or a surrogate (default 10:
+            torchattacks' AutoAttack's).
+        plain_steps: iterations per target class on a plain model (default 100: AutoAttack's reference
+            implementation).
+        restarts: restarts per target class (default 1; a restart starts from a random point).
+
+    Cost per attacked point: ``(n_classes - 1) * steps * restarts`` iterations of two forward passes and one
+    backward (the gradient of a logit difference, then the label of the new iterate); 10 classes, the defaults:
+    900 iterations on a plain model, 90 otherwise, for a point that survives every target class (within one
+    class FAB runs all its steps, shrinking the perturbation after a success; a broken point is not attacked for
+    the next class).
+    """
+
+    steps: int = 10
+    plain_steps: int = 100
+    restarts: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "plain_steps", "restarts"):
+            check_int(self, name, 1, prefix="fab.")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The torchattacks constructor arguments (``steps``: the budget the stage chose)."""
+        return {"steps": self.steps, "n_restarts": self.restarts, "multi_targeted": True}
+
+
+@dataclass(frozen=True)
 class SquareConfig:
     """Settings of torchattacks' Square (Andriushchenko et al., ECCV 2020) as the ``square`` stage runs it.
 
     Args:
-        queries: queries per point (default 500); restarts: (default 1); p_init: initial share of pixels changed
-            per query (default 0.8).
+        queries: queries per point on a defense with preprocessing or a surrogate (default 500).
+        plain_queries: queries per point on a plain model (default 5000: AutoAttack standard's; the stage records
+            the number it used as ``n_queries``).
+        restarts: (default 1); p_init: initial share of pixels changed per query (default 0.8).
     """
 
     queries: int = 500
+    plain_queries: int = 5000
     restarts: int = 1
     p_init: float = 0.8
 
     def __post_init__(self) -> None:
-        for name in ("queries", "restarts"):
+        for name in ("queries", "plain_queries", "restarts"):
             check_int(self, name, 1, prefix="square.")
         check_float(self, "p_init", prefix="square.")
 
     def kwargs(self) -> dict[str, Any]:
-        """The torchattacks constructor arguments."""
+        """The torchattacks constructor arguments (``queries``: the budget the stage chose)."""
         return {"n_queries": self.queries, "n_restarts": self.restarts, "p_init": self.p_init}
 
 

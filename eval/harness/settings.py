@@ -3,7 +3,7 @@ frozen and validated), each attack's settings nested as that attack's own config
 
 Papers: Athalye, Carlini, Wagner, "Obfuscated Gradients Give a False Sense of Security" (ICML 2018: BPDA, EOT);
 Carlini et al., "On Evaluating Adversarial Robustness" (arXiv 1902.06705: the red-flag checklist); Croce & Hein
-(ICML 2020: APGD, worst case per point); Andriushchenko et al., "Square Attack" (ECCV 2020); Jalal et al., "The
+(ICML 2020: APGD, APGD-T, FAB-T, worst case per point); Andriushchenko et al., "Square Attack" (ECCV 2020); Jalal et al., "The
 Robust Manifold Defense" (arXiv 1712.09196: on-manifold and overpowered attacks).
 """
 
@@ -17,7 +17,15 @@ from typing import Any
 
 from attacks import LatentAttackConfig, LatentConstraint, Norm, OverpoweredConfig, PGDConfig, ThreatModel
 from eval.harness.cascade import ATTACKS
-from eval.harness.configs import APGDConfig, FlagThresholds, SquareConfig, check_float, check_int
+from eval.harness.configs import (
+    APGDConfig,
+    APGDTConfig,
+    FABConfig,
+    FlagThresholds,
+    SquareConfig,
+    check_float,
+    check_int,
+)
 from eval.harness.registry import registered_stages
 
 __all__ = [
@@ -99,6 +107,8 @@ CONFIGS: dict[str, tuple[type, str]] = {
     "bpda": (PGDConfig, "bpda-pgd (eot_samples 1), bpda-eot-pgd, surrogate-pgd"),
     "unrolled": (PGDConfig, "unrolled-pgd"),
     "apgd": (APGDConfig, "apgd"),
+    "apgd_t": (APGDTConfig, "apgd-t"),
+    "fab": (FABConfig, "fab"),
     "square": (SquareConfig, "square"),
     "onmanifold": (LatentAttackConfig, "onmanifold"),
     "overpowered": (OverpoweredConfig, "overpowered"),
@@ -132,8 +142,13 @@ class RobustnessSettings:
         bpda: ``bpda-pgd`` (run with ``eot_samples`` 1), ``bpda-eot-pgd`` and ``surrogate-pgd`` (40 steps, EOT 4).
         unrolled: the unrolled attack (10 steps); unrolled_n: its points (the first that survived ``pgd``;
             ``None``, the default: all); unrolled_batch: its chunk size (one chunk's unrolled graph at a time).
-        apgd: :class:`eval.harness.APGDConfig` (20 steps, CE, EOT 4); square: :class:`eval.harness.SquareConfig`
-            (500 queries, p_init 0.8).
+        apgd: :class:`eval.harness.APGDConfig` (20 steps, CE, EOT 4).
+        apgd_t: :class:`eval.harness.APGDTConfig` (``apgd-t``: targeted DLR toward each other class; 100 steps per
+            target class on a plain model, AutoAttack's; 10 through preprocessing or a surrogate; EOT 4).
+        fab: :class:`eval.harness.FABConfig` (``fab``: FAB-T, deterministic defenses; 100 steps per target class
+            on a plain model, 10 through preprocessing or a surrogate).
+        square: :class:`eval.harness.SquareConfig` (5000 queries on a plain model, AutoAttack's; 500 through
+            preprocessing or to a surrogate; p_init 0.8).
         onmanifold: :class:`attacks.LatentAttackConfig` (pixel constraint, 200 Adam steps of 0.05, ``eps`` 4).
         overpowered: :class:`attacks.OverpoweredConfig` (300 steps of 0.05, multiplier 0.001, ``eps`` 4,
             temperature 10: the divergence of ``logits / 10``, which does not saturate on a confident
@@ -170,6 +185,8 @@ class RobustnessSettings:
     unrolled_n: int | None = None
     unrolled_batch: int = 5
     apgd: APGDConfig = field(default_factory=APGDConfig)
+    apgd_t: APGDTConfig = field(default_factory=APGDTConfig)
+    fab: FABConfig = field(default_factory=FABConfig)
     square: SquareConfig = field(default_factory=SquareConfig)
     onmanifold: LatentAttackConfig = field(
         default_factory=lambda: LatentAttackConfig(eps=4.0, constraint="pixel", steps=200, step_size=0.05)
@@ -289,7 +306,13 @@ class RobustnessSettings:
             "unrolled_batch": 3,
             "apgd.steps": 5,
             "apgd.eot_samples": 2,
+            "apgd_t.steps": 1,
+            "apgd_t.plain_steps": 5,
+            "apgd_t.eot_samples": 1,
+            "fab.steps": 2,
+            "fab.plain_steps": 5,
             "square.queries": 20,
+            "square.plain_queries": 50,
             "onmanifold.steps": 50,
             "overpowered.steps": 100,
             "final.steps": 5,
