@@ -287,7 +287,16 @@ def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: 
         "majority_vote": majority, "real_passes_per_point": round(passes / n, 1) if stages else None,
         "process_seconds_per_point": round(seconds / n, 2) if stages else None,
         "source": src.path, "command": rec.get("command"), "device": rec.get("device"), "schema": version,
+        "stages_missing": _missing_stages(rec),
     }  # fmt: skip
+
+
+def _missing_stages(rec: Mapping[str, Any]) -> list[str]:
+    """The stages of today's cascade the run did not have (it ran before they joined, or left them out)."""
+    from eval.harness.cascade import ATTACKS
+
+    ran = set((rec.get("settings") or {}).get("attacks", ATTACKS))
+    return [a for a in ATTACKS if a not in ran]
 
 
 def _autoattack(
@@ -401,6 +410,10 @@ def _notes(threats: Mapping[str, Mapping[str, Any]]) -> list[str]:
     devices = sorted({str(c["device"]) for c in measured.values() if c.get("device") not in (None, "cpu")})
     if devices:
         notes.append(f"run on {', '.join(devices)}")
+    missing = sorted({a for c in measured.values() for a in c.get("stages_missing", [])})
+    if missing:
+        notes.append(f"run without the stages {', '.join(missing)} of today's cascade (added later, or left out): "
+                     "its figures are upper bounds under the current cascade")  # fmt: skip
     if any(c["schema"] < 2 for c in measured.values()):
         notes.append("v1 harness run: no convergence check, figures are upper bounds")
     below = [f"{tk} by {c['autoattack']['harness_minus_autoattack']:.2f}" for tk, c in measured.items()

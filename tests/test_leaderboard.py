@@ -110,6 +110,19 @@ def test_unchecked_convergence_and_v1_runs(tmp_path: Path) -> None:
     assert "v1 harness run: no convergence check, figures are upper bounds" in row["notes"]
 
 
+def test_a_run_without_todays_stages_says_its_figures_are_upper_bounds(tmp_path: Path) -> None:
+    from eval.harness.cascade import ATTACKS
+
+    older = tuple(a for a in ATTACKS if a not in ("apgd-t", "fab"))
+    _write(tmp_path, "old.json", _results(settings={"attacks": list(older)}))
+    _write(tmp_path, "new.json", _results(settings={"attacks": list(ATTACKS)}))
+    old = collect_row(_spec(sources=(Source("old.json"),)), root=tmp_path)
+    assert old["threats"]["l2-2"]["stages_missing"] == ["apgd-t", "fab"]
+    assert any("without the stages apgd-t, fab" in n and "upper bounds" in n for n in old["notes"])
+    new = collect_row(_spec(sources=(Source("new.json"),)), root=tmp_path)
+    assert new["threats"]["l2-2"]["stages_missing"] == [] and not any("without the stages" in n for n in new["notes"])
+
+
 def test_majority_and_another_n(tmp_path: Path) -> None:
     rec = _results(defense="diffpure", majority=True)
     rec["defenses"]["diffpure"]["n"] = 50
