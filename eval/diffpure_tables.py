@@ -75,6 +75,9 @@ def _se(p: float, n: int) -> float:
 
 
 def _converged(d: Mapping[str, Any], tk: str) -> str:
+    conv = d["attacks"].get("convergence", {}).get(tk, {})
+    if conv.get("status") == "skipped" and str(conv.get("reason", "")).startswith("not run"):
+        return "**not run** (run stopped: upper bound)"
     for c in d["checks"]:
         if c["flag"] == "not-converged" and c["where"] == tk:
             return {"ok": "yes", "flag": "**no** (upper bound)"}.get(c["status"], c["status"])

@@ -288,6 +288,7 @@ def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: 
         "process_seconds_per_point": round(seconds / n, 2) if stages else None,
         "source": src.path, "command": rec.get("command"), "device": rec.get("device"), "schema": version,
         "stages_missing": _missing_stages(rec),
+        "not_run": [k for k in rec.get("incomplete", []) if k.split("|")[1:2] == [tk]],
     }  # fmt: skip
 
 
@@ -410,6 +411,10 @@ def _notes(threats: Mapping[str, Mapping[str, Any]]) -> list[str]:
     devices = sorted({str(c["device"]) for c in measured.values() if c.get("device") not in (None, "cpu")})
     if devices:
         notes.append(f"run on {', '.join(devices)}")
+    stopped = sorted({k for c in measured.values() for k in c.get("not_run", [])})
+    if stopped:
+        notes.append(f"written from a stopped run (--report-partial) without {', '.join(stopped)}: those figures are "
+                     "upper bounds until the run is resumed")  # fmt: skip
     missing = sorted({a for c in measured.values() for a in c.get("stages_missing", [])})
     if missing:
         notes.append(f"run without the stages {', '.join(missing)} of today's cascade (added later, or left out): "

@@ -119,6 +119,11 @@ def test_a_run_without_todays_stages_says_its_figures_are_upper_bounds(tmp_path:
     old = collect_row(_spec(sources=(Source("old.json"),)), root=tmp_path)
     assert old["threats"]["l2-2"]["stages_missing"] == ["apgd-t", "fab"]
     assert any("without the stages apgd-t, fab" in n and "upper bounds" in n for n in old["notes"])
+    stopped = _results(settings={"attacks": list(ATTACKS)}, incomplete=["undefended|l2-2|convergence"])
+    _write(tmp_path, "stopped.json", stopped)
+    row = collect_row(_spec(sources=(Source("stopped.json"),)), root=tmp_path)
+    assert row["threats"]["l2-2"]["not_run"] == ["undefended|l2-2|convergence"] and not row["threats"]["linf-0.3"]["not_run"]
+    assert any("stopped run" in n and "undefended|l2-2|convergence" in n for n in row["notes"])
     new = collect_row(_spec(sources=(Source("new.json"),)), root=tmp_path)
     assert new["threats"]["l2-2"]["stages_missing"] == [] and not any("without the stages" in n for n in new["notes"])
 
