@@ -252,6 +252,22 @@ TABLES |= _deepinv_tables()  # issue 36: deepinv cross-check and the diffusion p
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(^<!-- /table:(?P=name) -->)", re.S | re.M)
 
 
+def demo_time() -> str:
+    """The README's sentence on how long ``make demo`` takes (``docs/figures/demo_bench.json``: the runs' wall and
+    CPU seconds and the load before each)."""
+    rec = _json(FIGURES / "demo_bench.json")
+    walls = sorted(r["wall_seconds"] for r in rec["runs"])
+    cpus = sorted(r["cpu_seconds"] for r in rec["runs"])
+    loads = sorted(r["load_before"] for r in rec["runs"])
+    median = walls[len(walls) // 2]
+    return (f"It took {median:.0f} s (median of {len(walls)} runs, {walls[0]:.0f}-{walls[-1]:.0f} s; "
+            f"{cpus[0]:.0f}-{cpus[-1]:.0f} s of CPU) on this 2-core CPU, {rec['machine']} (load average "
+            f"{loads[0]:.1f}-{loads[-1]:.1f} before each run; measured {rec['date']}).")  # fmt: skip
+
+
+TABLES["demo-time"] = demo_time
+
+
 def pages() -> list[Path]:
     """Every page with generated tables: the README and ``docs/*.md``."""
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
