@@ -10,11 +10,11 @@ writes it, never a figure.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from eval.leaderboard_rows import standard_error
 from eval.run_folder import read_record
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
@@ -70,10 +70,6 @@ def _missing(name: str) -> str:
     return f"(not measured yet: `docs/figures/{name}` is absent; the commands on this page write it)"
 
 
-def _se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
-
-
 def _converged(d: Mapping[str, Any], tk: str) -> str:
     conv = d["attacks"].get("convergence", {}).get(tk, {})
     if conv.get("status") == "skipped" and str(conv.get("reason", "")).startswith("not run"):
@@ -114,7 +110,7 @@ def cascade_table() -> str:
                      if conv.get("status") == "ran" else "-")  # fmt: skip
             w = d["worst_case"][tk]
             maj = d.get("majority_vote")
-            lines.append(_row([tk, name, f"{d['clean']:.2f}", *cells, rerun, f"**{w:.2f}** ± {_se(w, d['n']):.2f}",
+            lines.append(_row([tk, name, f"{d['clean']:.2f}", *cells, rerun, f"**{w:.2f}** ± {standard_error(w, int(d['n'])):.2f}",
                                _converged(d, tk), f"{maj['accuracy'][tk]:.2f}" if maj else "-"]))  # fmt: skip
     first = next(iter(rec["defenses"].values()))
     verdicts = "; ".join(f"`{name}` the worst of {d['draws']} fresh purification(s)" + (

@@ -97,29 +97,36 @@ def _temps(out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ kill and resume
+def _run_stopped_after_save(out: Path, at: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny run into ``out``, interrupted by an exception raised right after its ``at``-th state save; the
+    real ``save_checked`` is back in place afterwards."""
+
+    class Stopped(Exception):
+        pass
+
+    saves = [0]
+    original = state_module.save_checked
+
+    def save_then_stop(obj: Any, path: Any) -> None:
+        original(obj, path)
+        saves[0] += 1
+        if saves[0] == at:
+            raise Stopped
+
+    monkeypatch.setattr(state_module, "save_checked", save_then_stop)
+    with pytest.raises(Stopped):
+        run_tiny(out)
+    monkeypatch.setattr(state_module, "save_checked", original)
+
+
 def test_exception_after_a_chunk_save_resumes_to_the_uninterrupted_result(
     tmp_path: Path, full: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A hook raising right after the 4th state save (a chunk of the first stage): the saved state is whole and
     the resumed run gives the uninterrupted figures."""
 
-    class Killed(Exception):
-        pass
-
-    saves = [0]
-    original = state_module.save_checked
-
-    def save_then_die(obj: Any, path: Any) -> None:
-        original(obj, path)
-        saves[0] += 1
-        if saves[0] == 4:
-            raise Killed
-
-    monkeypatch.setattr(state_module, "save_checked", save_then_die)
-    with pytest.raises(Killed):
-        run_tiny(tmp_path)
+    _run_stopped_after_save(tmp_path, 4, monkeypatch)
     assert not _locked(tmp_path)  # the interrupted call let go of its folder
-    monkeypatch.setattr(state_module, "save_checked", original)
     saved = load_checked(tmp_path / "state.pt")
     assert any(saved["partial"].values()), "the interruption fell inside a stage: chunks were saved"
     resumed = run_tiny(tmp_path)
@@ -133,22 +140,7 @@ def test_a_stopped_run_reports_what_it_has_then_resumes_to_the_uninterrupted_res
     """``report_partial`` on a run stopped inside its cascade: results with the stages it did not reach listed as
     not run (flag ``incomplete``), the state file untouched; the same call without it resumes to the full run."""
 
-    class Stopped(Exception):
-        pass
-
-    saves = [0]
-    original = state_module.save_checked
-
-    def save_then_stop(obj: Any, path: Any) -> None:
-        original(obj, path)
-        saves[0] += 1
-        if saves[0] == 9:
-            raise Stopped
-
-    monkeypatch.setattr(state_module, "save_checked", save_then_stop)
-    with pytest.raises(Stopped):
-        run_tiny(tmp_path)
-    monkeypatch.setattr(state_module, "save_checked", original)
+    _run_stopped_after_save(tmp_path, 9, monkeypatch)
     before = (tmp_path / "state.pt").read_bytes()
     setup = tiny_setup()
     partial = run_robustness(
