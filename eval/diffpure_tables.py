@@ -31,7 +31,7 @@ def _load(name: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return read_record(path) if isinstance(data, dict) and "sha256" in data and "schema" not in data else data
+    return read_record(path) if isinstance(data, dict) and "sha256" in data else data
 
 
 def _cascade() -> dict[str, Any] | None:
