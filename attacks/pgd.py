@@ -70,6 +70,10 @@ class PGDConfig:
             (Expectation over Transformation; default 1).
         seed: seed of the random starts (a ``torch.Generator`` on the inputs' device; the global RNG is
             untouched).
+        stop_when_fooled: early exit: ``k >= 1`` drops a sample from the loop once its iterate has fooled the
+            model at ``k`` consecutive steps (its best iterate so far is kept, so the result is the fooling
+            iterate of highest loss seen); ``0`` (default): every sample runs every step. It saves the gradient
+            passes of points already broken; with EOT, "fooled" is judged on the averaged logits.
     """
 
     steps: int = 40
@@ -82,9 +86,10 @@ class PGDConfig:
     decay_factor: float = 0.1
     eot_samples: int = 1
     seed: int = 0
+    stop_when_fooled: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 0), ("restarts", 1), ("eot_samples", 1), ("seed", 0)):
+        for name, low in (("steps", 0), ("restarts", 1), ("eot_samples", 1), ("seed", 0), ("stop_when_fooled", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"expected {name} to be an int >= {low}, got {value!r}")
@@ -235,7 +240,7 @@ class PGD(Attack):
 
         label = f"model {model_name(model)}"
 
-        def keep_best(idx: Tensor, x_cur: Tensor, loss: Tensor, logits: Tensor, where: str) -> None:
+        def keep_best(idx: Tensor, x_cur: Tensor, loss: Tensor, logits: Tensor, where: str) -> Tensor:
             check_finite_logits(logits, label, where)
             success = logits.argmax(dim=1) != y[idx]
             old_success, old_loss = best_success[idx], best_loss[idx]
@@ -244,6 +249,7 @@ class PGD(Attack):
             best_x[chosen] = x_cur[better]
             best_success[chosen] = success[better]
             best_loss[chosen] = loss[better].to(best_loss.dtype)
+            return success
 
         for r in range(cfg.restarts):
             idx = (~best_success).nonzero().squeeze(1) if r > 0 else torch.arange(x.shape[0], device=x.device)
@@ -255,10 +261,20 @@ class PGD(Attack):
                 x_cur = self.project(x_r + self.random_start(x, generator)[idx], x_r)
             else:
                 x_cur = x_r.clone()
+            streak = torch.zeros(idx.shape[0], dtype=torch.long, device=x.device)
             for t in range(cfg.steps):
                 loss, grad, logits = self.value_and_grad(model, x_cur, y_r)
-                keep_best(idx, x_cur, loss, logits, f"at PGD step {t} of restart {r}")
+                success = keep_best(idx, x_cur, loss, logits, f"at PGD step {t} of restart {r}")
                 x_cur = self.project(x_cur + self.step_size_at(t) * self.normalize_gradient(grad), x_r)
+                if cfg.stop_when_fooled:  # early exit: drop the points fooled at k consecutive steps
+                    streak = (streak + 1) * success
+                    going = streak < cfg.stop_when_fooled
+                    if not bool(going.all()):
+                        idx, x_cur, x_r, y_r, streak = idx[going], x_cur[going], x_r[going], y_r[going], streak[going]
+                        if idx.numel() == 0:
+                            break
+            if idx.numel() == 0:
+                continue
             loss, logits = self.evaluate(model, x_cur, y_r)
             keep_best(idx, x_cur, loss, logits, f"after the last PGD step of restart {r}")
         return best_x

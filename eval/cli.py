@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "eval.diffpure_exact",
     "eval.purifier_cost",
     "eval.leaderboard",
+    "eval.cascade_profile",
 )
 
 

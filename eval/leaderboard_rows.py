@@ -31,6 +31,8 @@ __all__ = [
     "RowSpec",
     "Source",
     "collect_row",
+    "converged_verdict",
+    "load_checked_json",
     "read_results",
     "row_spec",
     "standard_error",
@@ -193,7 +195,8 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_checked_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, its ``sha256`` verified when it carries one (``ValueError`` otherwise)."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -207,7 +210,7 @@ def read_results(path: Path, spec: RowSpec, defense: str) -> tuple[dict[str, Any
     """The harness results at ``path`` and their schema version; ``ValueError`` unless they are a robustness
     results file (v1 or v2) holding ``defense`` on ``spec``'s classifier, from a full (not quick) run on the first
     test points of MNIST."""
-    rec = _load(path)
+    rec = load_checked_json(path)
     schema = rec.get("schema")
     if schema not in ROBUSTNESS_SCHEMAS:
         raise ValueError(f"{path}: expected a robustness results file (schema {sorted(ROBUSTNESS_SCHEMAS)}), "
@@ -256,7 +259,7 @@ def _on_weights(path: str, commits: list[str | None]) -> bool | None:
     return True
 
 
-def _converged(d: Mapping[str, Any], tk: str, version: int) -> tuple[str, str]:
+def converged_verdict(d: Mapping[str, Any], tk: str, version: int) -> tuple[str, str]:
     """``("yes" | "no" | "unchecked", detail)`` from the convergence entry and the ``not-converged`` flag."""
     if version < 2:
         return "unchecked", "v1 run, made before the convergence check: an upper bound"
@@ -274,7 +277,7 @@ def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: 
     if tk not in rec["threat_models"] or tk not in d["worst_case"]:
         raise ValueError(f"{src.path}: expected threat {tk} for row {spec.name}, got {rec['threat_models']}")
     p, n = float(d["worst_case"][tk]), int(d["n"])
-    converged, detail = _converged(d, tk, version)
+    converged, detail = converged_verdict(d, tk, version)
     stages = (d.get("cost") or {}).get("stages", {})
     passes = sum(r["real_passes"] for k, r in stages.items() if k.startswith(f"{tk}|"))
     seconds = sum(r["process_seconds"] for k, r in stages.items() if k.startswith(f"{tk}|"))
@@ -289,6 +292,7 @@ def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: 
         "source": src.path, "command": rec.get("command"), "device": rec.get("device"), "schema": version,
         "stages_missing": _missing_stages(rec),
         "not_run": [k for k in rec.get("incomplete", []) if k.split("|")[1:2] == [tk]],
+        "lean": bool(rec.get("lean", False)),
     }  # fmt: skip
 
 
@@ -313,7 +317,7 @@ def _autoattack(
         if found is None or not found.is_file():
             return {"status": "not measured", "command": spec.autoattack_command(tk)}
         path = str(found)
-    rec = _load(root / path)
+    rec = load_checked_json(root / path)
     norm, eps = tk.split("-", 1)
     got = (rec.get("attack"), rec.get("model"), rec.get("version"), rec.get("source"), rec.get("threat_model"))
     want = ("autoattack", spec.classifier, spec.autoattack, "zoo", {"norm": norm, "eps": float(eps)})
@@ -331,7 +335,7 @@ def _autoattack(
 def _cost(spec: RowSpec, root: Path) -> dict[str, Any]:
     if spec.purifier is None:
         return {"purifier": None, "passes_per_image": 0, "cpu_seconds_per_image": None}
-    rec = _load(root / COST)
+    rec = load_checked_json(root / COST)
     if spec.purifier not in rec.get("purifiers", {}):
         raise ValueError(f"{COST}: expected purifier {spec.purifier!r}, got {sorted(rec.get('purifiers', {}))}")
     r = rec["purifiers"][spec.purifier]
@@ -421,6 +425,10 @@ def _notes(threats: Mapping[str, Mapping[str, Any]]) -> list[str]:
                      "its figures are upper bounds under the current cascade")  # fmt: skip
     if any(c["schema"] < 2 for c in measured.values()):
         notes.append("v1 harness run: no convergence check, figures are upper bounds")
+    lean = sorted(tk for tk, c in measured.items() if c.get("lean"))
+    if lean:
+        notes.append(f"lean cascade at {', '.join(lean)} (cheaper budgets, --lean): its worst case holds as far as "
+                     "the lean-versus-full comparison on the same points shows")  # fmt: skip
     below = [f"{tk} by {c['autoattack']['harness_minus_autoattack']:.2f}" for tk, c in measured.items()
              if (c.get("autoattack") or {}).get("harness_minus_autoattack", 0.0) > 0.01 + 1e-9]  # fmt: skip
     if below:

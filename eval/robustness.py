@@ -54,6 +54,7 @@ from eval.cli import command_line
 from eval.harness import ATTACKS, DEFAULT_THREATS, RobustnessSettings
 from eval.harness.command import CLASSIFIERS, DEFENSES, DiffPureSpec, Evaluation, ModelSpecs, run_evaluation
 from eval.harness.purifiers import PurifierSpec, add_purifier_args
+from eval.harness.settings import LEAN_CHANGES
 from eval.run_folder import claim_run_folder
 
 __all__ = [
@@ -231,6 +232,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--report-partial", action="store_true",
                    help="run nothing: write the report of a stopped run from its saved state (stages not reached "
                    "are listed as not run; flag incomplete); the same command without it resumes")  # fmt: skip
+    p.add_argument("--lean", action="store_true",
+                   help="the lean cascade (RobustnessSettings.lean_preset): Square queries the defense's cheap stand-in, "
+                   "early exits in the PGD loops through the real defense, APGD-T toward 3 target classes; compare "
+                   "it with a full run on the same points by cascade-profile --compare")  # fmt: skip
     p.add_argument("--majority", action="store_true",
                    help="randomized defenses: pass every draw on every verdict and report the majority-vote figure "
                    "beside the worst case")  # fmt: skip
@@ -293,6 +298,8 @@ def settings_from_args(args: argparse.Namespace) -> RobustnessSettings:
         changes |= {"curve_eps_linf": (), "curve_eps_l2": ()}
     if getattr(args, "majority", False):
         changes["majority"] = True
+    if getattr(args, "lean", False):
+        changes = {**LEAN_CHANGES, **changes}
     if args.no_convergence:
         if not args.quick:
             raise ValueError(

@@ -177,6 +177,7 @@ def _results(
         "image_shape": list(x.shape[1:]),
         "settings": settings.to_json(),
         "quick": settings.quick,
+        "lean": settings.lean,
         "reduced_vs_full": settings.reductions(),
         **dict(meta or {}),
         "world_size": ctx.world_size,

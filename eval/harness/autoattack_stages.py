@@ -102,7 +102,8 @@ class APGDT(Stage):
         c = env.settings.apgd_t
         steps = c.plain_steps if plain(env) else c.steps
         eot = c.eot_samples if env.randomized else 1
-        return dataclasses.replace(c, steps=steps, plain_steps=steps, eot_samples=eot)
+        targets = None if c.targets is None or c.targets >= n_classes(env) - 1 else c.targets
+        return dataclasses.replace(c, steps=steps, plain_steps=steps, eot_samples=eot, targets=targets)
 
     def skip_reason(self, env: StageEnv) -> str | None:
         classes = n_classes(env)
@@ -114,7 +115,9 @@ class APGDT(Stage):
         return adapter_chunks(env, "APGDT", env.defense.inner_model(), config.kwargs())
 
     def describe(self, env: StageEnv, config: APGDTConfig) -> dict[str, Any]:
-        return {**config.kwargs(), "targets": "n_classes - 1, most likely first", "loss": "targeted dlr",
+        kwargs = {k: v for k, v in config.kwargs().items() if k != "n_classes"}
+        targets = "n_classes - 1" if config.targets is None else f"the {config.targets}"
+        return {**kwargs, "targets": f"{targets} most likely other classes", "loss": "targeted dlr",
                 "budget": _budget(env), "through": through(env), "norm": norm_name(env)}  # fmt: skip
 
     def on_surrogate(self, env: StageEnv) -> bool:

@@ -35,8 +35,14 @@ def _step(config: PGDConfig) -> str:
 
 
 def pgd_chunks(env: StageEnv, model: nn.Module, config: PGDConfig) -> ChunkFn:
-    """PGD with ``config`` through ``model`` on a chunk; the verdict is the real defense's (module docs)."""
+    """PGD with ``config`` through ``model`` on a chunk; the verdict is the real defense's (module docs).
+
+    The early exit (``config.stop_when_fooled``, the lean cascade's) applies only when ``model`` is the real
+    defense: through a stand-in, the first iterate that fools it may be too weak to transfer, so every step runs.
+    """
     real = real_model(env, model)
+    if not real:
+        config = dataclasses.replace(config, stop_when_fooled=0)
 
     def fn(chunk: Tensor) -> dict[str, Tensor]:
         xb, yb = env.x[chunk], env.y[chunk]
@@ -50,6 +56,12 @@ def pgd_chunks(env: StageEnv, model: nn.Module, config: PGDConfig) -> ChunkFn:
         return out
 
     return fn
+
+
+def _early(env: StageEnv, model: nn.Module, config: PGDConfig) -> dict[str, Any]:
+    """The early-exit setting as the stage runs it (recorded only when on; :func:`pgd_chunks`)."""
+    k = config.stop_when_fooled if real_model(env, model) else 0
+    return {"early_exit": f"after {k} fooled steps"} if k else {}
 
 
 def _no_bpda(env: StageEnv) -> str | None:
@@ -77,12 +89,14 @@ class NaivePGD(Stage):
         return pgd_chunks(env, d.classifier if d.classifier is not None else d.model, config)
 
     def describe(self, env: StageEnv, config: PGDConfig) -> dict[str, Any]:
-        gradient = "bare classifier (transfer)" if env.defense.classifier is not None else "model autograd"
+        d = env.defense
+        gradient = "bare classifier (transfer)" if d.classifier is not None else "model autograd"
         return {
             "steps": config.steps,
             "restarts": config.restarts,
             "step_size": _step(config),
             "gradient": gradient,
+            **_early(env, d.classifier if d.classifier is not None else d.model, config),
         }
 
 
@@ -105,7 +119,7 @@ class BPDAPGD(Stage):
 
     def describe(self, env: StageEnv, config: PGDConfig) -> dict[str, Any]:
         return {"steps": config.steps, "eot_samples": config.eot_samples, "step_size": _step(config),
-                "through": through(env)}  # fmt: skip
+                "through": through(env), **_early(env, env.defense.inner_model(), config)}  # fmt: skip
 
     def on_surrogate(self, env: StageEnv) -> bool:
         return env.defense.surrogate is not None
@@ -256,17 +270,23 @@ class Square(Stage):
         queries = s.plain_queries if plain(env) else s.queries
         return dataclasses.replace(s, queries=queries, plain_queries=queries)
 
+    @staticmethod
+    def _stand_in(env: StageEnv, config: Any) -> tuple[str, nn.Module] | None:
+        return env.defense.query_stand_in if config.queries_to == "stand-in" else None
+
     def chunk_fn(self, env: StageEnv, config: Any) -> ChunkFn:
-        d = env.defense
+        d, stand_in = env.defense, self._stand_in(env, config)
         queried = d.surrogates[d.surrogate] if d.surrogate is not None else d.model
-        return adapter_chunks(env, "Square", queried, config.kwargs())
+        return adapter_chunks(env, "Square", stand_in[1] if stand_in else queried, config.kwargs())
 
     def describe(self, env: StageEnv, config: Any) -> dict[str, Any]:
+        stand_in = self._stand_in(env, config)
         to = through(env) if env.defense.surrogate is not None else "model"
-        return {**config.kwargs(), "norm": norm_name(env), "queries_to": to}
+        return {**config.kwargs(), "norm": norm_name(env),
+                "queries_to": f"stand-in {stand_in[0]!r}" if stand_in else to}  # fmt: skip
 
     def on_surrogate(self, env: StageEnv) -> bool:
-        return env.defense.surrogate is not None
+        return env.defense.surrogate is not None or self._stand_in(env, self.config(env)) is not None
 
 
 class RealBPDAEOT(Stage):
@@ -294,7 +314,10 @@ class RealBPDAEOT(Stage):
         return pgd_chunks(env, d.bpda_model if d.bpda_model is not None else d.model, config)
 
     def describe(self, env: StageEnv, config: PGDConfig) -> dict[str, Any]:
-        return {"steps": config.steps, "eot_samples": config.eot_samples, "through": "real BPDA model"}
+        d = env.defense
+        model = d.bpda_model if d.bpda_model is not None else d.model
+        return {"steps": config.steps, "eot_samples": config.eot_samples, "through": "real BPDA model",
+                **_early(env, model, config)}  # fmt: skip
 
     def report(self, view: StageView) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         tol = view.settings.thresholds.blackbox

@@ -25,6 +25,7 @@ from torch import nn
 from eval.harness.api import run_robustness
 from eval.harness.defenses import (
     Defense,
+    EncoderProjection,
     diffpure_defense,
     projection_defense,
     projection_surrogates,
@@ -34,6 +35,7 @@ from eval.harness.models import check_data_fits_models, load_data, load_model
 from eval.harness.purifiers import PurifierSpec, purifier_defense_from_spec
 from eval.harness.settings import DEFAULT_THREATS, MNIST_SHAPE, RobustnessSettings, default_curve_eps
 from manifold_defense import zoo
+from manifold_defense.defense import ProjectedClassifier
 
 __all__ = [
     "CLASSIFIERS",
@@ -270,8 +272,11 @@ def build_defenses(
         # Defense-GAN's schedule unrolls 2010 generator passes per image: with surrogates, the unrolled attack
         # differentiates through the fast schedule instead (verdicts stay the real defense's)
         unrolled = schedule_config("fast", seed) if inner == "fast" else None
+        # the lean cascade's Square queries the differentiable one-shot projection G(E(x)) (verdicts: real defense)
+        query = None if enc is None else ("encoder", ProjectedClassifier(clf, EncoderProjection(gen, enc)).eval())
         out.append(projection_defense(name, clf, gen, schedule_config(_SCHEDULE[name], seed), encoder=enc, seed=seed,
-                                      surrogates=sur, surrogate=inner, unrolled_config=unrolled))  # fmt: skip
+                                      surrogates=sur, surrogate=inner, unrolled_config=unrolled,
+                                      query_stand_in=query))  # fmt: skip
     return out
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 __all__ = [
+    "LEAN_CHANGES",
+    "QUICK_CHANGES",
     "APGDConfig",
     "APGDTConfig",
     "FABConfig",
@@ -96,9 +99,11 @@ class APGDTConfig:
             implementation; ``steps`` replaces it in the stage's recorded settings).
         restarts: restarts per target class (default 1).
         eot_samples: EOT iterations per step on a randomized defense (default 4; 1 on a deterministic one).
+        targets: target classes per point, the most likely other classes first (``None``, default: all
+            ``n_classes - 1``, AutoAttack's; ``k >= 3``: the ``k`` most likely, the lean cascade's budget).
 
-    Cost per attacked point: ``(n_classes - 1) * steps * restarts * eot_samples`` gradient passes (10 classes,
-    the defaults: 900 on a deterministic plain model; 360 on a randomized preprocessing defense, 4.5 times
+    Cost per attacked point: ``targets * steps * restarts * eot_samples`` gradient passes (10 classes, the
+    defaults: 900 on a deterministic plain model; 360 on a randomized preprocessing defense, 4.5 times
     ``apgd``'s 80).
     """
 
@@ -106,14 +111,18 @@ class APGDTConfig:
     plain_steps: int = 100
     restarts: int = 1
     eot_samples: int = 4
+    targets: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "plain_steps", "restarts", "eot_samples"):
             check_int(self, name, 1, prefix="apgd_t.")
+        check_int(self, "targets", 3, optional=True, prefix="apgd_t.")
 
     def kwargs(self) -> dict[str, Any]:
-        """The torchattacks constructor arguments (``steps``: the budget the stage chose)."""
-        return {"steps": self.steps, "n_restarts": self.restarts, "eot_iter": self.eot_samples}
+        """The torchattacks constructor arguments (``steps``: the budget the stage chose; ``n_classes`` =
+        ``targets + 1`` when ``targets`` is set: torchattacks targets the ``n_classes - 1`` most likely)."""
+        out: dict[str, Any] = {"steps": self.steps, "n_restarts": self.restarts, "eot_iter": self.eot_samples}
+        return out | ({} if self.targets is None else {"n_classes": self.targets + 1})
 
 
 @dataclass(frozen=True)
@@ -159,17 +168,24 @@ class SquareConfig:
         plain_queries: queries per point on a plain model (default 5000: AutoAttack standard's; the stage records
             the number it used as ``n_queries``).
         restarts: (default 1); p_init: initial share of pixels changed per query (default 0.8).
+        queries_to: ``"defense"`` (default): the queries go to the defense (or to its named surrogate);
+            ``"stand-in"`` (the lean cascade): to the defense's cheap query stand-in when it has one
+            (:class:`eval.harness.Defense`, ``query_stand_in``; e.g. ``G(E(x))`` for a projection, the 2-step
+            reverse process for DiffPure), every example still judged on the real defense.
     """
 
     queries: int = 500
     plain_queries: int = 5000
     restarts: int = 1
     p_init: float = 0.8
+    queries_to: str = "defense"
 
     def __post_init__(self) -> None:
         for name in ("queries", "plain_queries", "restarts"):
             check_int(self, name, 1, prefix="square.")
         check_float(self, "p_init", prefix="square.")
+        if self.queries_to not in ("defense", "stand-in"):
+            raise ValueError(f"expected square.queries_to 'defense' or 'stand-in', got {self.queries_to!r}")
 
     def kwargs(self) -> dict[str, Any]:
         """The torchattacks constructor arguments (``queries``: the budget the stage chose)."""
@@ -216,3 +232,46 @@ def doubled(config: Any, eot: bool) -> Any:
     if eot and hasattr(config, "eot_samples"):
         changes["eot_samples"] = 2 * config.eot_samples
     return dataclasses.replace(cast(Any, config), **changes)
+
+
+#: The quick preset's changes to the full protocol (:meth:`eval.harness.RobustnessSettings.quick_preset`).
+QUICK_CHANGES: Mapping[str, Any] = {
+    "n": 10,
+    "n_per_defense": {"projection-defense-gan": 2},
+    "batch_size": 10,
+    "draws": 2,
+    "pgd.steps": 20,
+    "bpda.steps": 5,
+    "bpda.eot_samples": 2,
+    "unrolled.steps": 3,
+    "unrolled_n": 3,
+    "unrolled_batch": 3,
+    "apgd.steps": 5,
+    "apgd.eot_samples": 2,
+    "apgd_t.steps": 1,
+    "apgd_t.plain_steps": 5,
+    "apgd_t.eot_samples": 1,
+    "fab.steps": 2,
+    "fab.plain_steps": 5,
+    "square.queries": 20,
+    "square.plain_queries": 50,
+    "onmanifold.steps": 50,
+    "overpowered.steps": 100,
+    "final.steps": 5,
+    "final.eot_samples": 2,
+    "curve_eps_linf": (0.1, 0.3, 1.0),
+    "curve_eps_l2": (1.0, 2.0, 4.0, 28.0),
+    "curve.steps": 5,
+    "grad_check_n": 4,
+    "quick": True,
+}
+
+#: The lean cascade's changes to the full protocol (:meth:`eval.harness.RobustnessSettings.lean_preset` says why each).
+LEAN_CHANGES: Mapping[str, Any] = {
+    "square.queries_to": "stand-in",
+    "pgd.stop_when_fooled": 3,
+    "bpda.stop_when_fooled": 3,
+    "final.stop_when_fooled": 3,
+    "apgd_t.targets": 3,
+    "lean": True,
+}

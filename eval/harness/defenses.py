@@ -58,6 +58,10 @@ class Defense:
             survivors. Empty (default): the cascade attacks the real defense only.
         surrogate: the name (among ``surrogates``) that replaces ``bpda_model`` / ``model`` inside the inner
             loops of ``bpda-pgd``, ``bpda-eot-pgd``, ``apgd``, ``square`` and the curves; ``None``: no replacement.
+        query_stand_in: ``(name, module)``, a cheap stand-in of the whole defense (images -> logits) that the
+            ``square`` stage queries instead of the defense when its settings say ``queries_to="stand-in"`` (the
+            lean cascade); its examples are still judged on the real defense. ``None``: none (Square then queries
+            as in the full cascade). It is not a surrogate: no other stage uses it.
     """
 
     name: str
@@ -69,6 +73,7 @@ class Defense:
     randomized: bool | None = None
     surrogates: Mapping[str, nn.Module] = field(default_factory=dict)
     surrogate: str | None = None
+    query_stand_in: tuple[str, nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "|" in self.name:
@@ -98,12 +103,20 @@ class Defense:
                 f"expected surrogate of defense {self.name!r} to be one of its surrogates "
                 f"{sorted(self.surrogates)} or None, got {self.surrogate!r}"
             )
+        q = self.query_stand_in
+        if q is not None and not (
+            isinstance(q, tuple) and len(q) == 2 and isinstance(q[0], str) and q[0] and isinstance(q[1], nn.Module)
+        ):
+            raise TypeError(
+                f"expected query_stand_in of defense {self.name!r} as (name, nn.Module) or None, got {q!r:.80}"
+            )
 
     def modules(self) -> list[nn.Module]:
         """The distinct modules of the defense (surrogates included)."""
         found: list[nn.Module] = []
         candidates = (self.model, self.classifier, self.preprocess, self.bpda_model, self.unrolled_model)
-        for m in (*candidates, *self.surrogates.values()):
+        queried = () if self.query_stand_in is None else (self.query_stand_in[1],)
+        for m in (*candidates, *self.surrogates.values(), *queried):
             if m is not None and all(m is not f for f in found):
                 found.append(m)
         return found
@@ -181,6 +194,7 @@ def purifier_defense(
     preprocess: nn.Module | None = None,
     stand_ins: Mapping[str, nn.Module] | None = None,
     surrogate: str | None = None,
+    query_stand_in: tuple[str, nn.Module] | None = None,
 ) -> Defense:
     """A classifier behind any purifier as a :class:`Defense`: every stage of the cascade that applies runs.
 
@@ -201,6 +215,7 @@ def purifier_defense(
             purifier with another seed stream of its own needs its own.
         stand_ins: ready-made cheaper models of the whole defense (images -> logits), added to the surrogates.
         surrogate: a surrogate name that replaces the BPDA model in the inner loops (see :class:`Defense`).
+        query_stand_in: the cheap stand-in the lean cascade's Square queries (see :class:`Defense`).
     """
     label = f"{type(purifier).__name__} of defense {name}"
     real = PurifiedClassifier(classifier, purifier, randomized=randomized, seed=seed, name=label).eval()
@@ -232,6 +247,7 @@ def purifier_defense(
         randomized=randomized,
         surrogates=models,
         surrogate=surrogate,
+        query_stand_in=query_stand_in,
     )
 
 
@@ -247,6 +263,7 @@ def projection_defense(
     surrogates: Mapping[str, nn.Module] | None = None,
     surrogate: str | None = None,
     unrolled_config: InversionConfig | None = None,
+    query_stand_in: tuple[str, nn.Module] | None = None,
 ) -> Defense:
     """The projection defense ``classifier(G(z*(x)))`` (Defense-GAN): :func:`purifier_defense` with the latent
     projection as purifier, its unrolled projection as exact variant and the same projection with a fixed seed
@@ -265,6 +282,8 @@ def projection_defense(
         unrolled_config: the schedule the ``unrolled-pgd`` stage differentiates through (default ``config``); a
             cheaper one (the fast schedule for Defense-GAN's 2010-pass projection) makes the unrolled attack a
             surrogate attack: its verdicts stay the real defense's and its transfer counts are reported.
+        query_stand_in: the cheap stand-in the lean cascade's Square queries (see :class:`Defense`), e.g.
+            ``("encoder", classifier(G(E(x))))``.
     """
 
     def projector(gradient: str, randomize: bool, cfg: InversionConfig) -> LatentProjector:
@@ -281,6 +300,7 @@ def projection_defense(
         preprocess=projector("bpda", False, config),
         stand_ins=surrogates,
         surrogate=surrogate,
+        query_stand_in=query_stand_in,
     )
 
 
@@ -315,6 +335,10 @@ def diffpure_defense(
     )
     surrogates = dict(spec.surrogates.items()) if surrogate_steps is not None else {}
     fixed = DiffusionPurifier(prior, t_star, steps, eta=eta, seed=seed, randomize=False)  # for grids and stats
-    return purifier_defense(
+    defense = purifier_defense(
         name, classifier, spec.purifier, randomized=randomize, surrogates=surrogates, exact=True, seed=seed, preprocess=fixed
     )
+    if surrogates:  # the lean cascade's Square queries the surrogate reverse process
+        key = next(iter(defense.surrogates))
+        defense.query_stand_in = (key, defense.surrogates[key])
+    return defense

@@ -18,6 +18,8 @@ from typing import Any
 from attacks import LatentAttackConfig, LatentConstraint, Norm, OverpoweredConfig, PGDConfig, ThreatModel
 from eval.harness.cascade import ATTACKS
 from eval.harness.configs import (
+    LEAN_CHANGES,
+    QUICK_CHANGES,
     APGDConfig,
     APGDTConfig,
     FABConfig,
@@ -30,6 +32,7 @@ from eval.harness.registry import registered_stages
 
 __all__ = [
     "DEFAULT_THREATS",
+    "LEAN_CHANGES",
     "MNIST_SHAPE",
     "SCHEMA",
     "STATE_FILE",
@@ -169,6 +172,8 @@ class RobustnessSettings:
             the first pass already misclassified) and records how many classified correctly, so the report gives
             the majority-vote figure beside the worst case (a few more forward passes per broken point).
         quick: a reduced smoke run (recorded in the outputs).
+        lean: the lean cascade (:meth:`lean_preset`; recorded in the outputs): cheaper budgets whose worst case
+            is compared with the full cascade's on the same points (``manifold-defense cascade-profile``).
     """
 
     n: int = 200
@@ -208,6 +213,7 @@ class RobustnessSettings:
     convergence: bool = True
     majority: bool = False
     quick: bool = False
+    lean: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n", "batch_size", "draws", "unrolled_batch"):
@@ -215,7 +221,7 @@ class RobustnessSettings:
         check_int(self, "unrolled_n", 1, optional=True)
         for name in ("seed", "grad_check_n", "grid_examples"):
             check_int(self, name, 0)
-        for name in ("cascade", "latent_budget_from_threat", "convergence", "majority", "quick"):
+        for name in ("cascade", "latent_budget_from_threat", "convergence", "majority", "quick", "lean"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"expected {name} as a bool, got {type(getattr(self, name)).__name__}")
         if not self.convergence and not self.quick:
@@ -293,43 +299,32 @@ class RobustnessSettings:
     def quick_preset(cls, changes: Mapping[str, Any] | None = None, **fields: Any) -> RobustnessSettings:
         """A smoke run of a few minutes on one CPU thread; ``changes`` (dotted keys, :meth:`updated`) and
         ``fields`` override it; see :meth:`reductions`."""
-        base: dict[str, Any] = {
-            "n": 10,
-            "n_per_defense": {"projection-defense-gan": 2},
-            "batch_size": 10,
-            "draws": 2,
-            "pgd.steps": 20,
-            "bpda.steps": 5,
-            "bpda.eot_samples": 2,
-            "unrolled.steps": 3,
-            "unrolled_n": 3,
-            "unrolled_batch": 3,
-            "apgd.steps": 5,
-            "apgd.eot_samples": 2,
-            "apgd_t.steps": 1,
-            "apgd_t.plain_steps": 5,
-            "apgd_t.eot_samples": 1,
-            "fab.steps": 2,
-            "fab.plain_steps": 5,
-            "square.queries": 20,
-            "square.plain_queries": 50,
-            "onmanifold.steps": 50,
-            "overpowered.steps": 100,
-            "final.steps": 5,
-            "final.eot_samples": 2,
-            "curve_eps_linf": (0.1, 0.3, 1.0),
-            "curve_eps_l2": (1.0, 2.0, 4.0, 28.0),
-            "curve.steps": 5,
-            "grad_check_n": 4,
-            "quick": True,
-        }
-        return cls(quick=True).updated({**base, **dict(changes or {}), **fields})
+        return cls(quick=True).updated({**QUICK_CHANGES, **dict(changes or {}), **fields})
+
+    @classmethod
+    def lean_preset(cls, changes: Mapping[str, Any] | None = None, **fields: Any) -> RobustnessSettings:
+        """The lean cascade (issue 35): the full protocol's stages and points at three cheaper budgets, each a cut
+        of work that the cost profile showed rarely changes a verdict; ``changes`` (dotted keys, :meth:`updated`)
+        and ``fields`` override it.
+
+        - ``square.queries_to = "stand-in"``: Square's queries go to the defense's cheap query stand-in
+          (``G(E(x))`` for a projection with an encoder, the 2-step reverse process for DiffPure), its examples
+          judged on the real defense; on the profiled runs Square through the real purifier took about half the
+          process time and broke no point.
+        - ``stop_when_fooled = 3`` for ``pgd``, ``bpda`` and ``final``: a point leaves a PGD loop through the real
+          defense once it has fooled it at 3 consecutive steps (early exit; never through a stand-in).
+        - ``apgd_t.targets = 3``: APGD-T toward the 3 most likely other classes instead of all 9.
+
+        Whether the worst case stays the full cascade's is a measured claim, not a property: compare the two runs
+        on the same points with ``manifold-defense cascade-profile FULL/results.json --compare LEAN/results.json``.
+        """
+        return cls().updated({**LEAN_CHANGES, **dict(changes or {}), **fields})
 
     def reductions(self) -> dict[str, dict[str, Any]]:
         """Settings that differ from the full protocol: ``{field or config.field: {"this_run": v, "full": v}}``."""
         out: dict[str, dict[str, Any]] = {}
         for key, (mine, theirs) in _leaves(self, RobustnessSettings()).items():
-            if key != "quick" and mine != theirs:
+            if key not in ("quick", "lean") and mine != theirs:
                 out[key] = {"this_run": jsonable(mine), "full": jsonable(theirs)}
         return out
 

@@ -62,7 +62,8 @@ def fingerprint(
     settings: RobustnessSettings, defenses: Sequence[Defense], x: Tensor, y: Tensor, extra: Any
 ) -> dict[str, Any]:
     """What identifies a run: harness schema and package version, settings, data hash, each defense's name and
-    parameter hash (its surrogates' names, parameters and configuration included), extra settings."""
+    parameter hash (its surrogates' and query stand-in's names, parameters and configuration included), extra
+    settings."""
     h = hashlib.sha256()
     _hash_tensor(h, x)
     _hash_tensor(h, y)
@@ -77,6 +78,13 @@ def fingerprint(
             hm.update(m.extra_repr().encode())
         for key, m in d.surrogates.items():
             hm.update(f"surrogate {key} {d.surrogate == key}".encode())
+            for p in list(m.parameters()) + list(m.buffers()):
+                _hash_tensor(hm, p)
+            for sub in m.modules():
+                hm.update(sub.extra_repr().encode())
+        if d.query_stand_in is not None:
+            key, m = d.query_stand_in
+            hm.update(f"query stand-in {key}".encode())
             for p in list(m.parameters()) + list(m.buffers()):
                 _hash_tensor(hm, p)
             for sub in m.modules():
