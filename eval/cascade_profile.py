@@ -38,8 +38,22 @@ from eval.cli import command_line
 from eval.leaderboard_rows import converged_verdict, load_checked_json
 from manifold_defense.integrity import atomic_write_text, checked_json
 
-__all__ = ["BUDGET_SECONDS", "SCHEMA", "Comparison", "DefenseCost", "ProfileRow", "ThreatComparison", "add_parsers",
-           "compare", "load_results", "main", "markdown_compare", "markdown_profile", "profile"]  # fmt: skip
+__all__ = [
+    "BUDGET_SECONDS",
+    "RENDERERS",
+    "SCHEMA",
+    "Comparison",
+    "DefenseCost",
+    "ProfileRow",
+    "ThreatComparison",
+    "add_parsers",
+    "compare",
+    "load_results",
+    "main",
+    "markdown_compare",
+    "markdown_profile",
+    "profile",
+]  # fmt: skip
 
 SCHEMA = "manifold-defense cascade-profile v1"
 """The schema of the ``--json`` record."""
@@ -316,6 +330,21 @@ def markdown_compare(comparison: Comparison) -> str:
     left = [f"{label} only: {', '.join(names)}" for label, names in (("full", c.only_full), ("lean", c.only_lean))
             if names]  # fmt: skip
     return "\n".join(lines + (["", *left] if left else []))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _committed_profile(path: str, threat: str) -> str:
+    return markdown_profile([r for r in profile(load_results(ROOT / path)) if r.threat == threat])
+
+
+#: Generated tables of ``docs/leaderboard.md`` (:mod:`eval.docs_tables`): the profile of a committed run.
+RENDERERS = {
+    "cascade-profile-diffpure-fixed": lambda: _committed_profile(
+        "docs/figures/diffpure_fixed_cascade_results.json", "l2-2"
+    ),
+}
 
 
 def add_parsers(sub: Any) -> None:

@@ -249,6 +249,15 @@ def _deepinv_tables() -> dict[str, Callable[[], str]]:
 
 
 TABLES |= _deepinv_tables()  # issue 36: deepinv cross-check and the diffusion prior in compressed sensing
+
+
+def _cascade_tables() -> dict[str, Callable[[], str]]:
+    from eval.cascade_profile import RENDERERS
+
+    return dict(RENDERERS)
+
+
+TABLES |= _cascade_tables()  # issue 35: the cascade's profile and the lean-versus-full comparison
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(^<!-- /table:(?P=name) -->)", re.S | re.M)
 
 
