@@ -103,8 +103,9 @@ class ThreatComparison:
 
 @dataclass(frozen=True)
 class DefenseCost:
-    """A defense's total process-seconds in each run, ``ratio`` lean / full (``None`` when full is 0) and whether
-    the lean total is at most :data:`BUDGET_SECONDS`."""
+    """A defense's process-seconds in each run without the accuracy-vs-eps curves (the cascade, its clean pass and
+    projection statistics), ``ratio`` lean / full (``None`` when full is 0) and whether the lean figure is at most
+    :data:`BUDGET_SECONDS`."""
 
     defense: str
     full_seconds: float
@@ -226,6 +227,12 @@ def _robust(d: Mapping[str, Any], name: str, tk: str, where: str) -> frozenset[i
     return frozenset(got)
 
 
+def _cascade_seconds(d: Mapping[str, Any]) -> float:
+    """A defense's process-seconds without its accuracy-vs-eps curves (``curve|...``: a figure, not the cascade;
+    a run may leave them out with ``--no-curves``)."""
+    return sum(float(c["process_seconds"]) for k, c in d["cost"]["stages"].items() if not k.startswith("curve|"))
+
+
 def compare(full: Mapping[str, Any], lean: Mapping[str, Any], *, tolerance_points: int = 1) -> Comparison:
     """Compare a lean cascade's run with the full cascade's on the same points (see the module docstring).
 
@@ -267,7 +274,7 @@ def compare(full: Mapping[str, Any], lean: Mapping[str, Any], *, tolerance_point
                 found_more=rf - rl, within_tolerance=len(rose) <= tolerance_points,
                 converged_full=converged_verdict(df, tk, 2)[0], converged_lean=converged_verdict(dl, tk, 2)[0],
             ))  # fmt: skip
-        sf, sl = float(df["cost"]["total"]["process_seconds"]), float(dl["cost"]["total"]["process_seconds"])
+        sf, sl = _cascade_seconds(df), _cascade_seconds(dl)
         costs.append(DefenseCost(name, sf, sl, sl / sf if sf > 0 else None, sl <= BUDGET_SECONDS))
     return Comparison(
         n=int(full["n"]), data=str(full.get("data")), threats=tuple(full["threat_models"]),

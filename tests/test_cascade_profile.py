@@ -111,6 +111,14 @@ def test_compare_sets_tolerance_costs_and_convergence() -> None:
     assert "| proj | 20 | 12 | 0.60 | yes |" in text and text.endswith("full only: only_here")
 
 
+def test_compare_costs_leave_the_curves_out() -> None:
+    full = _record(proj=_defense(FULL_POINTS))
+    full["defenses"]["proj"]["cost"]["stages"]["curve|linf|0.1"] = _cost(10, 500.0, 1000)
+    lean = _record(proj=_defense(FULL_POINTS, l2_square_seconds=2.0))  # run with --no-curves
+    (cost,) = compare(full, lean).costs
+    assert (cost.full_seconds, cost.lean_seconds, cost.ratio) == (20.0, 12.0, 0.6)
+
+
 def test_compare_over_budget() -> None:
     full = _record(proj=_defense(FULL_POINTS, l2_square_seconds=4000.0))
     (cost,) = compare(full, full).costs
