@@ -486,6 +486,7 @@ def run_benchmark(
         + ("QUICK reduced protocol" if protocol.quick else "full protocol"),
         "quick_reductions": run_reductions(chosen) if protocol.quick else {},
         "methods_run": list(chosen),
+        "weights_sha256": {name: zoo.record(name).get("sha256") for name in generators},
         "measurement_matrix": "GaussianMatrix(m, (1, 28, 28), scaling='csgm'): N(0, 1) entries, unscaled",
         "seeds": {
             "A": "seed + m",

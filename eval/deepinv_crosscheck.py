@@ -291,9 +291,12 @@ def cs_diffusion_table(results: dict[str, Any]) -> str:
         cells.append(cell("diffpir-ddpm", f", {how} of {proto['diffpir']['samples']}" if how else ""))
         cells.append(f"{meth['diffpir-ddpm']['mse'][i] / meth['csgm-gan']['mse'][i]:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
+    shas = proto.get("weights_sha256")
+    weights = (", weights " + ", ".join(f"`{k}` {v[:12]}" for k, v in sorted(shas.items())) if shas
+               else ", the zoo's weights at the commit that added this file")  # fmt: skip
     lines += ["", f"First {proto['n_images']} MNIST test images, {proto['n_val']} validation images (the DiffPIR "
               f"aggregate and the Lasso alphas chosen there per m); {proto['device']}, {proto['threads']} thread(s), "
-              f"{proto['wall_seconds']:.0f} s in all; `{proto['command']}`."]  # fmt: skip
+              f"{proto['wall_seconds']:.0f} s in all{weights}; `{proto['command']}`."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -115,6 +115,9 @@ def test_cs_diffusion_table() -> None:
     md = dx.cs_diffusion_table(results)
     assert "| 50 | 0.0200 (1.50) | 0.0700 (0.10, dct) | 0.0400 (3.00, mean of 4) | 2.00x |" in md
     assert "| 200 | 0.0040 (1.40) | 0.0200 (0.20, wavelet) | 0.0005 (3.10, best of 4) | 0.12x |" in md
+    assert "10 s in all, the zoo's weights at the commit that added this file;" in md
+    results["protocol"]["weights_sha256"] = {"mnist-gan": "ab" * 32, "mnist-ddpm": "cd" * 32}
+    assert "10 s in all, weights `mnist-ddpm` cdcdcdcdcdcd, `mnist-gan` abababababab;" in dx.cs_diffusion_table(results)
     del results["methods"]["diffpir-ddpm"]
     with pytest.raises(ValueError, match="with diffpir-ddpm"):
         dx.cs_diffusion_table(results)

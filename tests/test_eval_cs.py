@@ -279,6 +279,9 @@ def test_run_benchmark_subset_without_grids(tmp_path: Path) -> None:
         protocol, tmp_path, ["lasso-dct", "csgm-vae"], "cpu", grids=False, progress=False
     )
     _check_schema(results, [10], ("csgm-vae", "lasso-dct"))
+    from manifold_defense import zoo
+
+    assert results["protocol"]["weights_sha256"] == {"mnist-vae": zoo.record("mnist-vae")["sha256"]}
     assert results["lasso_over_csgm_measurements_at_m50"] is None  # m = 50 not run
     assert not (tmp_path / "grid_cs.png").exists() and (tmp_path / "mse_vs_m.png").exists()
     # CSGM with a few steps from random latents is far from the truth but finite; Lasso is clipped to [0, 1].
