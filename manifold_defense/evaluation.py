@@ -41,6 +41,7 @@ __all__ = [
     "accuracy_at_steps",
     "consistency_at_steps",
     "correct_in_every_draw",
+    "correct_per_draw",
     "evaluate_onmanifold",
     "evaluate_overpowered",
     "evaluate_pgd",
@@ -73,6 +74,42 @@ def _check_xy(x: Any, y: Any) -> None:
 
 
 @torch.no_grad()
+def correct_per_draw(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    draws: int = 1,
+    batch_size: int = 100,
+    on_batch: OnBatch = None,
+    name: str | None = None,
+) -> Tensor:
+    """``(draws, N)`` bool on CPU: whether ``model(x)`` predicts ``y`` in each of ``draws`` forward passes.
+
+    The passes run batch by batch, ``draws`` passes per batch, in the order :func:`correct_in_every_draw` runs them
+    (which is ``correct_per_draw(...).all(0)``): for a randomized model, ``.all(0)`` is the worst case over draws
+    and ``.float().mean()`` the accuracy of one draw, averaged. Non-finite logits raise
+    :class:`attacks.base.NonFiniteLogitsError` naming the model (``name``, default its class) and the batch.
+
+    Args:
+        model: ``(B, C, H, W) -> (B, K)`` logits.
+        x: ``(N, C, H, W)``; y: ``(N,)`` int64 on the same device.
+        draws: forward passes per point (>= 1).
+        batch_size: images per forward pass.
+    """
+    _check_xy(x, y)
+    _check_batch_size(batch_size)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"expected draws to be an int >= 1, got {draws!r}")
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        where = f"on images {i}-{i + xb.shape[0] - 1} of {x.shape[0]}"
+        label = name or f"model {model_name(model)}"
+        out.append(torch.stack([(predict(model, xb, label, where) == yb).cpu() for _ in range(draws)]))
+        _tick(on_batch)
+    return torch.cat(out, dim=1)
+
+
 def correct_in_every_draw(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -89,6 +126,7 @@ def correct_in_every_draw(
 
     For a randomized model (e.g. a projection with fresh restarts per call) one lucky pass is not enough:
     a point counts as correct only if every draw is correct (AutoAttack "rand" practice).
+    :func:`correct_per_draw` gives each draw's verdicts.
 
     Args:
         model: ``(B, C, H, W) -> (B, K)`` logits.
@@ -96,20 +134,7 @@ def correct_in_every_draw(
         draws: forward passes per point (>= 1).
         batch_size: images per forward pass.
     """
-    _check_xy(x, y)
-    _check_batch_size(batch_size)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"expected draws to be an int >= 1, got {draws!r}")
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        ok = torch.ones(xb.shape[0], dtype=torch.bool, device=xb.device)
-        for _ in range(draws):
-            where = f"on images {i}-{i + xb.shape[0] - 1} of {x.shape[0]}"
-            ok &= predict(model, xb, name or f"model {model_name(model)}", where) == yb
-        out.append(ok.cpu())
-        _tick(on_batch)
-    return torch.cat(out)
+    return correct_per_draw(model, x, y, draws, batch_size, on_batch, name).all(dim=0)
 
 
 class RobustEval(NamedTuple):

@@ -52,7 +52,10 @@ def test_tstar_sweep_writes_rows_resumes_and_refuses_bad_values(
         assert row["network_passes_per_image"] == 2 and row["n"] == 8 and row["probe_n"] == 4
     assert record["chosen"] == choose(record["rows"], 0.0)["t_star"]  # type: ignore[index]
     assert record["test"]["t_star"] == record["chosen"] and record["test"]["n"] == 6
-    assert 0 <= record["test"]["clean_accuracy"] <= 1
+    test = record["test"]
+    assert 0 <= test["clean_accuracy"] <= min(test["clean_accuracy_per_draw"])  # worst case <= every draw
+    assert len(test["clean_accuracy_per_draw"]) == 2
+    assert test["clean_accuracy_mean_of_draws"] == round(sum(test["clean_accuracy_per_draw"]) / 2, 4)
     assert (out / "tstar.png").is_file()
     before = (out / "tstar.json").read_text()
     capsys.readouterr()

@@ -17,7 +17,12 @@ from eval.cli import build_parser, main
 from eval.defense_eval import FIGURES, preset
 from eval.defense_figures import plot_pairs
 from eval.harness.command import load_zoo_models
-from manifold_defense.evaluation import correct_in_every_draw, evaluate_onmanifold, evaluate_pgd
+from manifold_defense.evaluation import (
+    correct_in_every_draw,
+    correct_per_draw,
+    evaluate_onmanifold,
+    evaluate_pgd,
+)
 from manifold_defense.presets import schedule_config
 
 
@@ -65,6 +70,9 @@ def test_worst_case_over_draws_counts_one_bad_draw() -> None:
     assert correct_in_every_draw(_Alternating(), x, y, draws=2).tolist() == [False, False, False]
     with pytest.raises(ValueError, match="expected draws to be an int >= 1"):
         correct_in_every_draw(_Alternating(), x, y, draws=0)
+    per = correct_per_draw(_Alternating(), x, y, draws=4, batch_size=2)  # right, wrong, right, wrong per batch
+    assert per.shape == (4, 3) and per.tolist() == [[True] * 3, [False] * 3, [True] * 3, [False] * 3]
+    assert float(per.float().mean()) == 0.5 and not bool(per.all(dim=0).any())
 
 
 def test_evaluate_pgd_per_point_mask_and_transfer() -> None:
