@@ -339,6 +339,28 @@ def markdown_compare(comparison: Comparison) -> str:
     return "\n".join(lines + (["", *left] if left else []))
 
 
+def markdown_side_by_side(full: Sequence[ProfileRow], lean: Sequence[ProfileRow]) -> str:
+    """One markdown table of two runs' profiles, stage by stage (rows keyed by defense, threat and stage, in the
+    full run's order, then stages only the lean run has): points attacked, newly broken, process seconds and real
+    passes of each; ``-`` where a run has no such stage."""
+    def key(r: ProfileRow) -> tuple[str, str | None, str]:
+        return (r.defense, r.threat, r.stage)
+
+    a, b = {key(r): r for r in full}, {key(r): r for r in lean}
+    keys = list(a) + [k for k in b if k not in a]
+    head = ["defense", "threat", "stage", "points full / lean", "broken full / lean", "process s full / lean",
+            "real passes full / lean"]  # fmt: skip
+    lines = [_row(head), _row(["---"] * len(head))]
+
+    def pair(k: tuple[str, str | None, str], get: Any) -> str:
+        return " / ".join("-" if r is None or get(r) is None else str(get(r)) for r in (a.get(k), b.get(k)))
+
+    for k in keys:
+        lines.append(_row([k[0], k[1] or "-", k[2], pair(k, lambda r: r.points), pair(k, lambda r: r.broken),
+                           pair(k, lambda r: _s(r.process_seconds)), pair(k, lambda r: r.real_passes)]))  # fmt: skip
+    return "\n".join(lines)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -204,3 +204,16 @@ def test_command_prints_writes_a_checked_record_and_reports_bad_input(
         assert run(["cascade-profile", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("python -m eval cascade-profile: error: ") and message in err and err.count("\n") == 1
+
+
+def test_side_by_side_pairs_the_stages_of_both_runs() -> None:
+    from eval.cascade_profile import markdown_side_by_side
+
+    full = profile(_record(proj=_defense(FULL_POINTS)))
+    lean_rec = _record(proj=_defense(LEAN_POINTS, l2_square_seconds=2.0))
+    del lean_rec["defenses"]["proj"]["cost"]["stages"]["l2-2|convergence"]
+    lean_rec["defenses"]["proj"]["attacks"]["convergence"]["l2-2"] = {"status": "skipped", "reason": "r"}
+    text = markdown_side_by_side(full, profile(lean_rec))
+    assert "| proj | l2-2 | square | 8 / 8 | 1 / 1 | 10 / 2 | 800 / 800 |" in text
+    assert "| proj | l2-2 | convergence | 7 / - | 0 / - | 0 / - | 0 / - |" in text
+    assert "| proj | - | clean | 10 / 10 | 0 / 0 | 1 / 1 | 10 / 10 |" in text
