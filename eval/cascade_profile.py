@@ -368,11 +368,36 @@ def _committed_profile(path: str, threat: str) -> str:
     return markdown_profile([r for r in profile(load_results(ROOT / path)) if r.threat == threat])
 
 
-#: Generated tables of ``docs/leaderboard.md`` (:mod:`eval.docs_tables`): the profile of a committed run.
+#: The committed full and lean runs of the fast projection at Linf 0.3 (first 100 test images).
+LEAN_FAST_LINF = ("docs/figures/leaderboard/fast-classifier_linf-0.3_n100.json",
+                  "docs/figures/leaderboard/lean/fast-classifier_linf-0.3_n100.json")  # fmt: skip
+LEAN_FAST_LINF_COMMANDS = (
+    "manifold-defense robustness --out DIR/fast-classifier --defenses projection-fast --n 100 --threads 1 "
+    "--no-progress --threats linf-0.3",
+    "manifold-defense robustness --out DIR/fast-classifier-lean --defenses projection-fast --n 100 --threads 1 "
+    "--no-progress --threats linf-0.3 --lean --no-curves",
+)
+
+
+def _committed_comparison(paths: tuple[str, str], commands: tuple[str, str]) -> str:
+    """The comparison of a committed full run with a committed lean run, then their profiles side by side (the
+    curves left out); what to run while either file is absent."""
+    if not all((ROOT / p).is_file() for p in paths):
+        return ("Not measured yet: `" + "`, then `".join(commands) + "`; copy their `results.json` to "
+                + " and ".join(f"`{p}`" for p in paths) + ".")  # fmt: skip
+    full, lean = (load_results(ROOT / p) for p in paths)
+    rows = [r for r in profile(full) if not r.stage.startswith("curve|")]
+    return (markdown_compare(compare(full, lean)) + "\n\n" + markdown_side_by_side(rows, profile(lean)) + "\n\n"
+            + f"Full: `{full.get('command')}`; lean: `{lean.get('command')}`.")  # fmt: skip
+
+
+#: Generated tables of ``docs/leaderboard.md`` (:mod:`eval.docs_tables`): the profile of a committed run and the
+#: lean-versus-full comparison.
 RENDERERS = {
     "cascade-profile-diffpure-fixed": lambda: _committed_profile(
         "docs/figures/diffpure_fixed_cascade_results.json", "l2-2"
     ),
+    "cascade-lean-fast-linf": lambda: _committed_comparison(LEAN_FAST_LINF, LEAN_FAST_LINF_COMMANDS),
 }
 
 
