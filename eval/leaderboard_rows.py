@@ -143,7 +143,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec(
         name="fast-classifier", label="fast projection + `mnist-classifier`", defense="projection-fast",
         classifier="mnist-classifier", args=("--defenses", "projection-fast", *COMMON),
-        sources=(Source("docs/figures/fast_cascade_l2_pac50k_results.json", ("l2-2", "l2-4")),),
+        sources=(Source(f"{LB}/fast-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
+                 Source("docs/figures/fast_cascade_l2_pac50k_results.json", ("l2-2", "l2-4"))),  # fmt: skip
         purifier="projection-fast", prior="mnist-gan", weights=("mnist-classifier", "mnist-gan", "mnist-encoder"),
     ),
     RowSpec(

@@ -234,8 +234,9 @@ def add_parsers(sub: Any) -> None:
                    "are listed as not run; flag incomplete); the same command without it resumes")  # fmt: skip
     p.add_argument("--lean", action="store_true",
                    help="the lean cascade (RobustnessSettings.lean_preset): Square queries the defense's cheap stand-in, "
-                   "early exits in the PGD loops through the real defense, APGD-T toward 3 target classes; compare "
-                   "it with a full run on the same points by cascade-profile --compare")  # fmt: skip
+                   "early exits in the PGD loops through the real defense, APGD-T toward 3 target classes; a screening "
+                   "cascade: on the fast projection at Linf 0.3 it missed 5 of 100 points the full cascade broke; "
+                   "compare it with a full run on the same points by cascade-profile --compare")  # fmt: skip
     p.add_argument("--majority", action="store_true",
                    help="randomized defenses: pass every draw on every verdict and report the majority-vote figure "
                    "beside the worst case")  # fmt: skip

@@ -317,6 +317,9 @@ class RobustnessSettings:
 
         Whether the worst case stays the full cascade's is a measured claim, not a property: compare the two runs
         on the same points with ``manifold-defense cascade-profile FULL/results.json --compare LEAN/results.json``.
+        Measured on the fast projection at Linf 0.3 (first 100 test images, ``docs/leaderboard.md``) it did not
+        stay: the lean worst case was 5 points higher, 3 of them points that only Square through the real defense
+        broke. It is a screening cascade, not a substitute for the full one.
         """
         return cls().updated({**LEAN_CHANGES, **dict(changes or {}), **fields})
 
