@@ -379,6 +379,14 @@ LEAN_FAST_LINF_COMMANDS = (
 )
 
 
+#: The committed full and lean runs of DiffPure with fixed noise at Linf 0.3 (first 100 test images).
+LEAN_DPF_LINF = ("docs/figures/leaderboard/diffpure-fixed-classifier_linf-0.3_n100.json",
+                 "docs/figures/leaderboard/lean/diffpure-fixed-classifier_linf-0.3_n100.json")  # fmt: skip
+_DPF = ("manifold-defense robustness --out DIR/dpf-linf --defenses diffpure-fixed --diffpure-t-star 200 --final-eot 20 "
+        "--majority --no-curves --n 100 --threads 1 --no-progress --threats linf-0.3")  # fmt: skip
+LEAN_DPF_LINF_COMMANDS = (_DPF, _DPF.replace("DIR/dpf-linf", "DIR/dpf-linf-lean") + " --lean")
+
+
 def _committed_comparison(paths: tuple[str, str], commands: tuple[str, str]) -> str:
     """The comparison of a committed full run with a committed lean run, then their profiles side by side (the
     curves left out); what to run while either file is absent."""
@@ -398,6 +406,7 @@ RENDERERS = {
         "docs/figures/diffpure_fixed_cascade_results.json", "l2-2"
     ),
     "cascade-lean-fast-linf": lambda: _committed_comparison(LEAN_FAST_LINF, LEAN_FAST_LINF_COMMANDS),
+    "cascade-lean-dpf-linf": lambda: _committed_comparison(LEAN_DPF_LINF, LEAN_DPF_LINF_COMMANDS),
 }
 
 

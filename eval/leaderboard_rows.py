@@ -144,7 +144,7 @@ ROWS: tuple[RowSpec, ...] = (
         name="fast-classifier", label="fast projection + `mnist-classifier`", defense="projection-fast",
         classifier="mnist-classifier", args=("--defenses", "projection-fast", *COMMON),
         sources=(Source(f"{LB}/fast-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
-                 Source("docs/figures/fast_cascade_l2_pac50k_results.json", ("l2-2", "l2-4"))),  # fmt: skip
+                 Source("docs/figures/fast_cascade_l2_pac50k_results.json", ("l2-2", "l2-4"))),
         purifier="projection-fast", prior="mnist-gan", weights=("mnist-classifier", "mnist-gan", "mnist-encoder"),
     ),
     RowSpec(
@@ -168,7 +168,9 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec(
         name="diffpure-fixed-classifier", label="DiffPure, fixed noise + `mnist-classifier`",
         defense="diffpure-fixed", classifier="mnist-classifier",
-        args=("--defenses", "diffpure-fixed", *_DIFFPURE, *COMMON), sources=(Source(_DP_FIXED_FILE, _DP_THREATS),),
+        args=("--defenses", "diffpure-fixed", *_DIFFPURE, *COMMON),
+        sources=(Source(f"{LB}/diffpure-fixed-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
+                 Source(_DP_FIXED_FILE, ("l2-2",))),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-classifier", "mnist-ddpm"),
     ),
     RowSpec(
