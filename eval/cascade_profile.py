@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.cli import command_line
+from eval.cli import command_line, console_spelling
 from eval.leaderboard_rows import converged_verdict, load_checked_json
 from manifold_defense.integrity import atomic_write_text, checked_json
 
@@ -396,7 +396,8 @@ def _committed_comparison(paths: tuple[str, str], commands: tuple[str, str]) -> 
     full, lean = (load_results(ROOT / p) for p in paths)
     rows = [r for r in profile(full) if not r.stage.startswith("curve|")]
     return (markdown_compare(compare(full, lean)) + "\n\n" + markdown_side_by_side(rows, profile(lean)) + "\n\n"
-            + f"Full: `{full.get('command')}`; lean: `{lean.get('command')}`.")  # fmt: skip
+            + f"Full: `{console_spelling(str(full.get('command')))}`; lean: "
+            + f"`{console_spelling(str(lean.get('command')))}`.")  # fmt: skip
 
 
 #: Generated tables of ``docs/leaderboard.md`` (:mod:`eval.docs_tables`): the profile of a committed run and the

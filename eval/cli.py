@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console_spelling(command: str) -> str:
+    """A recorded ``python -m eval ...`` command in the console spelling the docs use (the same command)."""
+    prefix = "python -m eval "
+    return "manifold-defense " + command[len(prefix) :] if command.startswith(prefix) else command
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that produced ``args``, as records store it: ``python -m eval <arguments>``.
 

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eval.cli import command_line
+from eval.cli import command_line, console_spelling
 from eval.inputs import positive_int_arg
 from eval.run_folder import claim_run_folder, write_record
 from manifold_defense.integrity import atomic_write_text, load_checked, save_checked
@@ -296,7 +296,7 @@ def cs_diffusion_table(results: dict[str, Any]) -> str:
                else ", the zoo's weights at the commit that added this file")  # fmt: skip
     lines += ["", f"First {proto['n_images']} MNIST test images, {proto['n_val']} validation images (the DiffPIR "
               f"aggregate and the Lasso alphas chosen there per m); {proto['device']}, {proto['threads']} thread(s), "
-              f"{proto['wall_seconds']:.0f} s in all{weights}; `{proto['command']}`."]  # fmt: skip
+              f"{proto['wall_seconds']:.0f} s in all{weights}; `{console_spelling(proto['command'])}`."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from eval.cli import console_spelling
 from eval.leaderboard_rows import standard_error
 from eval.run_folder import read_record
 
@@ -50,11 +51,6 @@ def _cascade() -> dict[str, Any] | None:
         rec["defenses"] |= part["defenses"]
         rec["runs"] |= {name: part for name in part["defenses"]}
     return rec
-
-
-def _console(command: str) -> str:
-    """A recorded command in the console spelling the docs use (``python -m eval X`` is ``manifold-defense X``)."""
-    return "manifold-defense " + command.removeprefix("python -m eval ") if command.startswith("python -m eval ") else command
 
 
 def _row(cells: list[Any]) -> str:
@@ -118,7 +114,7 @@ def cascade_table() -> str:
     lines += ["", f"n = {first['n']} (the first test images); verdicts: {verdicts}."]
     for name, run in rec["runs"].items():
         lines += ["", f"`{name}`: stage time {run['seconds_stages']} s on {run['device']}, {run['threads']} "
-                  f"thread(s); command: `{_console(run['command'])}`."]  # fmt: skip
+                  f"thread(s); command: `{console_spelling(run['command'])}`."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -167,7 +163,7 @@ def exact_table() -> str:
                            f"{r['accuracy']:.2f} ({len(r['robust'])} of {r['n']})", cell, extra, r["seconds"]]))  # fmt: skip
     mode = "each count on the points the shorter ones left (cumulative)" if p.get("cumulative") else "each count alone"
     lines += ["", f"t* = {p['t_star']}, {p['steps']} DDIM steps, EOT {p['eot']}, worst of {p['draws']} draws, first "
-              f"{p['n']} test images, {mode}; command: `{_console(rec['command'])}`."]  # fmt: skip
+              f"{p['n']} test images, {mode}; command: `{console_spelling(rec['command'])}`."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from eval.cli import console_spelling
 from eval.leaderboard_rows import N_TARGET, ROOT, ROWS, THREATS, RowSpec, collect_row, row_spec
 from eval.run_folder import read_record, write_record
 from manifold_defense.integrity import atomic_write_text
@@ -199,18 +200,12 @@ def sources_table(board: Mapping[str, Any] | None = None) -> str:
         done = [f"[{_SHORT[t]}]({_rel(a['source'])})" for t, a in aa.items() if a and a["status"] == "measured"]
         if done:
             src += "; AutoAttack: " + ", ".join(done)
-        cmd = "; ".join(f"`{_console(v)}`" for v in dict.fromkeys(commands.values()))
+        cmd = "; ".join(f"`{console_spelling(v)}`" for v in dict.fromkeys(commands.values()))
         cmd += "".join(f"; `{a['command']}`" for a in aa.values() if a and a["status"] != "measured")
         weights = ", ".join(f"`{w['name']}` ({(w['commit'] or 'uncommitted')[:7]})" for w in r["weights"])
         prior = f"`{r['prior']}`; " if r["prior"] else ""
         lines.append(_row([r["label"], src, cmd, prior + weights, "; ".join(r["notes"]) or "-"]))
     return "\n".join(lines)
-
-
-def _console(command: str) -> str:
-    """A recorded ``python -m eval ...`` command in the console spelling the docs use (the same command)."""
-    prefix = "python -m eval "
-    return "manifold-defense " + command[len(prefix) :] if command.startswith(prefix) else command
 
 
 def _rel(path: str) -> str:
