@@ -170,7 +170,8 @@ ROWS: tuple[RowSpec, ...] = (
         defense="diffpure-fixed", classifier="mnist-classifier",
         args=("--defenses", "diffpure-fixed", *_DIFFPURE, *COMMON),
         sources=(Source(f"{LB}/diffpure-fixed-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
-                 Source(_DP_FIXED_FILE, ("l2-2",))),
+                 Source(_DP_FIXED_FILE, ("l2-2",)),
+                 Source(f"{LB}/diffpure-fixed-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-classifier", "mnist-ddpm"),
     ),
     RowSpec(
