@@ -162,7 +162,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec(
         name="diffpure-classifier", label="DiffPure (t* 200) + `mnist-classifier`", defense="diffpure",
         classifier="mnist-classifier", args=("--defenses", "diffpure", *_DIFFPURE, *COMMON),
-        sources=(Source(_DP_FILE, _DP_THREATS),), purifier="diffpure", prior="mnist-ddpm",
+        sources=(Source(_DP_FILE, _DP_THREATS), Source(f"{LB}/diffpure-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
+        purifier="diffpure", prior="mnist-ddpm",
         weights=("mnist-classifier", "mnist-ddpm"),
     ),
     RowSpec(
