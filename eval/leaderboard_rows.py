@@ -132,8 +132,6 @@ def _undefended(clf: str, label: str) -> RowSpec:
 _DIFFPURE = ("--diffpure-t-star", "200", "--final-eot", "20", "--majority", "--no-curves")
 _DP_FILE = "docs/figures/diffpure_cascade_results.json"
 _DP_FIXED_FILE = "docs/figures/diffpure_fixed_cascade_results.json"
-#: The threats the committed DiffPure runs cover (one run folder per defense; L2 4 not measured yet).
-_DP_THREATS = ("linf-0.3", "l2-2")
 
 ROWS: tuple[RowSpec, ...] = (
     _undefended("mnist-classifier", "`mnist-classifier` (undefended)"),
@@ -162,7 +160,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec(
         name="diffpure-classifier", label="DiffPure (t* 200) + `mnist-classifier`", defense="diffpure",
         classifier="mnist-classifier", args=("--defenses", "diffpure", *_DIFFPURE, *COMMON),
-        sources=(Source(_DP_FILE, _DP_THREATS), Source(f"{LB}/diffpure-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
+        sources=(Source(f"{LB}/diffpure-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
+                 Source(_DP_FILE, ("l2-2",)), Source(f"{LB}/diffpure-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
         purifier="diffpure", prior="mnist-ddpm",
         weights=("mnist-classifier", "mnist-ddpm"),
     ),
