@@ -125,14 +125,8 @@ def correct_in_every_draw(
     class) and the batch.
 
     For a randomized model (e.g. a projection with fresh restarts per call) one lucky pass is not enough:
-    a point counts as correct only if every draw is correct (AutoAttack "rand" practice).
-    :func:`correct_per_draw` gives each draw's verdicts.
-
-    Args:
-        model: ``(B, C, H, W) -> (B, K)`` logits.
-        x: ``(N, C, H, W)``; y: ``(N,)`` int64 on the same device.
-        draws: forward passes per point (>= 1).
-        batch_size: images per forward pass.
+    a point counts as correct only if every draw is correct (AutoAttack "rand" practice). Arguments and errors
+    as :func:`correct_per_draw`, which gives each draw's verdicts.
     """
     return correct_per_draw(model, x, y, draws, batch_size, on_batch, name).all(dim=0)
 

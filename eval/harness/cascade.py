@@ -41,8 +41,7 @@ def pgd_chunks(env: StageEnv, model: nn.Module, config: PGDConfig) -> ChunkFn:
     defense: through a stand-in, the first iterate that fools it may be too weak to transfer, so every step runs.
     """
     real = real_model(env, model)
-    if not real:
-        config = dataclasses.replace(config, stop_when_fooled=0)
+    config = dataclasses.replace(config, stop_when_fooled=_exit_after(env, model, config))
 
     def fn(chunk: Tensor) -> dict[str, Tensor]:
         xb, yb = env.x[chunk], env.y[chunk]
@@ -58,9 +57,15 @@ def pgd_chunks(env: StageEnv, model: nn.Module, config: PGDConfig) -> ChunkFn:
     return fn
 
 
+def _exit_after(env: StageEnv, model: nn.Module, config: PGDConfig) -> int:
+    """The early exit as a stage through ``model`` runs it: ``config.stop_when_fooled`` through the real defense,
+    0 through a stand-in (:func:`pgd_chunks`)."""
+    return config.stop_when_fooled if real_model(env, model) else 0
+
+
 def _early(env: StageEnv, model: nn.Module, config: PGDConfig) -> dict[str, Any]:
-    """The early-exit setting as the stage runs it (recorded only when on; :func:`pgd_chunks`)."""
-    k = config.stop_when_fooled if real_model(env, model) else 0
+    """The early-exit setting as the stage runs it (recorded only when on)."""
+    k = _exit_after(env, model, config)
     return {"early_exit": f"after {k} fooled steps"} if k else {}
 
 
