@@ -52,6 +52,7 @@ from manifold_defense.training import (
     train_vae,
 )
 from manifold_defense.training.diffusion import DDPMTrainConfig, train_ddpm
+from manifold_defense.training.loop import training_time
 
 log = logging.getLogger(__name__)
 MODELS = ("classifier", "gan", "encoder", "vae", "zoo", "pgd-at", "l2-at", "rmd", "ambient", "ddpm")
@@ -273,9 +274,14 @@ def _train_ambient(
 
 
 def _info(
-    command: str, config: Any, seconds: float, device: torch.device, history: list[dict[str, float]]
+    command: str, config: Any, seconds: float, device: torch.device, history: list[dict[str, float]],
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The zoo record's ``training`` entry. With the run's ``checkpoint_dir``, ``seconds`` is the run's wall time
+    over every process that trained it (``None`` when an older checkpoint did not record a segment's time) and
+    ``segments`` lists those processes; without it, this process's ``seconds``."""
+    timing = training_time(checkpoint_dir) if checkpoint_dir is not None else None
+    info: dict[str, Any] = {
         "training": {
             "command": command,
             "config": asdict(config),
@@ -284,13 +290,16 @@ def _info(
             "device": str(device)
             if device.type == "cpu"
             else f"{device} ({torch.cuda.get_device_name(device)})",
-            "seconds": round(seconds, 1),
+            "seconds": round(seconds, 1) if timing is None else timing["seconds"],
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "final_metrics": history[-1] if history else {},
         }
     }
+    if timing is not None:
+        info["training"]["segments"] = timing["segments"]
+    return info
 
 
 def run(args: argparse.Namespace) -> int:
@@ -337,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 model,
                 "mnist-classifier",
                 out,
-                _info(command, config, time.perf_counter() - start, device, hist),
+                _info(command, config, time.perf_counter() - start, device, hist, ckpt),
             )
         elif name == "gan":
             config = _override(GANTrainConfig(seed=args.seed), args.steps, sets)
@@ -354,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
                 validate_every=args.val_every or None,
                 encoder=zoo.build("mnist-encoder") if config.rec_weight > 0 else None,
             )
-            info = _info(command, config, time.perf_counter() - start, device, hist)
+            info = _info(command, config, time.perf_counter() - start, device, hist, ckpt)
             info["training"]["discriminator"] = (
                 f"Critic(width={GAN_DISCRIMINATOR_WIDTH}"
                 + (f", in_channels={config.pack}: PacGAN{config.pack})" if config.pack > 1 else ")")
@@ -368,12 +377,12 @@ def run(args: argparse.Namespace) -> int:
                 enc, gen, train, config, device=device, checkpoint_dir=ckpt, progress=progress
             )
             zoo.save(
-                enc, "mnist-encoder", out, _info(command, config, time.perf_counter() - start, device, hist)
+                enc, "mnist-encoder", out, _info(command, config, time.perf_counter() - start, device, hist, ckpt)
             )
         elif name == "ambient":
             tag = f"ambient-{args.baseline or 'ambient'}-{measurement_from_args(args).tag()}"
             gen, config, hist, record = _train_ambient(args, sets, device, ckpt.with_name(tag), progress)
-            info = _info(command, config, time.perf_counter() - start, device, hist)
+            info = _info(command, config, time.perf_counter() - start, device, hist, ckpt.with_name(tag))
             info["training"]["ambient"] = record
             info["training"]["data"] = record["data"]
             info["training"]["discriminator"] = record["discriminator"]
@@ -383,11 +392,11 @@ def run(args: argparse.Namespace) -> int:
             ema, hist = train_ddpm(
                 zoo.build("mnist-ddpm"), train, config, device=device, checkpoint_dir=ckpt, progress=progress  # type: ignore[arg-type]
             )
-            zoo.save(ema.module, "mnist-ddpm", out, _info(command, config, time.perf_counter() - start, device, hist))
+            zoo.save(ema.module, "mnist-ddpm", out, _info(command, config, time.perf_counter() - start, device, hist, ckpt))
         elif name in ROBUST_MODELS:
             trained, hist = _train_robust(name, args, sets, device, ckpt, progress)
             config = trained.config
-            info = _info(command, config, time.perf_counter() - start, device, hist)
+            info = _info(command, config, time.perf_counter() - start, device, hist, ckpt)
             if trained.init is not None:
                 info["training"]["init"] = trained.init
             zoo.save(trained.model, f"mnist-{name}", out, info)
@@ -395,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
             config = _override(VAETrainConfig(seed=args.seed), args.steps, sets)
             vae = zoo.build("mnist-vae")
             hist = train_vae(vae, train, config, device=device, checkpoint_dir=ckpt, progress=progress)  # type: ignore[arg-type]
-            zoo.save(vae, "mnist-vae", out, _info(command, config, time.perf_counter() - start, device, hist))
+            zoo.save(vae, "mnist-vae", out, _info(command, config, time.perf_counter() - start, device, hist, ckpt))
         log.info("%s: trained in %.1f s on %s; written to %s", name, time.perf_counter() - start, device, out)
     return 0
 

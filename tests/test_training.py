@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from manifold_defense.integrity import save_checked
 from manifold_defense.models import VAE
 from manifold_defense.training import (
     ClassifierTrainConfig,
@@ -16,6 +17,7 @@ from manifold_defense.training import (
     run_loop,
     train_classifier,
 )
+from manifold_defense.training.loop import load_checkpoint, training_time
 
 
 def _toy_data(n: int = 256) -> TensorDataset:
@@ -94,6 +96,37 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     hist = train_classifier(resumed, _toy_data(), cfg, checkpoint_dir=tmp_path / "run", progress=False)
     torch.testing.assert_close(_params(resumed), _params(reference), rtol=0, atol=0)
     assert hist == ref_hist
+    # the record of who trained it: the interrupted process up to its last checkpoint (step 5), then the resume
+    timing = training_time(tmp_path / "run")
+    assert timing is not None
+    assert [s["steps"] for s in timing["segments"]] == [[0, 5], [5, 12]]
+    assert all(s["seconds"] >= 0 and s["device"] == "cpu" for s in timing["segments"])
+    assert timing["seconds"] == pytest.approx(sum(s["seconds"] for s in timing["segments"]), abs=0.11)
+    assert training_time(tmp_path / "absent") is None
+
+
+def test_training_time_of_a_checkpoint_that_predates_segments(tmp_path: Path) -> None:
+    x = torch.zeros(8, 1)
+    model = nn.Linear(1, 1)
+
+    def step(_step: int, _batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        return {"loss": 0.0}
+
+    run_loop(step, (x,), LoopConfig(steps=4, batch_size=2, checkpoint_every=2), {"m": model},
+             checkpoint_dir=tmp_path, progress=False, extendable=True)  # fmt: skip
+    path = tmp_path / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    del ckpt["segments"]  # as a checkpoint written before segments were recorded
+    save_checked(ckpt, path)
+    unknown = {"steps": [0, 4], "seconds": None, "device": None, "threads": None}
+    assert training_time(tmp_path) == {"seconds": None, "segments": [unknown]}
+    # continued by a later process: its own time is known, the older steps' is not, so the total is unknown
+    run_loop(step, (x,), LoopConfig(steps=6, batch_size=2, checkpoint_every=2), {"m": model},
+             checkpoint_dir=tmp_path, progress=False, extendable=True)  # fmt: skip
+    timing = training_time(tmp_path)
+    assert timing is not None and timing["seconds"] is None
+    assert timing["segments"][0] == unknown and timing["segments"][1]["steps"] == [4, 6]
+    assert timing["segments"][1]["seconds"] >= 0
 
 
 def test_checkpoint_from_another_run_is_refused(tmp_path: Path) -> None:

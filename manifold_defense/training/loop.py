@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -406,10 +407,13 @@ def run_loop(
                     f"ask for at least {start} steps or use a fresh checkpoint directory"
                 )
             history = list(ckpt["history"])
+            segments = _segments(ckpt)
             sums, count = dict(ckpt["running_sums"]), int(ckpt["running_count"])
             counts = dict(ckpt.get("running_counts") or {k: count for k in sums})
         else:
             sums, count, counts = {}, 0, {}
+            segments = []
+        began = time.perf_counter()
         bar = progress_display(
             range(start, config.steps),
             desc=desc,
@@ -464,11 +468,41 @@ def run_loop(
                         "running_sums": sums,
                         "running_count": count,
                         "running_counts": counts,
+                        "segments": [*segments, _segment(start, done, time.perf_counter() - began, dev)],
                     },
                     ckpt_path,
                 )
                 atomic_write_text(ckpt_path.parent / "history.json", json.dumps(history, indent=1))
     return history
+
+
+def _segment(start: int, end: int, seconds: float, device: torch.device) -> dict[str, Any]:
+    """One process's share of a run: steps ``[start, end)``, its wall seconds, device and threads."""
+    return {"steps": [start, end], "seconds": round(seconds, 1), "device": str(device),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _segments(ckpt: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The processes that trained a checkpoint, oldest first; a checkpoint written before segments were recorded
+    gets one segment of unknown time for the steps it had done."""
+    if "segments" in ckpt:
+        return [dict(s) for s in ckpt["segments"]]
+    return [{"steps": [0, int(ckpt["step"])], "seconds": None, "device": None, "threads": None}]
+
+
+def training_time(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The wall time of the run whose checkpoint is in ``checkpoint_dir``, over every process that trained it.
+
+    Returns ``{"seconds": total or None, "segments": [...]}``: the total is ``None`` when a segment's time was
+    not recorded (its checkpoint predates the record). ``None`` when there is no checkpoint.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    segments = _segments(load_checkpoint(path))
+    times = [s["seconds"] for s in segments]
+    total = None if any(t is None for t in times) else round(sum(times), 1)
+    return {"seconds": total, "segments": segments}
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
