@@ -247,6 +247,7 @@ def _measure_ddpm(
         "samples": {
             **sample_quality(clf, samples, reference),
             "sampler": f"DDIM, eta 0, {args.ddim_steps} network passes per sample, seed 0",
+            "ddim_steps": args.ddim_steps,
             "seconds_per_sample": round(seconds / len(reference), 4),
             "reference": f"the first {len(reference)} test images",
             "floor_train_vs_test": real_floor,
