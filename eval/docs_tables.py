@@ -46,8 +46,9 @@ def tstar_table() -> str:
     test = rec.get("test")
     if test:
         lines.append("")
-        mean = test.get("clean_accuracy_mean_of_draws")
-        one = f"; one draw, mean of the {test['draws']}: {mean:.3f}" if mean is not None else ""
+        mean, per = test.get("clean_accuracy_mean_of_draws"), test.get("clean_accuracy_per_draw")
+        one = (f"; each draw alone: {' / '.join(f'{a:.3f}' for a in per)} (mean {mean:.3f})"
+               if mean is not None and per else "")  # fmt: skip
         lines.append(f"At the chosen t* = {test['t_star']}, defended clean accuracy on the first {test['n']} test "
                      f"images (worst of {test['draws']} draws): **{test['clean_accuracy']:.3f}**{one}.")  # fmt: skip
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from eval.run_folder import read_record
 from manifold_defense import zoo
 
 __all__ = [
+    "DIFFPURE_T_STAR",
     "N_TARGET",
     "ROWS",
     "THREATS",
@@ -129,7 +131,9 @@ def _undefended(clf: str, label: str) -> RowSpec:
     )  # fmt: skip
 
 
-_DIFFPURE = ("--diffpure-t-star", "200", "--final-eot", "20", "--majority", "--no-curves")
+#: DiffPure's diffusion time: the t* that ``diffpure-tstar`` chose on the shipped prior (docs/figures/diffpure_tstar.json).
+DIFFPURE_T_STAR = 150
+_DIFFPURE = ("--diffpure-t-star", str(DIFFPURE_T_STAR), "--final-eot", "20", "--majority", "--no-curves")
 _DP_FILE = "docs/figures/diffpure_cascade_results.json"
 _DP_FIXED_FILE = "docs/figures/diffpure_fixed_cascade_results.json"
 
@@ -158,7 +162,7 @@ ROWS: tuple[RowSpec, ...] = (
         purifier="projection-fast", prior="mnist-gan", weights=("mnist-pgd-at", "mnist-gan", "mnist-encoder"),
     ),
     RowSpec(
-        name="diffpure-classifier", label="DiffPure (t* 200) + `mnist-classifier`", defense="diffpure",
+        name="diffpure-classifier", label=f"DiffPure (t* {DIFFPURE_T_STAR}) + `mnist-classifier`", defense="diffpure",
         classifier="mnist-classifier", args=("--defenses", "diffpure", *_DIFFPURE, *COMMON),
         sources=(Source(f"{LB}/diffpure-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
                  Source(_DP_FILE, ("l2-2",)), Source(f"{LB}/diffpure-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
@@ -175,7 +179,7 @@ ROWS: tuple[RowSpec, ...] = (
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-classifier", "mnist-ddpm"),
     ),
     RowSpec(
-        name="diffpure-pgd-at", label="DiffPure (t* 200) + `mnist-pgd-at`", defense="diffpure",
+        name="diffpure-pgd-at", label=f"DiffPure (t* {DIFFPURE_T_STAR}) + `mnist-pgd-at`", defense="diffpure",
         classifier="mnist-pgd-at",
         args=("--defenses", "diffpure", "--classifier", "mnist-pgd-at", *_DIFFPURE, *COMMON),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-pgd-at", "mnist-ddpm"),
@@ -297,7 +301,34 @@ def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: 
         "stages_missing": _missing_stages(rec),
         "not_run": [k for k in rec.get("incomplete", []) if k.split("|")[1:2] == [tk]],
         "lean": bool(rec.get("lean", False)),
+        "other_settings": other_settings(spec, str(rec.get("command") or "")),
     }  # fmt: skip
+
+
+#: The options that define a row's defense; a source run with another value measured another defense.
+DEFINING = {"--classifier": "mnist-classifier", "--diffpure-t-star": None, "--diffpure-steps": None,
+            "--diffpure-eta": None}  # fmt: skip
+
+
+def _option(words: list[str], flag: str) -> str | None:
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def other_settings(spec: RowSpec, command: str) -> list[str]:
+    """The defining options (``DEFINING``) whose value in a source run's ``command`` differs from the row's
+    command, each as ``"--flag: run VALUE, row VALUE"`` (an option a command leaves out counts as its default)."""
+    run, row = shlex.split(command), list(spec.args)
+    out = []
+    for flag, default in DEFINING.items():
+        mine, theirs = _option(row, flag) or default, _option(run, flag) or default
+        if mine != theirs:
+            out.append(f"{flag}: run {theirs}, row {mine}")
+    return out
 
 
 def _missing_stages(rec: Mapping[str, Any]) -> list[str]:
@@ -414,6 +445,10 @@ def _notes(threats: Mapping[str, Mapping[str, Any]]) -> list[str]:
     other_n = sorted({c["n"] for c in measured.values() if c["n"] != N_TARGET})
     if other_n:
         notes.append(f"measured at n {', '.join(map(str, other_n))}, not {N_TARGET}")
+    other = sorted({o for c in measured.values() for o in c.get("other_settings", [])})
+    if other:
+        notes.append(f"measured with other settings than the row's command ({'; '.join(other)}): not this row's "
+                     "defense until rerun")  # fmt: skip
     if any(c.get("on_current_weights") is False for c in measured.values()):
         notes.append("measured on other weights than the shipped ones (an earlier prior or classifier)")
     devices = sorted({str(c["device"]) for c in measured.values() if c.get("device") not in (None, "cpu")})

@@ -2,7 +2,7 @@
 the run, so a later checkpoint can be screened with ``measure-zoo --weights-dir`` before it is shipped.
 
     python scripts/ddpm_snapshot.py OUT_DIR [--checkpoint training-state/mnist-ddpm/checkpoints/ddpm/checkpoint.pt]
-    manifold-defense measure-zoo --models mnist-ddpm --samples 2000 --ddim-steps 20 --weights-dir OUT_DIR --write
+    manifold-defense measure-zoo --models mnist-ddpm --samples 2000 --ddim-steps 50 --weights-dir OUT_DIR --write
 
 ``OUT_DIR`` gets every zoo weights file and ``mnist-ddpm.{safetensors,json}`` from the checkpoint (its record keeps
 the shipped one's architecture and training fields, with a note naming the step). ``OUT_DIR`` must not exist.

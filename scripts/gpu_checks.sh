@@ -31,7 +31,7 @@ OUTDIR=${OUTDIR:-runs/gpu}
 PACK=${PACK:-}
 THREADS=${THREADS:-2}
 JOBS=${JOBS:-bench,verbatim,surrogate,verbatim-full,fast,cuda-tests,diffpure-exact,diffpure}  # a subset reruns only those
-TSTAR=${TSTAR:-200}  # DiffPure's t*: the value diffpure-tstar chose (docs/diffusion.md)
+TSTAR=${TSTAR:-150}  # DiffPure's t*: the value diffpure-tstar chose (docs/diffusion.md)
 START=$SECONDS
 mkdir -p "$OUTDIR"
 

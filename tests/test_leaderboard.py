@@ -276,9 +276,37 @@ def test_history_quotes_stand_in_their_commit() -> None:
 def test_a_run_on_earlier_weights_says_so() -> None:
     """robust_manifold_projection_rmd.json was committed before the shipped mnist-gan and mnist-rmd weights."""
     spec = _spec(defense="projection-fast", classifier="mnist-rmd", weights=("mnist-rmd", "mnist-gan"),
+                 args=("--defenses", "projection-fast", "--classifier", "mnist-rmd"),
                  sources=(Source("docs/figures/robust_manifold_projection_rmd.json", ("l2-2", "l2-4")),))  # fmt: skip
     row = collect_row(spec)
     assert [row["threats"][t].get("on_current_weights") for t in ("l2-2", "l2-4")] == [False, False]
     assert row["notes"][:2] == ["measured at n 20, not 100",
                                 "measured on other weights than the shipped ones (an earlier prior or classifier)"]  # fmt: skip
     assert [w["name"] for w in row["weights"]] == ["mnist-rmd", "mnist-gan"] and len(row["weights"][0]["commit"]) == 40
+
+
+def test_diffpure_rows_use_the_t_star_the_committed_sweep_chose() -> None:
+    from eval.leaderboard_rows import DIFFPURE_T_STAR, ROWS
+
+    sweep = json.loads((ROOT / "docs/figures/diffpure_tstar.json").read_text())
+    assert sweep["chosen"] == DIFFPURE_T_STAR
+    for spec in ROWS:
+        if spec.purifier == "diffpure":
+            at = spec.args.index("--diffpure-t-star")
+            assert spec.args[at + 1] == str(sweep["chosen"]), spec.name
+
+
+def test_a_source_run_with_other_defining_settings_is_named_in_the_notes() -> None:
+    from eval.leaderboard_rows import _notes, other_settings, row_spec
+
+    spec = row_spec("diffpure-pgd-at")
+    t = spec.args[spec.args.index("--diffpure-t-star") + 1]
+    same = f"manifold-defense robustness --out x --defenses diffpure --classifier mnist-pgd-at --diffpure-t-star={t}"
+    assert other_settings(spec, same) == []
+    # another t* and the default classifier (mnist-classifier) are another defense
+    other = "python -m eval robustness --out x --defenses diffpure --diffpure-t-star 999"
+    assert other_settings(spec, other) == ["--classifier: run mnist-classifier, row mnist-pgd-at",
+                                           f"--diffpure-t-star: run 999, row {t}"]  # fmt: skip
+    cell = {"status": "measured", "n": 100, "schema": 2, "other_settings": other_settings(spec, other)}
+    notes = _notes({"linf-0.3": cell})
+    assert any("--diffpure-t-star: run 999" in n and "until rerun" in n for n in notes)
