@@ -46,13 +46,16 @@ __all__ = [
     "DefenseCost",
     "ProfileRow",
     "ThreatComparison",
+    "VerdictCost",
     "add_parsers",
     "compare",
     "load_results",
     "main",
     "markdown_compare",
     "markdown_profile",
+    "markdown_verdict_cost",
     "profile",
+    "verdict_cost",
 ]  # fmt: skip
 
 SCHEMA = "manifold-defense cascade-profile v1"
@@ -80,6 +83,34 @@ class ProfileRow:
     real_passes: int
     share: float | None
     seconds_per_broken: float | None
+
+
+@dataclass(frozen=True)
+class VerdictCost:
+    """What one defense's cascade under one threat had to spend to reach its verdict, in the order it ran.
+
+    ``broken`` is the points its stages broke in all; ``verdict_stage`` the first stage after which at most
+    ``tolerance_points`` of them were still unbroken, ``seconds_to_verdict`` the process-seconds through it;
+    ``last_break_stage`` the last stage that broke a point, ``seconds_to_last_break`` the seconds through it (what
+    an oracle that stopped the cascade at its last break would have spent); ``seconds_total`` the threat's whole
+    cascade (the convergence rerun included). Stage fields are ``None`` when no stage broke a point."""
+
+    defense: str
+    threat: str
+    n: int | None
+    worst_case: float
+    broken: int
+    tolerance_points: int
+    verdict_stage: str | None
+    seconds_to_verdict: float
+    last_break_stage: str | None
+    seconds_to_last_break: float
+    seconds_total: float
+
+    @property
+    def after_last_break(self) -> float:
+        """The seconds the cascade spent after its last break: attacks on points it could not break."""
+        return self.seconds_total - self.seconds_to_last_break
 
 
 @dataclass(frozen=True)
@@ -214,6 +245,59 @@ def profile(results: Mapping[str, Any]) -> list[ProfileRow]:
     return rows
 
 
+def verdict_cost(results: Mapping[str, Any], *, tolerance_points: int = 1) -> list[VerdictCost]:
+    """Per defense and threat, the cost of reaching the cascade's verdict (:class:`VerdictCost`), from the run's
+    per-stage record in run order. How to read it: ``seconds_to_last_break`` is a lower bound on what this cascade,
+    with these budgets and order, must spend to find every point it found; what it spent after
+    (``after_last_break``) went into attacks on points it could not break, the price of the verdict's evidence.
+
+    Raises:
+        ValueError: not a v2 record with per-stage costs, or a negative ``tolerance_points``.
+    """
+    if isinstance(tolerance_points, bool) or not isinstance(tolerance_points, int) or tolerance_points < 0:
+        raise ValueError(f"expected tolerance_points as an int >= 0, got {tolerance_points!r}")
+    rows = profile(results)
+    out = []
+    for name, d in results["defenses"].items():
+        for tk in results["threat_models"]:
+            mine = [r for r in rows if r.defense == name and r.threat == tk]
+            if not mine:
+                continue
+            broken = sum(r.broken or 0 for r in mine)
+            total = sum(r.process_seconds for r in mine)
+            done, spent = 0, 0.0
+            verdict: tuple[str | None, float] = (None, 0.0)
+            last: tuple[str | None, float] = (None, 0.0)
+            for r in mine:
+                done, spent = done + (r.broken or 0), spent + r.process_seconds
+                if verdict[0] is None and broken - done <= tolerance_points and done > 0:
+                    verdict = (r.stage, spent)
+                if r.broken:
+                    last = (r.stage, spent)
+            out.append(VerdictCost(
+                defense=name, threat=tk, n=d.get("n"), worst_case=float(d["worst_case"][tk]), broken=broken,
+                tolerance_points=tolerance_points, verdict_stage=verdict[0], seconds_to_verdict=verdict[1],
+                last_break_stage=last[0], seconds_to_last_break=last[1], seconds_total=total,
+            ))  # fmt: skip
+    return out
+
+
+def markdown_verdict_cost(costs: Sequence[VerdictCost]) -> str:
+    """A markdown table of :func:`verdict_cost` (seconds as integers, shares of the threat's total as percent)."""
+    tol = {c.tolerance_points for c in costs}
+    within = f"within {tol.pop()} point(s)" if len(tol) == 1 else "within tolerance"
+    head = ["defense", "threat", "worst case", "points broken", f"verdict {within} after", "process s to there",
+            "last break at", "process s to there", "whole threat", "spent after the last break"]  # fmt: skip
+    lines = [_row(head), _row(["---"] * len(head))]
+    for c in costs:
+        tot = c.seconds_total
+        lines.append(_row([c.defense, c.threat, f"{c.worst_case:.2f}", c.broken, c.verdict_stage or "-",
+                           f"{_s(c.seconds_to_verdict)} ({_share(c.seconds_to_verdict, tot)})", c.last_break_stage or "-",
+                           f"{_s(c.seconds_to_last_break)} ({_share(c.seconds_to_last_break, tot)})", _s(tot),
+                           f"{_s(c.after_last_break)} ({_share(c.after_last_break, tot)})"]))  # fmt: skip
+    return "\n".join(lines)
+
+
 def _robust(d: Mapping[str, Any], name: str, tk: str, where: str) -> frozenset[int]:
     """The indices robust under ``tk``, checked against ``n`` and the worst case."""
     n, got = int(d["n"]), d["robust_points"].get(tk)
@@ -294,6 +378,10 @@ def _s(x: float | None) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _share(x: float, total: float) -> str:
+    return _pct(x / total) if total > 0 else "-"
 
 
 def _points(points: frozenset[int]) -> str:
@@ -400,14 +488,34 @@ def _committed_comparison(paths: tuple[str, str], commands: tuple[str, str]) -> 
             + f"`{console_spelling(str(lean.get('command')))}`.")  # fmt: skip
 
 
-#: Generated tables of ``docs/leaderboard.md`` (:mod:`eval.docs_tables`): the profile of a committed run and the
-#: lean-versus-full comparison.
+#: The committed runs of today's cascade whose verdict cost ``docs/leaderboard.md`` tabulates.
+VERDICT_COST_RUNS = ("docs/figures/leaderboard/fast-classifier_linf-0.3_n100.json",
+                     "docs/figures/diffpure_cascade_results.json",
+                     "docs/figures/diffpure_fixed_cascade_results.json",
+                     "docs/figures/leaderboard/undefended_mnist-pgd-at_n100.json")  # fmt: skip
+
+
+def _committed_verdict_cost(paths: Sequence[str]) -> str:
+    """:func:`markdown_verdict_cost` over the committed runs ``paths`` (an absent file is named, not tabulated)."""
+    costs, absent = [], []
+    for path in paths:
+        if (ROOT / path).is_file():
+            costs += verdict_cost(load_results(ROOT / path))
+        else:
+            absent.append(path)
+    note = "" if not absent else "\n\nNot measured yet: " + ", ".join(f"`{p}`" for p in absent) + "."
+    return markdown_verdict_cost(costs) + "\n\nRuns: " + ", ".join(f"`{p}`" for p in paths if p not in absent) + "." + note
+
+
+#: Generated tables of ``docs/leaderboard.md`` (:mod:`eval.docs_tables`): the profile of a committed run, the
+#: lean-versus-full comparison and the verdict cost of committed runs.
 RENDERERS = {
     "cascade-profile-diffpure-fixed": lambda: _committed_profile(
         "docs/figures/diffpure_fixed_cascade_results.json", "l2-2"
     ),
     "cascade-lean-fast-linf": lambda: _committed_comparison(LEAN_FAST_LINF, LEAN_FAST_LINF_COMMANDS),
     "cascade-lean-dpf-linf": lambda: _committed_comparison(LEAN_DPF_LINF, LEAN_DPF_LINF_COMMANDS),
+    "cascade-verdict-cost": lambda: _committed_verdict_cost(VERDICT_COST_RUNS),
 }
 
 
@@ -429,6 +537,8 @@ def main(args: argparse.Namespace) -> int:
     full = load_results(args.results)
     rows = profile(full)
     print(f"## Cascade profile: {args.results}\n\n{markdown_profile(rows)}")
+    costs = verdict_cost(full, tolerance_points=args.tolerance_points)
+    print(f"\n## What the verdict cost\n\n{markdown_verdict_cost(costs)}")
     lean_rows, cmp = None, None
     if args.compare is not None:
         lean = load_results(args.compare)
@@ -444,6 +554,7 @@ def main(args: argparse.Namespace) -> int:
             "schema": SCHEMA, "command": command_line(args), "results": str(args.results),
             "lean_results": None if args.compare is None else str(args.compare),
             "profile": [dataclasses.asdict(r) for r in rows],
+            "verdict_cost": [dataclasses.asdict(c) | {"after_last_break": c.after_last_break} for c in costs],
             "lean_profile": None if lean_rows is None else [dataclasses.asdict(r) for r in lean_rows],
             "comparison": None if cmp is None else dataclasses.asdict(cmp)
             | {"within_tolerance": cmp.within_tolerance, "budget_seconds": BUDGET_SECONDS},

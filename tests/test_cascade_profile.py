@@ -217,3 +217,38 @@ def test_side_by_side_pairs_the_stages_of_both_runs() -> None:
     assert "| proj | l2-2 | square | 8 / 8 | 1 / 1 | 10 / 2 | 800 / 800 |" in text
     assert "| proj | l2-2 | convergence | 7 / - | 0 / - | 0 / - | 0 / - |" in text
     assert "| proj | - | clean | 10 / 10 | 0 / 0 | 1 / 1 | 10 / 10 |" in text
+
+
+def test_verdict_cost_finds_the_verdict_and_the_last_break_in_run_order() -> None:
+    from eval.cascade_profile import markdown_verdict_cost, verdict_cost
+
+    # linf: pgd breaks all 6 (4 s), square 0 s; l2: pgd breaks 2 (5 s), square 1 (10 s), convergence 0 (0 s)
+    costs = verdict_cost(_record(proj=_defense(FULL_POINTS)))
+    linf, l2 = costs
+    assert (linf.threat, linf.broken, linf.verdict_stage, linf.seconds_to_verdict) == ("linf-0.3", 6, "pgd", 4.0)
+    assert (linf.last_break_stage, linf.seconds_to_last_break, linf.seconds_total) == ("pgd", 4.0, 4.0)
+    # within one point of the 3 l2 breaks after pgd (2 of 3); the last break is square's, after 15 of 15 s
+    assert (l2.broken, l2.verdict_stage, l2.seconds_to_verdict) == (3, "pgd", 5.0)
+    assert (l2.last_break_stage, l2.seconds_to_last_break, l2.after_last_break) == ("square", 15.0, 0.0)
+    strict = verdict_cost(_record(proj=_defense(FULL_POINTS)), tolerance_points=0)[1]
+    assert (strict.verdict_stage, strict.seconds_to_verdict) == ("square", 15.0)
+    # a slower square after the last break would count as spent after it: here square is the last break itself
+    slow = verdict_cost(_record(proj=_defense(FULL_POINTS, l2_square_seconds=30.0)))[1]
+    assert slow.seconds_total == 35.0 and slow.after_last_break == 0.0
+    lines = markdown_verdict_cost(costs).splitlines()
+    assert "| proj | l2-2 | 0.70 | 3 | pgd | 5 (33.3%) | square | 15 (100.0%) | 15 | 0 (0.0%) |" in lines
+    with pytest.raises(ValueError, match="tolerance_points"):
+        verdict_cost(_record(proj=_defense(FULL_POINTS)), tolerance_points=-1)
+
+
+def test_verdict_cost_when_nothing_breaks() -> None:
+    from eval.cascade_profile import verdict_cost
+
+    d = _defense(FULL_POINTS)
+    for per in d["attacks"].values():
+        for e in per.values():
+            if e.get("status") == "ran":
+                e["broken"] = 0
+    c = verdict_cost(_record(proj=d))[0]
+    assert (c.broken, c.verdict_stage, c.last_break_stage, c.seconds_to_last_break) == (0, None, None, 0.0)
+    assert c.after_last_break == c.seconds_total == 4.0
