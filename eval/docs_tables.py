@@ -130,6 +130,7 @@ def headline_table() -> str:
     bench = _json(FIGURES / "bench_h200_results.json")
     cs = _json(FIGURES / "csgm_pacgan50k_results.json")
     gan = _zoo("mnist-gan")
+    dd = _zoo("mnist-ddpm")["samples"]
     s, floor = gan["samples"], gan["samples"]["floor_train_vs_test"]
     amb = _json(FIGURES / "ambient_grid_results.json")
     causal = _zoo("causal-digit-gan")["checks"]
@@ -169,6 +170,9 @@ def headline_table() -> str:
          f"({floor['mnist_score']:.2f}); {s['histogram_min_max']:.2f} ({floor['histogram_min_max']:.2f}); "
          f"{gan['defense_gan_projection']['accuracy_on_projections']:.3f}", f"{s['n']}; {gan['n']}",
          "[prior](docs/prior.md)"],
+        ["the diffusion prior `mnist-ddpm`", f"MNIST score (floor); Fréchet distance (floor), DDIM {_passes(dd)} passes",
+         f"{dd['mnist_score']:.2f} ({dd['floor_train_vs_test']['mnist_score']:.2f}); {dd['frechet_features']:.1f} "
+         f"({dd['floor_train_vs_test']['frechet_features']:.1f})", f"{dd['n']}", "[diffusion](docs/diffusion.md)"],
         ["AmbientGAN", "MNIST score, ambient / ignore / unmeasure, "
          f"{amb['protocol']['steps']} steps: block-pixels p 0.9; blur + noise sigma 0.2",
          f"{trio('block-pixels-p0.9')}; {trio('convolve-noise-sigma0.2')}", amb["protocol"]["n_samples"],
@@ -230,6 +234,42 @@ def history_rmd_table() -> str:
     return "\n".join(lines)
 
 
+#: DiffPure's runs on the 8000-step ``mnist-ddpm`` (t* 200), replaced with the 17750-step weights: (label, file
+#: under ``docs/figures/history/ddpm8000``, defense, threats).
+HISTORY_DIFFPURE = (
+    ("DiffPure", "diffpure-classifier_linf-0.3_n100.json", "diffpure", ("linf-0.3",)),
+    ("DiffPure", "diffpure_cascade_results.json", "diffpure", ("l2-2",)),
+    ("DiffPure", "diffpure-classifier_l2-4_n100.json", "diffpure", ("l2-4",)),
+    ("DiffPure, fixed noise", "diffpure-fixed-classifier_linf-0.3_n100.json", "diffpure-fixed", ("linf-0.3",)),
+    ("DiffPure, fixed noise", "diffpure_fixed_cascade_results.json", "diffpure-fixed", ("l2-2",)),
+    ("DiffPure, fixed noise", "diffpure-fixed-classifier_l2-4_n100.json", "diffpure-fixed", ("l2-4",)),
+)  # fmt: skip
+
+
+def history_diffpure_table() -> str:
+    """DiffPure on the 8000-step diffusion prior (t* 200): worst case, convergence, majority vote, per threat."""
+    from eval.leaderboard_rows import converged_verdict, read_results, row_spec, standard_error
+
+    folder = FIGURES / "history" / "ddpm8000"
+    head = ["defense", "threat", "worst case ± se (n)", "converged", "majority vote", "cascade", "source"]
+    lines = [_row(head), _row(["---"] * len(head))]
+    for label, name, defense, threats in HISTORY_DIFFPURE:
+        spec = row_spec("diffpure-classifier" if defense == "diffpure" else "diffpure-fixed-classifier")
+        rec, version = read_results(folder / name, spec, defense)
+        d = rec["defenses"][defense]
+        stages = set((rec.get("settings") or {}).get("attacks", ()))
+        cascade = "today's" if {"apgd-t", "fab"} <= stages else "before `apgd-t` and `fab`"
+        if rec.get("incomplete"):
+            cascade += ", stopped run"
+        for tk in threats:
+            w, n = float(d["worst_case"][tk]), int(d["n"])
+            maj = (d.get("majority_vote") or {}).get("accuracy", {}).get(tk)
+            lines.append(_row([label, tk, f"{w:.2f} ± {standard_error(w, n):.3f} (n {n})",
+                               converged_verdict(d, tk, version)[0], "-" if maj is None else f"{maj:.2f}", cascade,
+                               f"[{name}](figures/history/ddpm8000/{name})"]))  # fmt: skip
+    return "\n".join(lines)
+
+
 QUOTES: tuple[tuple[str, str, str, str], ...] = (
     ("fast projection, full cascade, worst case Linf 0.3 / L2 2 / L2 4 (n 200 / 100 / 100 on the shipped prior; "
      "the undefended classifier and the blends prior in parentheses)", "9718701", "README.md",
@@ -269,6 +309,7 @@ TABLES: dict[str, Callable[[], str]] = {"diffpure-tstar": tstar_table, "purifier
                                         "history-preset": history_preset_table, "history-csgm": history_csgm_table,
                                         "history-rmd-projection": history_rmd_table,
                                         "history-quotes": history_quotes_table,
+                                        "history-diffpure": history_diffpure_table,
                                         **_leaderboard_tables()}  # fmt: skip
 TABLES |= {"diffpure-cascade": diffpure_tables.cascade_table, "diffpure-transfer": diffpure_tables.transfer_table,
            "diffpure-exact": diffpure_tables.exact_table, "diffpure-eval-cost": diffpure_tables.cost_table}  # fmt: skip
