@@ -467,9 +467,10 @@ LEAN_FAST_LINF_COMMANDS = (
 )
 
 
-#: The committed full and lean runs of DiffPure with fixed noise at Linf 0.3 (first 100 test images).
-LEAN_DPF_LINF = ("docs/figures/leaderboard/diffpure-fixed-classifier_linf-0.3_n100.json",
-                 "docs/figures/leaderboard/lean/diffpure-fixed-classifier_linf-0.3_n100.json")  # fmt: skip
+#: The committed full and lean runs of DiffPure with fixed noise at Linf 0.3 (first 100 test images; the 8000-step
+#: prior at t* 200, the comparison of two cascades on the same points).
+LEAN_DPF_LINF = ("docs/figures/history/ddpm8000/diffpure-fixed-classifier_linf-0.3_n100.json",
+                 "docs/figures/history/ddpm8000/lean_diffpure-fixed-classifier_linf-0.3_n100.json")  # fmt: skip
 _DPF = ("manifold-defense robustness --out DIR/dpf-linf --defenses diffpure-fixed --diffpure-t-star 200 --final-eot 20 "
         "--majority --no-curves --n 100 --threads 1 --no-progress --threats linf-0.3")  # fmt: skip
 LEAN_DPF_LINF_COMMANDS = (_DPF, _DPF.replace("DIR/dpf-linf", "DIR/dpf-linf-lean") + " --lean")
@@ -511,7 +512,7 @@ def _committed_verdict_cost(paths: Sequence[str]) -> str:
 #: lean-versus-full comparison and the verdict cost of committed runs.
 RENDERERS = {
     "cascade-profile-diffpure-fixed": lambda: _committed_profile(
-        "docs/figures/diffpure_fixed_cascade_results.json", "l2-2"
+        "docs/figures/history/ddpm8000/diffpure_fixed_cascade_results.json", "l2-2"
     ),
     "cascade-lean-fast-linf": lambda: _committed_comparison(LEAN_FAST_LINF, LEAN_FAST_LINF_COMMANDS),
     "cascade-lean-dpf-linf": lambda: _committed_comparison(LEAN_DPF_LINF, LEAN_DPF_LINF_COMMANDS),

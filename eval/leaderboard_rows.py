@@ -164,8 +164,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec(
         name="diffpure-classifier", label=f"DiffPure (t* {DIFFPURE_T_STAR}) + `mnist-classifier`", defense="diffpure",
         classifier="mnist-classifier", args=("--defenses", "diffpure", *_DIFFPURE, *COMMON),
-        sources=(Source(f"{LB}/diffpure-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
-                 Source(_DP_FILE, ("l2-2",)), Source(f"{LB}/diffpure-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
+        sources=(Source(_DP_FILE),),
         purifier="diffpure", prior="mnist-ddpm",
         weights=("mnist-classifier", "mnist-ddpm"),
     ),
@@ -173,9 +172,7 @@ ROWS: tuple[RowSpec, ...] = (
         name="diffpure-fixed-classifier", label="DiffPure, fixed noise + `mnist-classifier`",
         defense="diffpure-fixed", classifier="mnist-classifier",
         args=("--defenses", "diffpure-fixed", *_DIFFPURE, *COMMON),
-        sources=(Source(f"{LB}/diffpure-fixed-classifier_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
-                 Source(_DP_FIXED_FILE, ("l2-2",)),
-                 Source(f"{LB}/diffpure-fixed-classifier_l2-4_n{N_TARGET}.json", ("l2-4",))),
+        sources=(Source(_DP_FIXED_FILE),),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-classifier", "mnist-ddpm"),
     ),
     RowSpec(

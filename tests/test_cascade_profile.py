@@ -160,7 +160,7 @@ def test_compare_refuses_bad_robust_points() -> None:
 
 
 def test_profile_of_the_committed_diffpure_fixed_run() -> None:
-    rec = load_results(ROOT / "docs/figures/diffpure_fixed_cascade_results.json")
+    rec = load_results(ROOT / "docs/figures/history/ddpm8000/diffpure_fixed_cascade_results.json")
     rows = {(r.threat, r.stage): r for r in profile(rec)}
     square = rows[("l2-2", "square")]
     assert (square.process_seconds, square.broken, square.points, square.real_passes) == (1667.6, 0, 40, 20240)
