@@ -247,14 +247,23 @@ def weights_commit(name: str) -> str | None:
 
 
 def _on_weights(path: str, commits: list[str | None]) -> bool | None:
-    """Whether results file ``path`` was committed after every weights commit (``True`` when it is not committed
-    yet: measured on the working tree's weights); ``None`` without git history."""
-    got = _git("log", "--diff-filter=A", "--format=%H", "--", path)
-    if got is None or got[0] != 0 or any(c is None for c in commits):
+    """Whether results file ``path`` was committed after every weights commit (``True`` when its content is not
+    committed yet: measured on the working tree's weights); ``None`` without git history. The last commit that
+    changed the file counts: a rerun that replaces a file, in place or after the old run moved to the history,
+    is the new run's."""
+    if any(c is None for c in commits):
+        return None
+    pending = _git("status", "--porcelain", "--", path)
+    if pending is None or pending[0] != 0:
+        return None
+    if pending[1]:
+        return True
+    got = _git("log", "-1", "--format=%H", "--", path)
+    if got is None or got[0] != 0:
         return None
     if not got[1]:
         return True
-    first = got[1].splitlines()[-1]
+    first = got[1]
     for c in commits:
         anc = _git("merge-base", "--is-ancestor", str(c), first)
         if anc is None or anc[0] not in (0, 1):

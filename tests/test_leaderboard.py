@@ -310,3 +310,39 @@ def test_a_source_run_with_other_defining_settings_is_named_in_the_notes() -> No
     cell = {"status": "measured", "n": 100, "schema": 2, "other_settings": other_settings(spec, other)}
     notes = _notes({"linf-0.3": cell})
     assert any("--diffpure-t-star: run 999" in n and "until rerun" in n for n in notes)
+
+
+def test_a_results_path_added_again_after_new_weights_counts_as_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import eval.leaderboard_rows as rows
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "w.bin").write_text("old weights")
+    (tmp_path / "r.json").write_text("{}")
+    git("add", "-A")
+    git("commit", "-qm", "weights and a run on them")
+    git("rm", "-q", "r.json")
+    (tmp_path / "w.bin").write_text("new weights")
+    git("add", "-A")
+    git("commit", "-qm", "new weights; the old run leaves")
+    weights = git("rev-parse", "HEAD")
+    monkeypatch.setattr(rows, "ROOT", tmp_path)
+    (tmp_path / "r.json").write_text('{"rerun": 1}')
+    assert rows._on_weights("r.json", [weights]) is True  # not committed yet: the working tree's weights
+    git("add", "-A")
+    git("commit", "-qm", "the rerun")
+    assert rows._on_weights("r.json", [weights]) is True
+    first = git("rev-list", "--max-parents=0", "HEAD")
+    assert rows._on_weights("r.json", [first]) is True
+    (tmp_path / "w.bin").write_text("newer weights")
+    git("commit", "-qam", "newer weights")
+    assert rows._on_weights("r.json", [git("rev-parse", "HEAD")]) is False
+    (tmp_path / "r.json").write_text('{"rerun": 2}')  # rerun in place and committed: the newer weights'
+    git("commit", "-qam", "rerun in place")
+    assert rows._on_weights("r.json", [weights, git("rev-parse", "HEAD~1")]) is True
