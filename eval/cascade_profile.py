@@ -89,8 +89,9 @@ class ProfileRow:
 class VerdictCost:
     """What one defense's cascade under one threat had to spend to reach its verdict, in the order it ran.
 
-    ``broken`` is the points its stages broke in all; ``verdict_stage`` the first stage after which at most
-    ``tolerance_points`` of them were still unbroken, ``seconds_to_verdict`` the process-seconds through it;
+    ``broken`` is the points its stages broke in all; ``verdict_stage`` the first stage that broke a point and
+    after which at most ``tolerance_points`` of them were still unbroken, ``seconds_to_verdict`` the
+    process-seconds through it;
     ``last_break_stage`` the last stage that broke a point, ``seconds_to_last_break`` the seconds through it (what
     an oracle that stopped the cascade at its last break would have spent); ``seconds_total`` the threat's whole
     cascade (the convergence rerun included). Stage fields are ``None`` when no stage broke a point."""

@@ -35,6 +35,7 @@ __all__ = [
     "collect_row",
     "converged_verdict",
     "load_checked_json",
+    "other_settings",
     "read_results",
     "row_spec",
     "standard_error",
@@ -263,9 +264,9 @@ def _on_weights(path: str, commits: list[str | None]) -> bool | None:
         return None
     if not got[1]:
         return True
-    first = got[1]
+    last = got[1]
     for c in commits:
-        anc = _git("merge-base", "--is-ancestor", str(c), first)
+        anc = _git("merge-base", "--is-ancestor", str(c), last)
         if anc is None or anc[0] not in (0, 1):
             return None
         if anc[0] == 1:
