@@ -11,7 +11,14 @@ Example:
     >>> robust_accuracy = 1 - result.success.float().mean()  # doctest: +SKIP
 """
 
-from attacks.adapters import FOOLBOX_ATTACKS, TORCHATTACKS_ATTACKS, FoolboxAttack, TorchattacksAttack
+from attacks.adapters import (
+    AUTOATTACK_REFERENCE,
+    FOOLBOX_ATTACKS,
+    TORCHATTACKS_ATTACKS,
+    AutoAttackReference,
+    FoolboxAttack,
+    TorchattacksAttack,
+)
 from attacks.base import (
     Attack,
     AttackResult,
@@ -35,6 +42,7 @@ from attacks.overpowered import OverpoweredAttack, OverpoweredConfig, Overpowere
 from attacks.pgd import MADRY_MNIST, MADRY_MNIST_THREAT, PGD, PGDConfig, StepSchedule
 
 __all__ = [
+    "AUTOATTACK_REFERENCE",
     "BPDA",
     "FOOLBOX_ATTACKS",
     "LOSSES",
@@ -44,6 +52,7 @@ __all__ = [
     "TORCHATTACKS_ATTACKS",
     "Attack",
     "AttackResult",
+    "AutoAttackReference",
     "FoolboxAttack",
     "Generator",
     "LatentAttack",

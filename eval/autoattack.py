@@ -2,12 +2,15 @@
 
 AutoAttack (Croce and Hein, ICML 2020) is the reference robustness number for an undefended (for example
 adversarially trained) classifier: the ``standard`` version runs APGD-CE, APGD-T, FAB-T and Square and keeps, per
-point, the first success. Threat model: ``||x_adv - x||_p <= eps`` with ``p`` in {inf, 2}, images in [0, 1],
+point, the first success. ``--budget torchattacks`` (the default, the budget of every figure recorded before the
+option existed) runs torchattacks' ``AutoAttack`` wrapper, whose APGD, APGD-T and FAB take 10 iterations;
+``--budget reference`` runs the same parts at the reference implementation's 100 iterations
+(:class:`attacks.AutoAttackReference`), the figure to compare with published AutoAttack numbers. Threat model: ``||x_adv - x||_p <= eps`` with ``p`` in {inf, 2}, images in [0, 1],
 white box. For a defense with an input transformation (the projection defense) use ``python -m eval robustness``,
 which runs APGD through BPDA and the adaptive cascade; this command attacks the classifier's own gradients.
 
 Writes ``DIR/results.json``: ``{"model", "n", "clean_accuracy", "robust_accuracy", "threat_model", "version",
-"audit": {"max_perturbation", "min", "max", "nan_count"}, "seconds", "settings"}`` and prints the two accuracies.
+"budget", "audit": {"max_perturbation", "min", "max", "nan_count"}, "seconds", "settings"}`` and prints the two accuracies.
 The audit recomputes every figure from the returned adversarial images: the robust accuracy counts a point as
 robust only if the classifier is right on its adversarial image, which must lie in the threat model.
 """
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks import PGD, Attack, Norm, PGDConfig, ThreatModel, TorchattacksAttack
+from attacks import PGD, Attack, AutoAttackReference, Norm, PGDConfig, ThreatModel, TorchattacksAttack
 from attacks.base import check_finite_logits, model_name, predict
 from eval.cli import command_line
 from eval.inputs import check_labeled_images, positive_int_arg
@@ -52,6 +55,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VERSIONS = ("standard", "plus", "rand")
+#: ``torchattacks``: torchattacks' ``AutoAttack`` wrapper (10 iterations of APGD, APGD-T, FAB); ``reference``: the
+#: reference implementation's budget (100 iterations; :class:`attacks.AutoAttackReference`).
+BUDGETS = ("torchattacks", "reference")
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ def autoattack_accuracy(
     batch_size: int = 250,
     seed: int = 0,
     progress: bool = True,
+    budget: str = "torchattacks",
 ) -> AutoAttackResult:
     """Clean and AutoAttack accuracy of ``model`` on ``(images, labels)``.
 
@@ -98,22 +105,30 @@ def autoattack_accuracy(
         batch_size: images per AutoAttack call (results do not depend on it beyond the attack's own seeding).
         seed: AutoAttack's seed.
         progress: tqdm bar over the batches.
+        budget: ``"torchattacks"`` (torchattacks' wrapper, 10 iterations of APGD, APGD-T and FAB) or
+            ``"reference"`` (the reference implementation's 100; :class:`attacks.AutoAttackReference`).
 
     Raises:
         TypeError: images or labels not tensors, labels not int64 on the images' device.
-        ValueError: unknown version, non-positive batch size, images and labels of different lengths, images
+        ValueError: unknown version or budget, non-positive batch size, images and labels of different lengths, images
             not ``(N, C, H, W)`` in [0, 1], a model output that is not ``(B, K)`` logits, fewer than 4 classes
             (APGD-T's targeted DLR loss needs 4).
     """
     if version not in VERSIONS:
         raise ValueError(f"expected version in {VERSIONS}, got {version!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"expected budget in {BUDGETS}, got {budget!r}")
     num_classes = _check_inputs(model, images, labels, batch_size)
     if version != "rand" and num_classes < 4:
         raise ValueError(
             f"expected a model with at least 4 classes for AutoAttack {version!r} (its targeted DLR loss "
             f"compares the 4 largest logits), got {num_classes}"
         )
-    attack = TorchattacksAttack("AutoAttack", threat, seed=seed, version=version)
+    attack: Attack
+    if budget == "reference":
+        attack = AutoAttackReference(threat, version=version, seed=seed)
+    else:
+        attack = TorchattacksAttack("AutoAttack", threat, seed=seed, version=version)
     return _run(model, images, labels, attack, batch_size, progress, "autoattack")
 
 
@@ -298,6 +313,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--eps", type=float, default=0.3, help="budget (default 0.3, Madry's MNIST Linf)")
     p.add_argument("--version", choices=VERSIONS, default="standard")
     p.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="torchattacks",
+        help="torchattacks: its AutoAttack wrapper (10 iterations of APGD, APGD-T, FAB; the default, as every "
+        "earlier figure); reference: the reference implementation's 100 iterations",
+    )
+    p.add_argument(
         "--pgd-steps",
         type=positive_int_arg,
         default=None,
@@ -329,8 +351,11 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--write records a zoo model's figure: it cannot be used with --checkpoint")
     device = resolve_device(args.device)
     protocol = ("model", "checkpoint", "weights_dir", "n", "norm", "eps", "version", "seed", "data_dir",
-                "pgd_steps", "restarts")  # fmt: skip
-    claim_run_folder(args.out, "autoattack", {k: getattr(args, k, None) for k in protocol})
+                "pgd_steps", "restarts", "budget")  # fmt: skip
+    settings = {k: getattr(args, k, None) for k in protocol}
+    if args.budget == "torchattacks":
+        del settings["budget"]  # the folders written before --budget existed ran this budget and stay resumable
+    claim_run_folder(args.out, "autoattack", settings)
     if args.checkpoint is not None:
         model = load_checkpoint_classifier(args.checkpoint, args.model, device)
     else:
@@ -348,6 +373,7 @@ def main(args: argparse.Namespace) -> int:
             batch_size=args.batch,
             seed=args.seed,
             progress=not args.no_progress,
+            budget=args.budget,
         )
     else:
         name = f"pgd{args.pgd_steps}"
@@ -370,6 +396,7 @@ def main(args: argparse.Namespace) -> int:
         "version": args.version
         if args.pgd_steps is None
         else f"PGD {args.pgd_steps} steps x {args.restarts} restarts",
+        "budget": args.budget if args.pgd_steps is None else None,
         "audit": {k: body[k] for k in ("max_perturbation", "value_range", "nan_count")},
         "seconds": round(result.seconds, 1),
         "settings": {
@@ -391,9 +418,10 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"clean accuracy on the {len(test)} test images {clean:.4f}; recorded in the zoo record of {args.model}"
         )
+    budget_text = ", reference budget" if report["budget"] == "reference" else ""
     print(
         f"{args.model} ({report['source']}), n {result.n}: clean {result.clean_accuracy:.4f}, {name} "
-        f"({report['version']}, {args.norm} {args.eps}) {result.robust_accuracy:.4f}; max perturbation "
+        f"({report['version']}{budget_text}, {args.norm} {args.eps}) {result.robust_accuracy:.4f}; max perturbation "
         f"{result.max_perturbation:.4f}; {result.seconds:.0f} s; wrote {args.out}/results.json"
     )
     return 0

@@ -200,11 +200,40 @@ def sources_table(board: Mapping[str, Any] | None = None) -> str:
         done = [f"[{_SHORT[t]}]({_rel(a['source'])})" for t, a in aa.items() if a and a["status"] == "measured"]
         if done:
             src += "; AutoAttack: " + ", ".join(done)
+        wrapped = [f"[{_SHORT[t]}]({_rel(a['torchattacks_wrapper']['source'])})" for t, a in aa.items()
+                   if a and a.get("torchattacks_wrapper")]  # fmt: skip
+        if wrapped:
+            src += "; AutoAttack, torchattacks' wrapper: " + ", ".join(wrapped)
         cmd = "; ".join(f"`{console_spelling(v)}`" for v in dict.fromkeys(commands.values()))
         cmd += "".join(f"; `{a['command']}`" for a in aa.values() if a and a["status"] != "measured")
         weights = ", ".join(f"`{w['name']}` ({(w['commit'] or 'uncommitted')[:7]})" for w in r["weights"])
         prior = f"`{r['prior']}`; " if r["prior"] else ""
         lines.append(_row([r["label"], src, cmd, prior + weights, "; ".join(r["notes"]) or "-"]))
+    return "\n".join(lines)
+
+
+def autoattack_table(board: Mapping[str, Any] | None = None) -> str:
+    """Per row with an AutoAttack cross-check and threat: the cascade's worst case, AutoAttack at the reference
+    budget and the difference, and torchattacks' 10-iteration wrapper on the same points."""
+    board = board or load()
+    header = ["classifier", "threat", "cascade worst case", "AutoAttack, reference budget (n)", "cascade minus it",
+              "within 1 point", "torchattacks' wrapper, 10 iterations (n)"]  # fmt: skip
+    lines = [_row(header), _row(["---"] * len(header))]
+    for r in board["rows"]:
+        for t in THREATS:
+            c = r["threats"][t]
+            aa = c.get("autoattack")
+            if aa is None:
+                continue
+            w = aa.get("torchattacks_wrapper")
+            worst = _acc(c["accuracy"]) if c["status"] == "measured" else "not measured"
+            if aa["status"] == "measured":
+                ref, gap = f"{_acc(aa['accuracy'])} ({aa['n']})", aa.get("harness_minus_autoattack")
+                within = "-" if gap is None else ("yes" if aa["within_1_point"] else "no")
+            else:
+                ref, gap, within = "not measured", None, "-"
+            lines.append(_row([r["label"], _SHORT[t], worst, ref, "-" if gap is None else f"{gap:+.2f}", within,
+                               "-" if w is None else f"{_acc(w['accuracy'])} ({w['n']})"]))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -215,7 +244,7 @@ def _rel(path: str) -> str:
 
 TABLES: dict[str, Callable[[Mapping[str, Any] | None], str]] = {
     "leaderboard": readme_table, "leaderboard-figures": figures_table, "leaderboard-stages": stages_table,
-    "leaderboard-cost": cost_table, "leaderboard-sources": sources_table,
+    "leaderboard-cost": cost_table, "leaderboard-sources": sources_table, "leaderboard-autoattack": autoattack_table,
 }  # fmt: skip
 """The leaderboard tables, each a function of a record (``None``: the committed one)."""
 RENDERERS: dict[str, Callable[[], str]] = {name: partial(f, None) for name, f in TABLES.items()}
@@ -295,12 +324,9 @@ def run_missing(specs: Sequence[RowSpec], out: Path, root: Path = ROOT, dry_run:
             done.append(_run(["robustness", "--out", str(folder), *spec.args, *extra]))
         for t in THREATS:
             aa = row["threats"][t].get("autoattack")
-            target = out / f"{spec.classifier}-autoattack-{t}"
+            target = out / spec.autoattack_folder(t)
             if aa is not None and aa["status"] != "measured" and not (target / "results.json").is_file():
-                norm, eps = t.split("-", 1)
-                done.append(_run(["autoattack", "--model", spec.classifier, "--n", str(N_TARGET), "--norm", norm,
-                                  "--eps", eps, "--version", str(spec.autoattack), "--out", str(target),
-                                  "--threads", "1", "--no-progress"]))  # fmt: skip
+                done.append(_run(spec.autoattack_argv(t, str(out))))
     return done
 
 

@@ -53,6 +53,10 @@ ROBUSTNESS_SCHEMAS = {"manifold-defense robustness v1": 1, "manifold-defense rob
 #: Flags that describe a defense rather than warn about its figure (left out of the flags column).
 INFORMATIONAL = {"randomized-defense"}
 COMMON = ("--n", str(N_TARGET), "--threads", "1", "--no-progress")
+AUTOATTACK_BUDGET = "reference"
+"""The budget of the AutoAttack cross-check column: the reference implementation's 100 iterations
+(:class:`attacks.AutoAttackReference`). The 10-iteration runs of torchattacks' wrapper, the column before, stay
+beside it (``torchattacks_wrapper``)."""
 
 
 @dataclass(frozen=True)
@@ -111,16 +115,26 @@ class RowSpec:
         extra = () if tuple(threats) == THREATS else ("--threats", ",".join(threats))
         return " ".join(["manifold-defense robustness --out", f"{out}/{self.folder}", *self.args, *extra])
 
-    def autoattack_path(self, threat: str) -> str:
-        """Where the committed AutoAttack result of ``threat`` lives."""
-        return f"{LB}/autoattack_{self.classifier}_{threat}_n{N_TARGET}.json"
+    def autoattack_path(self, threat: str, budget: str = AUTOATTACK_BUDGET) -> str:
+        """Where the committed AutoAttack result of ``threat`` at ``budget`` lives."""
+        tag = "autoattack" if budget == "torchattacks" else f"autoattack-{budget}"
+        return f"{LB}/{tag}_{self.classifier}_{threat}_n{N_TARGET}.json"
+
+    def autoattack_folder(self, threat: str) -> str:
+        """The run folder of the cross-check at ``threat`` under ``leaderboard --out DIR``."""
+        return f"{self.classifier}-autoattack-{AUTOATTACK_BUDGET}-{threat}"
+
+    def autoattack_argv(self, threat: str, out: str = "DIR") -> list[str]:
+        """The ``python -m eval`` arguments of the cross-check at ``threat`` (same first ``N_TARGET`` test points,
+        the reference budget)."""
+        norm, eps = threat.split("-", 1)
+        return ["autoattack", "--model", self.classifier, "--n", str(N_TARGET), "--norm", norm, "--eps", eps,
+                "--version", str(self.autoattack), "--budget", AUTOATTACK_BUDGET, "--out",
+                f"{out}/{self.autoattack_folder(threat)}", "--threads", "1", "--no-progress"]  # fmt: skip
 
     def autoattack_command(self, threat: str, out: str = "DIR") -> str:
-        """The ``autoattack`` command of the cross-check at ``threat`` (same first ``N_TARGET`` test points)."""
-        norm, eps = threat.split("-", 1)
-        return (f"manifold-defense autoattack --model {self.classifier} --n {N_TARGET} --norm {norm} --eps {eps} "
-                f"--version {self.autoattack} --out {out}/{self.classifier}-autoattack-{threat} --threads 1 "
-                "--no-progress")  # fmt: skip
+        """The ``autoattack`` command of the cross-check at ``threat``."""
+        return " ".join(["manifold-defense", *self.autoattack_argv(threat, out)])
 
 
 def _undefended(clf: str, label: str) -> RowSpec:
@@ -349,29 +363,48 @@ def _missing_stages(rec: Mapping[str, Any]) -> list[str]:
 def _autoattack(
     spec: RowSpec, tk: str, cell: Mapping[str, Any], root: Path, extra: Path | None
 ) -> dict[str, Any] | None:
-    """The AutoAttack cross-check of ``tk`` (``None`` where it does not apply): the committed result, else one in
-    ``extra``, else "not measured" with its command; ``ValueError`` for a file of another model or threat."""
+    """The AutoAttack cross-check of ``tk`` (``None`` where it does not apply): the committed result at the
+    reference budget, else one in ``extra``, else "not measured" with its command; beside it the committed run of
+    torchattacks' wrapper where there is one. ``ValueError`` for a file of another model, threat or budget."""
     if spec.autoattack is None:
         return None
     path = spec.autoattack_path(tk)
-    if not (root / path).is_file():
-        found = None if extra is None else extra / f"{spec.classifier}-autoattack-{tk}" / "results.json"
+    if (root / path).is_file():
+        rec = _read_autoattack(root / path, spec, tk, AUTOATTACK_BUDGET)
+    else:
+        found = None if extra is None else extra / spec.autoattack_folder(tk) / "results.json"
         if found is None or not found.is_file():
-            return {"status": "not measured", "command": spec.autoattack_command(tk)}
-        path = str(found)
-    rec = load_checked_json(root / path)
-    norm, eps = tk.split("-", 1)
-    got = (rec.get("attack"), rec.get("model"), rec.get("version"), rec.get("source"), rec.get("threat_model"))
-    want = ("autoattack", spec.classifier, spec.autoattack, "zoo", {"norm": norm, "eps": float(eps)})
-    if got != want:
-        raise ValueError(f"{path}: expected an autoattack result (attack, model, version, source, threat) "
-                         f"{want}, got {got}")  # fmt: skip
-    out = {"status": "measured", "accuracy": round(float(rec["robust_accuracy"]), 4), "n": int(rec["n"]),
-           "version": rec["version"], "source": path, "command": rec["settings"]["command"]}  # fmt: skip
-    if cell.get("status") == "measured" and cell["n"] == out["n"]:
-        out["harness_minus_autoattack"] = round(cell["accuracy"] - out["accuracy"], 4)
-        out["within_1_point"] = abs(cell["accuracy"] - out["accuracy"]) <= 0.01 + 1e-9
+            out: dict[str, Any] = {"status": "not measured", "command": spec.autoattack_command(tk)}
+            rec = None
+        else:
+            path, rec = str(found), _read_autoattack(found, spec, tk, AUTOATTACK_BUDGET)
+    if rec is not None:
+        out = {"status": "measured", "accuracy": round(float(rec["robust_accuracy"]), 4), "n": int(rec["n"]),
+               "version": rec["version"], "budget": AUTOATTACK_BUDGET, "source": path,
+               "command": rec["settings"]["command"]}  # fmt: skip
+        if cell.get("status") == "measured" and cell["n"] == out["n"]:
+            out["harness_minus_autoattack"] = round(cell["accuracy"] - out["accuracy"], 4)
+            out["within_1_point"] = abs(cell["accuracy"] - out["accuracy"]) <= 0.01 + 1e-9
+    wrapper = spec.autoattack_path(tk, "torchattacks")
+    if (root / wrapper).is_file():
+        w = _read_autoattack(root / wrapper, spec, tk, "torchattacks")
+        out["torchattacks_wrapper"] = {"accuracy": round(float(w["robust_accuracy"]), 4), "n": int(w["n"]),
+                                       "source": wrapper, "command": w["settings"]["command"]}  # fmt: skip
     return out
+
+
+def _read_autoattack(path: Path, spec: RowSpec, tk: str, budget: str) -> dict[str, Any]:
+    """An ``autoattack`` results file, checked to be ``spec``'s classifier at ``tk`` and ``budget`` (a file
+    without ``budget`` was written by torchattacks' wrapper, before the option existed)."""
+    rec = load_checked_json(path)
+    norm, eps = tk.split("-", 1)
+    got = (rec.get("attack"), rec.get("model"), rec.get("version"), rec.get("source"), rec.get("threat_model"),
+           rec.get("budget") or "torchattacks")  # fmt: skip
+    want = ("autoattack", spec.classifier, spec.autoattack, "zoo", {"norm": norm, "eps": float(eps)}, budget)
+    if got != want:
+        raise ValueError(f"{path}: expected an autoattack result (attack, model, version, source, threat, budget) "
+                         f"{want}, got {got}")  # fmt: skip
+    return rec
 
 
 def _cost(spec: RowSpec, root: Path) -> dict[str, Any]:

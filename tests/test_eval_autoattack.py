@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from test_attacks_fixtures import make_data, train_classifier
 from torch import nn
 
-from attacks import PGD, Norm, PGDConfig, ThreatModel
+from attacks import PGD, Attack, Norm, PGDConfig, ThreatModel
 from eval.autoattack import autoattack_accuracy, load_checkpoint_classifier, record_figure
 from eval.cli import main
 from manifold_defense import zoo
@@ -166,3 +167,68 @@ def test_attack_accuracy_refuses_bad_input(linear_mnist: tuple[nn.Module, torch.
         attack_accuracy(model, x, y[:-1], pgd, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         attack_accuracy(model, x, y, pgd, batch_size=0, progress=False)
+
+
+class _BlackFirst(Attack):
+    """A stub part: blacks out the first ``k`` images it is given and records the images it saw."""
+
+    def __init__(self, threat: ThreatModel, k: int) -> None:
+        super().__init__(threat)
+        self.k, self.seen = k, list[torch.Tensor]()
+
+    def run(self, model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        x[: self.k] = 0.0
+        return x
+
+
+class _Brightness(nn.Module):
+    """Class 1 for an image whose mean is above 0.5, else class 0 (4 classes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1, keepdim=True) - 0.5
+        return torch.cat([-m, m, torch.full_like(m, -1.0), torch.full_like(m, -1.0)], 1)
+
+
+def test_reference_budget_runs_the_reference_parts_in_order_first_success_kept() -> None:
+    """``AutoAttackReference`` builds the reference implementation's parts (100 iterations, 5000 queries) and
+    gives each part only the points the parts before it left; a point keeps the first image that fooled it."""
+    from attacks import AUTOATTACK_REFERENCE, AutoAttackReference
+
+    threat = ThreatModel(Norm.LINF, 1.0)
+    aa = AutoAttackReference(threat)
+    assert [p.name for p in aa.parts] == ["APGD", "APGDT", "FAB", "Square"]
+    assert [p.kwargs.get("steps", p.kwargs.get("n_queries")) for p in aa.parts] == [100, 100, 100, 5000]
+    assert aa.parts[2].kwargs["multi_targeted"] is True
+    assert [p.kwargs["eot_iter"] for p in AutoAttackReference(threat, "rand").parts] == [20, 20]
+    assert len(AUTOATTACK_REFERENCE["plus"]) == 6
+    with pytest.raises(ValueError, match="version"):
+        AutoAttackReference(threat, "fast")
+
+    model = _Brightness().eval()
+    x = (0.6 + 0.05 * torch.arange(6.0)).view(6, 1, 1, 1).expand(6, 1, 4, 4).clone()  # all class 1
+    y = torch.ones(6, dtype=torch.int64)
+    first, second = _BlackFirst(threat, k=2), _BlackFirst(threat, k=2)
+    aa.parts = (first, second)  # type: ignore[assignment]
+    before = x.clone()
+    result = aa(model, x, y)
+    assert torch.equal(x, before)
+    assert torch.equal(first.seen[0], x)  # the first part attacks every point
+    assert torch.equal(second.seen[0], x[2:])  # the second only the four the first left
+    assert result.success.tolist() == [True, True, True, True, False, False]
+    assert torch.equal(result.x_adv[:4], torch.zeros_like(x[:4])) and torch.equal(result.x_adv[4:], x[4:])
+
+
+def test_reference_budget_at_least_as_strong_as_the_wrapper(
+    linear_mnist: tuple[nn.Module, torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    """On the same points the reference budget breaks at least what torchattacks' 10-iteration wrapper breaks
+    here, and the command records the budget (and refuses an unknown one)."""
+    model, x, y = linear_mnist
+    threat = ThreatModel(Norm.L2, 0.6)
+    wrapper = autoattack_accuracy(model, x[:16], y[:16], threat, batch_size=16, progress=False)
+    ref = autoattack_accuracy(model, x[:16], y[:16], threat, batch_size=16, progress=False, budget="reference")
+    assert ref.robust_accuracy <= wrapper.robust_accuracy < ref.clean_accuracy
+    assert ref.max_perturbation <= 0.6 + 1e-5 and ref.nan_count == 0
+    with pytest.raises(ValueError, match="budget"):
+        autoattack_accuracy(model, x, y, threat, budget="huge", progress=False)

@@ -153,20 +153,33 @@ def test_not_measured_row_is_listed_with_its_command(tmp_path: Path) -> None:
 
 
 def test_autoattack_column(tmp_path: Path) -> None:
+    """The column reads AutoAttack at the reference budget; torchattacks' wrapper run (no ``budget``: written
+    before the option) stays beside it; a file of another model or budget is refused."""
     _write(tmp_path, "res.json", _results())
     spec = _spec(autoattack="standard")
     aa = {"attack": "autoattack", "model": "clf", "version": "standard", "source": "zoo", "n": 100,
           "threat_model": {"norm": "linf", "eps": 0.3}, "robust_accuracy": 0.87, "clean_accuracy": 0.99,
-          "settings": {"command": "python -m eval autoattack --model clf"}}  # fmt: skip
+          "budget": "reference", "settings": {"command": "python -m eval autoattack --model clf"}}  # fmt: skip
+    wrapper = {k: v for k, v in aa.items() if k != "budget"} | {"robust_accuracy": 0.95}
     _write(tmp_path, spec.autoattack_path("linf-0.3"), aa, checked=False)
+    _write(tmp_path, spec.autoattack_path("linf-0.3", "torchattacks"), wrapper, checked=False)
+    assert spec.autoattack_path("linf-0.3") != spec.autoattack_path("linf-0.3", "torchattacks")
     row = collect_row(spec, root=tmp_path)
     cell = row["threats"]["linf-0.3"]["autoattack"]
     assert cell["accuracy"] == 0.87 and cell["harness_minus_autoattack"] == pytest.approx(0.03)
-    assert cell["within_1_point"] is False
+    assert cell["within_1_point"] is False and cell["budget"] == "reference"
+    assert cell["torchattacks_wrapper"]["accuracy"] == 0.95
     assert any("AutoAttack on the same points is below" in n for n in row["notes"])
-    assert "0.90 ± 0.030 (AA 0.87)" in lb.readme_table({"n_target": 100, "rows": [row]})
+    board = {"n_target": 100, "rows": [row]}
+    assert "0.90 ± 0.030 (AA 0.87)" in lb.readme_table(board)
+    assert "| row | Linf 0.3 | 0.90 | 0.87 (100) | +0.03 | no | 0.95 (100) |" in lb.autoattack_table(board)
     assert row["threats"]["l2-2"]["autoattack"]["status"] == "not measured"
-    assert "--norm l2 --eps 2 --version standard" in row["threats"]["l2-2"]["autoattack"]["command"]
+    assert "--norm l2 --eps 2 --version standard --budget reference" in row["threats"]["l2-2"]["autoattack"][
+        "command"
+    ]
+    _write(tmp_path, spec.autoattack_path("linf-0.3"), aa | {"budget": "torchattacks"}, checked=False)
+    with pytest.raises(ValueError, match="expected an autoattack result .*budget"):
+        collect_row(spec, root=tmp_path)
     _write(tmp_path, spec.autoattack_path("linf-0.3"), aa | {"model": "other"}, checked=False)
     with pytest.raises(ValueError, match="expected an autoattack result"):
         collect_row(spec, root=tmp_path)
