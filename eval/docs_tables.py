@@ -90,30 +90,60 @@ def _passes(samples: dict[str, Any]) -> int:
 
 
 def samples_table() -> str:
-    """Sample quality of ``mnist-ddpm`` beside ``mnist-gan`` at the same sample count (``measure-zoo``), and of
-    other checkpoints of the run or other samplers measured with the same protocol."""
-    rec = json.loads((ZOO / "mnist-ddpm.json").read_text())
-    ddpm, steps = rec["figures"]["samples"], rec["training"]["config"]["steps"]
+    """Sample quality of checkpoints of the DDPM run and samplers (``docs/figures/ddpm_screen_*.json``, the shipped
+    weights among them) beside ``mnist-gan`` at the same sample count (``measure-zoo``'s protocol)."""
+    steps = json.loads((ZOO / "mnist-ddpm.json").read_text())["training"]["config"]["steps"]
     gan = _json(FIGURES / "gan_samples_equal_n.json")
-    floor = ddpm["floor_train_vs_test"]
     screens = _screens()
-    keys = [("mnist_score", "MNIST score", ">= 9.0"), ("frechet_features", "Fréchet distance, classifier features",
-            "<= 50"), ("confident_fraction", "share classified with confidence >= 0.9", ""),
-            ("histogram_min_max", "class histogram min/max", ""), ("histogram_tv", "class TV from the test balance", "")]  # fmt: skip
-    head = ["figure", f"mnist-ddpm (shipped: {steps} steps, DDIM {_passes(ddpm)})",
-            *[f"{s} steps, DDIM {_passes(m)}" for s, m in screens], "mnist-gan", "real-data floor", "target"]  # fmt: skip
-    lines = [_row(head), _row(["---"] * len(head))]
-    for key, label, target in keys:
-        cells = [f"{m[key]:.4g}" for m in (ddpm, *[m for _, m in screens], gan)]
-        lines.append(_row([label, *cells, f"{floor[key]:.4g}", target]))
-        if key == "frechet_features":
-            above = [f"{m[key] - floor[key]:.4g}" for m in (ddpm, *[m for _, m in screens], gan)]
-            lines.append(_row(["Fréchet distance above the floor (same count)", *above, "0", ""]))
-    lines.append(_row(["seconds per sample (as measured, load varies)", *[f"{m['seconds_per_sample']:.3g}" for m in (ddpm, *[m for _, m in screens])],
-                       "-", "-", ""]))  # fmt: skip
+    counts = {m["n"] for _, m in screens} | {gan["n"]}
+    if len(counts) != 1:
+        raise ValueError(f"expected every column of the equal-count table at one sample count, got {sorted(counts)}")
+    floor = screens[0][1]["floor_train_vs_test"]
+    head = ["figure", *[f"{s} steps, DDIM {_passes(m)}" + (" (shipped weights)" if s == steps else "")
+                        for s, m in screens], "mnist-gan", "real-data floor", "target"]  # fmt: skip
+    lines = _sample_rows(head, [m for _, m in screens] + [gan], floor, timed=len(screens))
     lines.append("")
     lines.append(f"{floor['n']} samples each against the first {floor['n']} test images; DDIM with eta 0, the "
                  "stated network passes per sample, seed 0.")  # fmt: skip
+    return "\n".join(lines)
+
+
+_SAMPLE_KEYS = (("mnist_score", "MNIST score", ">= 9.0"), ("frechet_features", "Fréchet distance, classifier features",
+                "<= 50"), ("confident_fraction", "share classified with confidence >= 0.9", ""),
+                ("histogram_min_max", "class histogram min/max", ""), ("histogram_tv", "class TV from the test balance", ""))  # fmt: skip
+
+
+def _sample_rows(head: list[str], columns: list[dict[str, Any]], floor: dict[str, Any], timed: int) -> list[str]:
+    """The rows of a sample-quality table: one per figure over ``columns``, the distance above the real-data floor
+    at each column's own sample count after the Fréchet row (``floor`` where a column has none), and the seconds per
+    sample of the first ``timed`` columns."""
+    lines = [_row(head), _row(["---"] * len(head))]
+    for key, label, target in _SAMPLE_KEYS:
+        lines.append(_row([label, *[f"{m[key]:.4g}" for m in columns], f"{floor[key]:.4g}", target]))
+        if key == "frechet_features":
+            above = [f"{m[key] - m.get('floor_train_vs_test', floor)[key]:.4g}" for m in columns]
+            lines.append(_row(["Fréchet distance above the floor (its own count)", *above, "0", ""]))
+    lines.append(_row(["seconds per sample (as measured, load varies)",
+                       *[f"{m['seconds_per_sample']:.3g}" for m in columns[:timed]],
+                       *["-"] * (len(columns) - timed), "-", ""]))  # fmt: skip
+    return lines
+
+
+def samples_zoo_table() -> str:
+    """The zoo records' sample figures: the shipped ``mnist-ddpm`` beside ``mnist-gan``, each at its own count."""
+    rec = json.loads((ZOO / "mnist-ddpm.json").read_text())
+    ddpm, steps = rec["figures"]["samples"], rec["training"]["config"]["steps"]
+    gan = _zoo("mnist-gan")["samples"]
+    floor = ddpm["floor_train_vs_test"]
+    head = ["figure", f"mnist-ddpm (shipped: {steps} steps, DDIM {_passes(ddpm)}; {ddpm['n']} samples)",
+            f"mnist-gan ({gan['n']} samples)", f"real-data floor ({floor['n']})", "target"]  # fmt: skip
+    lines = _sample_rows(head, [ddpm, gan], floor, timed=1)
+    same = ddpm["n"] == gan["n"] == floor["n"] == gan["floor_train_vs_test"]["n"]
+    lines.append("")
+    lines.append("Both records at the same count, the floor at it too." if same else
+                 "The two records are at different sample counts: the Fréchet distances are not comparable across "
+                 "columns; the distance above each column's own floor is (the floor column is the `mnist-ddpm` "
+                 "record's).")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -305,7 +335,7 @@ def _leaderboard_tables() -> dict[str, Callable[[], str]]:
 
 
 TABLES: dict[str, Callable[[], str]] = {"diffpure-tstar": tstar_table, "purifier-cost": cost_table,
-                                        "ddpm-samples": samples_table, "headline": headline_table,
+                                        "ddpm-samples": samples_table, "ddpm-samples-zoo": samples_zoo_table, "headline": headline_table,
                                         "history-preset": history_preset_table, "history-csgm": history_csgm_table,
                                         "history-rmd-projection": history_rmd_table,
                                         "history-quotes": history_quotes_table,

@@ -92,6 +92,12 @@ def _below(c: Mapping[str, Any]) -> str:
     return below + ("" if majority is None else f" (maj. {_acc(majority)})")
 
 
+def _noted(row: Mapping[str, Any]) -> bool:
+    """Whether a measured row carries notes a reader of the README's short table must see (upper bounds, other
+    weights or settings...), which it links to instead of repeating."""
+    return row["status"] != "not measured" and bool(row["notes"])
+
+
 def _seconds(cost: Mapping[str, Any]) -> str:
     if cost["purifier"] is None:
         return "0 (no purifier)"
@@ -115,10 +121,12 @@ def readme_table(board: Mapping[str, Any] | None = None) -> str:
         label = r["label"] + (f" (n {'/'.join(map(str, ns))})" if ns and ns != [N_TARGET] else "")
         devices = sorted({str(c["device"]) for c in cells if c["status"] == "measured"} - {"cpu", "None"})
         label += f" ({', '.join(devices)} run)" if devices else ""
+        label += " ([notes](docs/leaderboard.md#sources-commands-weights))" if _noted(r) else ""
         lines.append(_row([label, clean, *(_cell(c) + _below(c) for c in cells), conv, _seconds(r["cost"])]))
     lines += ["", f"n = {board['n_target']} unless a row says otherwise; ± one standard error; converged: the "
               "convergence rerun (unchecked: run before the check; an upper bound); AA: AutoAttack on the same "
-              "images, where more than a point below; maj.: majority vote of the draws (an upper bound)."]  # fmt: skip
+              "images, where more than a point below; maj.: majority vote of the draws (an upper bound); notes: what "
+              "the row's figures rest on, in the leaderboard's sources table."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -108,6 +108,10 @@ def test_unchecked_convergence_and_v1_runs(tmp_path: Path) -> None:
     row = collect_row(_spec(sources=(Source("v1.json"),)), root=tmp_path)
     assert {c["converged"] for c in row["threats"].values()} == {"unchecked"}
     assert "v1 harness run: no convergence check, figures are upper bounds" in row["notes"]
+    notes = "([notes](docs/leaderboard.md#sources-commands-weights))"
+    assert f"| row {notes} |" in lb.readme_table({"n_target": 100, "rows": [row]})  # the README links them
+    quiet = collect_row(_spec(sources=(Source("res.json"),)), root=tmp_path)
+    assert quiet["notes"] == [] and notes not in lb.readme_table({"n_target": 100, "rows": [quiet]})
 
 
 def test_a_run_without_todays_stages_says_its_figures_are_upper_bounds(tmp_path: Path) -> None:
