@@ -257,8 +257,8 @@ def record_figure(
     weights_dir: Path | None,
     clean_test: tuple[float, int] | None = None,
 ) -> dict[str, Any]:
-    """Merge an ``autoattack`` report into the zoo record of ``model`` (``figures.autoattack_<norm>_<eps>``),
-    keeping the record's other figures; the weights' SHA-256 must still match the record.
+    """Merge an ``autoattack`` report into the zoo record of ``model`` (``figures.autoattack_<norm>_<eps>``, with
+    the ``budget`` it ran), keeping the record's other figures; the weights' SHA-256 must still match the record.
 
     ``clean_test``: ``(accuracy, n)`` on the whole MNIST test split, recorded as ``figures.clean_accuracy`` with
     ``n``, ``device`` and ``command`` (the same fields ``measure-zoo`` writes for ``mnist-classifier``).
@@ -270,6 +270,7 @@ def record_figure(
     figures[figure_key(threat["norm"], threat["eps"], report.get("attack", "autoattack"))] = {
         key: report[key] for key in ("n", "clean_accuracy", "robust_accuracy", "version", "seconds")
     } | {
+        "budget": report.get("budget") or "torchattacks",
         "command": report["settings"]["command"],
         "device": report["settings"]["device"],
         "threads": report["settings"]["threads"],

@@ -379,8 +379,9 @@ def markdown_table(weights_dir: Path | None = None) -> str:
             )
         for key in sorted(k for k in fig if k.startswith("autoattack_")):
             aa = fig[key]
+            budget = "reference budget" if aa.get("budget") == "reference" else "torchattacks' 10-iteration wrapper"
             add(
-                f"AutoAttack ({aa['version']}) {key.removeprefix('autoattack_').replace('_', ' ')}: "
+                f"AutoAttack ({aa['version']}, {budget}) {key.removeprefix('autoattack_').replace('_', ' ')}: "
                 "clean / robust accuracy",
                 f"{aa['clean_accuracy']:.4f} / {aa['robust_accuracy']:.4f}",
                 aa["n"],

@@ -116,9 +116,8 @@ def test_write_records_the_figure_in_the_zoo_record(tmp_path: Path) -> None:
     test = load_mnist("test")
     assert rec["figures"]["clean_accuracy"] == accuracy(net.eval(), test.images, test.labels)
     assert rec["figures"]["n"] == 10_000 and rec["training"] == {"note": "test"}
-    assert "| `mnist-pgd-at` | AutoAttack (standard) linf 0.1: clean / robust accuracy |" in markdown_table(
-        tmp_path
-    )
+    label = "AutoAttack (standard, torchattacks' 10-iteration wrapper) linf 0.1: clean / robust accuracy"
+    assert fig["budget"] == "torchattacks" and f"| `mnist-pgd-at` | {label} |" in markdown_table(tmp_path)
     with pytest.raises(ValueError, match="cannot be used with --checkpoint"):
         main([*args, "--checkpoint", str(tmp_path / "x.pt")])
     (tmp_path / "mnist-pgd-at.safetensors").write_bytes(b"tampered")

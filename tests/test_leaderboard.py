@@ -182,7 +182,7 @@ def test_autoattack_column(tmp_path: Path) -> None:
         "command"
     ]
     _write(tmp_path, spec.autoattack_path("linf-0.3"), aa | {"budget": "torchattacks"}, checked=False)
-    with pytest.raises(ValueError, match="expected an autoattack result .*budget"):
+    with pytest.raises(ValueError, match=r"expected an autoattack result .*budget"):
         collect_row(spec, root=tmp_path)
     _write(tmp_path, spec.autoattack_path("linf-0.3"), aa | {"model": "other"}, checked=False)
     with pytest.raises(ValueError, match="expected an autoattack result"):
