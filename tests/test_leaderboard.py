@@ -235,7 +235,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert lb.main(_parse("--out", str(tmp_path), "--rows", "fast-pgd-at", "--dry-run")) == 0
     assert capsys.readouterr().out.strip() == (
         f"manifold-defense robustness --out {tmp_path}/fast-pgd-at --defenses projection-fast --classifier "
-        "mnist-pgd-at --n 100 --threads 1 --no-progress --threats l2-2,l2-4")  # Linf 0.3 is committed
+        "mnist-pgd-at --n 100 --threads 1 --no-progress --threats l2-2")  # Linf 0.3 and L2 4 are committed
     assert not (tmp_path / "fast-pgd-at").exists()
 
 
