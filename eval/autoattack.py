@@ -5,12 +5,13 @@ adversarially trained) classifier: the ``standard`` version runs APGD-CE, APGD-T
 point, the first success. ``--budget torchattacks`` (the default, the budget of every figure recorded before the
 option existed) runs torchattacks' ``AutoAttack`` wrapper, whose APGD, APGD-T and FAB take 10 iterations;
 ``--budget reference`` runs the same parts at the reference implementation's 100 iterations
-(:class:`attacks.AutoAttackReference`), the figure to compare with published AutoAttack numbers. Threat model: ``||x_adv - x||_p <= eps`` with ``p`` in {inf, 2}, images in [0, 1],
-white box. For a defense with an input transformation (the projection defense) use ``python -m eval robustness``,
+(:class:`attacks.AutoAttackReference`), the figure to compare with published AutoAttack numbers. Threat model:
+``||x_adv - x||_p <= eps`` with ``p`` in {inf, 2}, images in [0, 1], white box. For a defense with an input transformation (the projection defense) use ``python -m eval robustness``,
 which runs APGD through BPDA and the adaptive cascade; this command attacks the classifier's own gradients.
 
 Writes ``DIR/results.json``: ``{"model", "n", "clean_accuracy", "robust_accuracy", "threat_model", "version",
-"budget", "audit": {"max_perturbation", "min", "max", "nan_count"}, "seconds", "settings"}`` and prints the two accuracies.
+"budget", "audit": {"max_perturbation", "min", "max", "nan_count"}, "seconds", "settings"}`` and prints the two
+accuracies.
 The audit recomputes every figure from the returned adversarial images: the robust accuracy counts a point as
 robust only if the classifier is right on its adversarial image, which must lie in the threat model.
 """
@@ -22,6 +23,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,13 @@ from manifold_defense.progress import progress as progress_display
 from manifold_defense.training.loop import load_checkpoint
 
 __all__ = [
+    "BUDGETS",
+    "BUDGET_LABELS",
     "AutoAttackResult",
     "add_parsers",
     "attack_accuracy",
     "autoattack_accuracy",
+    "budget_of",
     "figure_key",
     "load_checkpoint_classifier",
     "main",
@@ -58,6 +63,14 @@ VERSIONS = ("standard", "plus", "rand")
 #: ``torchattacks``: torchattacks' ``AutoAttack`` wrapper (10 iterations of APGD, APGD-T, FAB); ``reference``: the
 #: reference implementation's budget (100 iterations; :class:`attacks.AutoAttackReference`).
 BUDGETS = ("torchattacks", "reference")
+BUDGET_LABELS = {"torchattacks": "torchattacks' 10-iteration wrapper", "reference": "reference budget"}
+"""How tables name each budget."""
+
+
+def budget_of(record: Mapping[str, Any]) -> str:
+    """The budget an ``autoattack`` result or zoo figure ran: its ``budget``, or ``"torchattacks"`` for one
+    written before the option existed."""
+    return str(record.get("budget") or "torchattacks")
 
 
 @dataclass(frozen=True)
@@ -270,7 +283,7 @@ def record_figure(
     figures[figure_key(threat["norm"], threat["eps"], report.get("attack", "autoattack"))] = {
         key: report[key] for key in ("n", "clean_accuracy", "robust_accuracy", "version", "seconds")
     } | {
-        "budget": report.get("budget") or "torchattacks",
+        "budget": budget_of(report),
         "command": report["settings"]["command"],
         "device": report["settings"]["device"],
         "threads": report["settings"]["threads"],

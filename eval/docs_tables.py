@@ -153,8 +153,10 @@ def _zoo(name: str) -> dict[str, Any]:
 
 
 def _aa_budget(figure: dict[str, Any]) -> str:
-    """The budget an AutoAttack figure of a zoo record ran (a figure without one ran torchattacks' wrapper)."""
-    return "reference budget" if figure.get("budget") == "reference" else "torchattacks' 10-iteration wrapper"
+    """How a table names the budget an AutoAttack figure of a zoo record ran."""
+    from eval.autoattack import BUDGET_LABELS, budget_of
+
+    return BUDGET_LABELS[budget_of(figure)]
 
 
 def headline_table() -> str:

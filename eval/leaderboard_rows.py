@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eval.autoattack import budget_of
 from eval.run_folder import read_record
 from manifold_defense import zoo
 
@@ -371,16 +372,13 @@ def _autoattack(
     if spec.autoattack is None:
         return None
     path = spec.autoattack_path(tk)
-    if (root / path).is_file():
-        rec = _read_autoattack(root / path, spec, tk, AUTOATTACK_BUDGET)
+    found = None if extra is None else extra / spec.autoattack_folder(tk) / "results.json"
+    if not (root / path).is_file() and found is not None and found.is_file():
+        path = str(found)
+    if not (root / path).is_file():
+        out: dict[str, Any] = {"status": "not measured", "command": spec.autoattack_command(tk)}
     else:
-        found = None if extra is None else extra / spec.autoattack_folder(tk) / "results.json"
-        if found is None or not found.is_file():
-            out: dict[str, Any] = {"status": "not measured", "command": spec.autoattack_command(tk)}
-            rec = None
-        else:
-            path, rec = str(found), _read_autoattack(found, spec, tk, AUTOATTACK_BUDGET)
-    if rec is not None:
+        rec = _read_autoattack(root / path, spec, tk, AUTOATTACK_BUDGET)
         out = {"status": "measured", "accuracy": round(float(rec["robust_accuracy"]), 4), "n": int(rec["n"]),
                "version": rec["version"], "budget": AUTOATTACK_BUDGET, "source": path,
                "command": rec["settings"]["command"]}  # fmt: skip
@@ -401,7 +399,7 @@ def _read_autoattack(path: Path, spec: RowSpec, tk: str, budget: str) -> dict[st
     rec = load_checked_json(path)
     norm, eps = tk.split("-", 1)
     got = (rec.get("attack"), rec.get("model"), rec.get("version"), rec.get("source"), rec.get("threat_model"),
-           rec.get("budget") or "torchattacks")  # fmt: skip
+           budget_of(rec))  # fmt: skip
     want = ("autoattack", spec.classifier, spec.autoattack, "zoo", {"norm": norm, "eps": float(eps)}, budget)
     if got != want:
         raise ValueError(f"{path}: expected an autoattack result (attack, model, version, source, threat, budget) "

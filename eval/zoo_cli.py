@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from eval.autoattack import BUDGET_LABELS, budget_of
 from eval.cli import command_line
 from manifold_defense import zoo
 from manifold_defense.data import load_mnist
@@ -379,7 +380,7 @@ def markdown_table(weights_dir: Path | None = None) -> str:
             )
         for key in sorted(k for k in fig if k.startswith("autoattack_")):
             aa = fig[key]
-            budget = "reference budget" if aa.get("budget") == "reference" else "torchattacks' 10-iteration wrapper"
+            budget = BUDGET_LABELS[budget_of(aa)]
             add(
                 f"AutoAttack ({aa['version']}, {budget}) {key.removeprefix('autoattack_').replace('_', ' ')}: "
                 "clean / robust accuracy",
