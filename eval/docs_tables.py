@@ -159,6 +159,21 @@ def _aa_budget(figure: dict[str, Any]) -> str:
     return BUDGET_LABELS[budget_of(figure)]
 
 
+def zoo_autoattack_table() -> str:
+    """Every AutoAttack figure in the classifiers' zoo records, with the budget it ran, its n and its command."""
+    from eval.cli import console_spelling
+
+    lines = [_row(["model", "threat", "budget", "clean / robust", "n", "command"]), _row(["---"] * 6)]
+    for name in ("mnist-classifier", "mnist-pgd-at", "mnist-l2-at", "mnist-rmd"):
+        fig = _zoo(name)
+        for key in sorted(k for k in fig if k.startswith("autoattack_")):
+            aa = fig[key]
+            lines.append(_row([f"`{name}`", key.removeprefix("autoattack_").replace("_", " "), _aa_budget(aa),
+                               f"{aa['clean_accuracy']:.3f} / **{aa['robust_accuracy']:.3f}**", aa["n"],
+                               f"`{console_spelling(aa['command'])}`"]))  # fmt: skip
+    return "\n".join(lines)
+
+
 def headline_table() -> str:
     """The README's headline figures beside the leaderboard, each read from its committed JSON or zoo record."""
     clf, pgd, l2, rmd = _zoo("mnist-classifier"), _zoo("mnist-pgd-at"), _zoo("mnist-l2-at"), _zoo("mnist-rmd")
@@ -343,7 +358,7 @@ def _leaderboard_tables() -> dict[str, Callable[[], str]]:
 
 
 TABLES: dict[str, Callable[[], str]] = {"diffpure-tstar": tstar_table, "purifier-cost": cost_table,
-                                        "ddpm-samples": samples_table, "ddpm-samples-zoo": samples_zoo_table, "headline": headline_table,
+                                        "ddpm-samples": samples_table, "ddpm-samples-zoo": samples_zoo_table, "zoo-autoattack": zoo_autoattack_table, "headline": headline_table,
                                         "history-preset": history_preset_table, "history-csgm": history_csgm_table,
                                         "history-rmd-projection": history_rmd_table,
                                         "history-quotes": history_quotes_table,
