@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "eval.purifier_cost",
     "eval.leaderboard",
     "eval.cascade_profile",
+    "eval.break_anatomy",
 )
 
 

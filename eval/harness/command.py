@@ -48,6 +48,7 @@ __all__ = [
     "Models",
     "build_defenses",
     "check_image_shape",
+    "evaluation_defenses",
     "load_models",
     "load_zoo_models",
     "run_evaluation",
@@ -319,6 +320,29 @@ def _default_defenses(models: Models, quick: bool) -> tuple[str, ...]:
     return tuple(full)
 
 
+def evaluation_defenses(
+    request: Evaluation, models: Models, x: torch.Tensor, settings: RobustnessSettings | None = None
+) -> list[Defense]:
+    """The defenses ``request`` evaluates over ``models``: its named ones (:func:`build_defenses`; ``None``:
+    every one the models allow, or only ``undefended`` beside a user's purifier), then the user's purifier
+    (defense ``purified``), whose calibration reads the points ``x``. ``settings``: the settings the run uses
+    (default ``request.settings``). The same defenses a run of ``request`` attacks, so a later reader of the
+    run (e.g. ``break-anatomy``) rebuilds them from its recorded command."""
+    settings = request.settings if settings is None else settings
+    purified = None
+    if request.purifier is not None:
+        purified = purifier_defense_from_spec(
+            request.purifier, models.classifier, x, settings.seed, request.verbatim
+        )
+    names = request.defenses
+    if names is None:
+        names = ("undefended",) if purified is not None else _default_defenses(models, settings.quick)
+    built = build_defenses(
+        names, models, settings.seed, surrogates=not request.verbatim, diffpure=request.diffpure
+    )
+    return built + ([purified] if purified is not None else [])
+
+
 def run_evaluation(request: Evaluation) -> dict[str, Any]:
     """Load the data and models of ``request`` and run :func:`eval.harness.run_robustness` (distributed under
     torchrun); its results record.
@@ -340,18 +364,7 @@ def run_evaluation(request: Evaluation) -> dict[str, Any]:
         settings = dataclasses.replace(settings, **default_curve_eps(settings.threats, shape))  # type: ignore[arg-type]
     models = load_models(request.models, ctx.device, mnist=request.data == "mnist")
     check_data_fits_models(x, y, what, models.classifier, models.generator, models.encoder)
-    purified = None
-    if request.purifier is not None:
-        purified = purifier_defense_from_spec(
-            request.purifier, models.classifier, x, settings.seed, request.verbatim
-        )
-    names = request.defenses
-    if names is None:
-        names = ("undefended",) if purified is not None else _default_defenses(models, settings.quick)
-    built = build_defenses(
-        names, models, settings.seed, surrogates=not request.verbatim, diffpure=request.diffpure
-    )
-    built += [purified] if purified is not None else []
+    built = evaluation_defenses(request, models, x, settings)
     meta = {
         "command": request.command_line,
         "device": str(ctx.device),
