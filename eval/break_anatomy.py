@@ -52,6 +52,8 @@ from manifold_defense.integrity import atomic_write_text, checked_json, load_che
 
 __all__ = [
     "CATEGORIES",
+    "COMMITTED",
+    "RENDERERS",
     "SCHEMA",
     "BrokenPoint",
     "add_parsers",
@@ -78,7 +80,8 @@ class BrokenPoint:
     ``alone``: the bare classifier's class on the adversarial input; ``defended``: the classifier's class on the
     first purification of it that it gets wrong (the label when none does); ``judges``: judge name -> class read
     on that purified image; ``clean_judges``: the same on the clean point's purification under the same seed
-    (each judge's reading of the unattacked purified image); both empty when no draw was wrong;
+    (each judge's reading of the unattacked purified image); both empty when no draw was wrong; ``input_judges``:
+    each judge on the adversarial input itself, unpurified;
     ``input_move`` / ``purified_move``: L2 distances ``||x_adv - x||`` and ``||P(x_adv) - P(x)||`` (same seed);
     ``wrong_draws`` of ``draws``: purifications of the adversarial input classified wrong; ``category``:
     :func:`categorize`, or ``not reproduced`` when no draw was wrong.
@@ -92,6 +95,7 @@ class BrokenPoint:
     defended: int
     judges: dict[str, int]
     clean_judges: dict[str, int]
+    input_judges: dict[str, int]
     input_move: float
     purified_move: float
     wrong_draws: int
@@ -228,6 +232,7 @@ def anatomy(
             p_adv[first], p_clean[first] = purified[first], clean[first]
     read = {name: _predict(j, p_adv) for name, j in judges.items()}
     read_clean = {name: _predict(j, p_clean) for name, j in judges.items()}
+    read_input = {name: _predict(j, x_adv) for name, j in judges.items()}
     input_move = (x_adv - x0).flatten(1).norm(dim=1)
     purified_move = (p_adv - p_clean).flatten(1).norm(dim=1)
     out = []
@@ -239,6 +244,7 @@ def anatomy(
             index=int(i), label=int(y0[r]), threat=threat, stage=stage, alone=int(alone[r]),
             defended=int(defended[r]) if hit else int(y0[r]), judges=j,
             clean_judges={name: int(v[r]) for name, v in read_clean.items()} if hit else {},
+            input_judges={name: int(v[r]) for name, v in read_input.items()},
             input_move=round(float(input_move[r]), 4), purified_move=round(float(purified_move[r]), 4) if hit else 0.0,
             wrong_draws=int(wrong[r]), draws=draws, category=category,
         ))  # fmt: skip
@@ -258,6 +264,11 @@ def summary(points: Sequence[BrokenPoint]) -> dict[str, Any]:
         "broken": len(points),
         "categories": counts,
         "alone_correct": sum(p.alone == p.label for p in points),
+        # steered points whose unpurified input every judge already reads as the classifier's wrong class: the
+        # perturbation changed the digit (or transferred to the judges) before the purifier moved it
+        "steered_input_read_wrong": sum(
+            p.category == "steered" and set(p.input_judges.values()) == {p.defended} for p in points
+        ),
         "judges_clean_correct": {  # each judge's reading of the clean points' purifications, where dissected
             name: sum(p.clean_judges.get(name) == p.label for p in points)
             for name in sorted({n for p in points for n in p.clean_judges})
@@ -270,8 +281,9 @@ def summary(points: Sequence[BrokenPoint]) -> dict[str, Any]:
 
 def markdown_summary(record: Mapping[str, Any]) -> str:
     """The per-threat table of a break-anatomy record (the JSON ``--json`` writes)."""
-    head = ["defense", "threat", "judges", "broken", "steered", "survived", "ambiguous", "not reproduced",
-            "classifier alone right", "median L2 move: input / purified, steered / survived", "wrong draws"]  # fmt: skip
+    head = ["defense", "threat", "judges", "broken", "steered (input already read so)", "survived", "ambiguous", "not reproduced",
+            "classifier alone right", "judges right on the clean purification",
+            "median L2 move: input / purified, steered / survived", "wrong draws"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in record["rows"]:
         s = row["summary"]
@@ -280,16 +292,35 @@ def markdown_summary(record: Mapping[str, Any]) -> str:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         rate = "-" if s["wrong_draw_rate"] is None else f"{s['wrong_draw_rate']:.2f}"
         judges = ", ".join(f"`{j}`" for j in row["judges"])
-        cells = [row["defense_label"], row["threat_label"], judges, s["broken"], c["steered"], c["survived"], c["ambiguous"],
+        steered = f"{c['steered']} ({s['steered_input_read_wrong']})"
+        cells = [row["defense_label"], row["threat_label"], judges, s["broken"], steered, c["survived"], c["ambiguous"],
                  c["not reproduced"], f"{s['alone_correct']} of {s['broken']}",
+                 " / ".join(str(s["judges_clean_correct"].get(j, 0)) for j in row["judges"])
+                 + f" of {s['broken'] - c['not reproduced']}",
                  f"{fmt(s['median_input_move'])} / {fmt(moved['steered'])}, {fmt(moved['survived'])}", rate]  # fmt: skip
         lines.append("| " + " | ".join(str(v) for v in cells) + " |")
     lines.append("")
     lines.append("*judges*: the classifiers that read the purified image of each example's first wrong draw; *steered*: every judge "
-                 "reads the classifier's wrong digit; *survived*: every judge reads the true digit; *not reproduced*: "
-                 f"none of {record['draws']} purifications was wrong; *wrong draws*: the share of those purifications "
-                 "classified wrong.")  # fmt: skip
+                 "reads the classifier's wrong digit (in brackets: of those, the points whose unpurified adversarial input every "
+                 "judge already reads as that digit); *survived*: every judge reads the true digit; *not reproduced*: "
+                 f"none of {record['draws']} purifications was wrong; *judges right on the clean purification*: each "
+                 "judge (in order) on the clean point's purification under the same seed, a check that it reads "
+                 "purified digits; *wrong draws*: the share of those purifications classified wrong.")  # fmt: skip
     return "\n".join(lines)
+
+
+#: The committed record of the leaderboard's purifier rows (docs/leaderboard.md renders it).
+COMMITTED = "docs/figures/break_anatomy.json"
+
+
+def _committed_table() -> str:
+    from eval.run_folder import read_record
+
+    return markdown_summary(read_record(Path(__file__).resolve().parent.parent / COMMITTED))
+
+
+#: Generated docs tables of this module (``eval.docs_tables``): name -> renderer.
+RENDERERS = {"break-anatomy": _committed_table}
 
 
 def rebuild_run(run_dir: Path, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], list[Defense], Tensor, Tensor]:
@@ -411,7 +442,9 @@ def main(args: argparse.Namespace) -> int:
                 broken = broken_examples(state, d.name, threat, settings["attacks"])
                 points = anatomy(d, x, y, broken, judges, threat=threat, draws=args.draws, seed=settings["seed"])
                 label, threat_label = _labels(results, d.name, threat)
-                rows.append({"run": str(run_dir), "run_command": results["command"], "defense": d.name,
+                rows.append({"run": str(run_dir), "run_command": results["command"],
+                             "run_results_sha256": json.loads((run_dir / "results.json").read_text()).get("sha256"),
+                             "defense": d.name,
                              "judges": list(judges),
                              "defense_label": label, "threat": threat, "threat_label": threat_label, "n": settings["n"],
                              "summary": summary(points), "points": [dataclasses.asdict(p) for p in points]})  # fmt: skip

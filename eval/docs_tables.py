@@ -384,6 +384,15 @@ def _cascade_tables() -> dict[str, Callable[[], str]]:
 
 
 TABLES |= _cascade_tables()  # issue 35: the cascade's profile and the lean-versus-full comparison
+
+
+def _anatomy_tables() -> dict[str, Callable[[], str]]:
+    from eval.break_anatomy import RENDERERS
+
+    return dict(RENDERERS)
+
+
+TABLES |= _anatomy_tables()  # issue 35: how the purifier rows lose their points (break-anatomy)
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(^<!-- /table:(?P=name) -->)", re.S | re.M)
 
 

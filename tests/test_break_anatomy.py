@@ -90,7 +90,7 @@ def test_a_projection_moved_to_the_other_prototype_is_steered() -> None:
     (p,) = anatomy(d, x, y, [(1, "bpda-pgd", x_adv)], {"judge": MeanRule(scale=3.0)}, threat="l2-2", draws=2)
     assert torch.equal(x, before)
     assert (p.index, p.stage, p.category, p.alone, p.defended) == (1, "bpda-pgd", "steered", 1, 1)
-    assert p.judges == {"judge": 1} and p.clean_judges == {"judge": 0}
+    assert p.judges == {"judge": 1} and p.clean_judges == {"judge": 0} and p.input_judges == {"judge": 1}
     assert p.input_move == pytest.approx(1.2) and p.purified_move == pytest.approx(2.0)
     assert (p.wrong_draws, p.draws) == (2, 2)
 
@@ -108,7 +108,8 @@ def test_a_perturbation_that_survives_the_purifier_is_survived_and_a_correct_one
     assert pts[1].wrong_draws == 0 and pts[1].judges == {} and pts[1].defended == 0
     s = summary(pts)
     assert s["broken"] == 2 and s["categories"] == {"steered": 0, "survived": 1, "ambiguous": 0, "not reproduced": 1}
-    assert s["alone_correct"] == 1 and s["judges_clean_correct"] == {"a": 1, "b": 1}
+    assert s["alone_correct"] == 1 and s["judges_clean_correct"] == {"a": 1, "b": 1} and s["steered_input_read_wrong"] == 0
+    assert pts[0].input_judges == {"a": 0, "b": 0}
     assert s["median_purified_move"]["survived"] == pytest.approx(0.9) and s["wrong_draw_rate"] == pytest.approx(0.5)
 
 
