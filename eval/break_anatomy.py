@@ -189,6 +189,7 @@ def anatomy(
     threat: str,
     draws: int = 8,
     seed: int = 0,
+    batch: int = 100,
 ) -> list[BrokenPoint]:
     """The :class:`BrokenPoint` of each ``(index, stage, x_adv)`` in ``broken`` (:func:`broken_examples`).
 
@@ -202,15 +203,32 @@ def anatomy(
         x, y: the run's points ``(N, C, H, W)`` in [0, 1] and labels ``(N,)``; not modified.
         judges: name -> classifier (images -> logits), each other than the defended classifier.
         threat: the threat key, recorded; draws: purifications per example (>= 1); seed: the run's seed.
+        batch: examples purified together (>= 1); each batch is drawn under the same seeds.
     """
     if defense.preprocess is None or defense.classifier is None:
         raise ValueError(f"defense {defense.name!r} has no purifier: break anatomy reads purifier defenses only")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"expected draws as an int >= 1, got {draws!r}")
+    for name, value in (("draws", draws), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} as an int >= 1, got {value!r}")
     if not judges:
         raise ValueError("expected at least one judge, got none")
-    if not broken:
-        return []
+    out: list[BrokenPoint] = []
+    for start in range(0, len(broken), batch):
+        out += _anatomy_batch(defense, x, y, broken[start : start + batch], judges, threat, draws, seed)
+    return out
+
+
+def _anatomy_batch(
+    defense: Defense,
+    x: Tensor,
+    y: Tensor,
+    broken: Sequence[tuple[int, str, Tensor]],
+    judges: Mapping[str, nn.Module],
+    threat: str,
+    draws: int,
+    seed: int,
+) -> list[BrokenPoint]:
+    assert defense.classifier is not None  # checked by anatomy
     device = x.device
     idx = torch.tensor([b[0] for b in broken], device=device)
     x0, y0 = x[idx], y[idx]
@@ -384,6 +402,7 @@ def add_parsers(sub: Any) -> None:
                         f"none of them the defended classifier (default {','.join(DEFAULT_JUDGES)}, less the defended "
                         "one)")  # fmt: skip
     p.add_argument("--draws", type=int, default=8, help="purifications per example by the real defense (default 8)")
+    p.add_argument("--batch", type=int, default=100, help="examples purified together (default 100)")
     p.add_argument("--json", type=Path, metavar="OUT.json", default=None, dest="json_out",
                    help="write the record (per-point and per-threat) as JSON with its SHA-256")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -424,8 +443,9 @@ def main(args: argparse.Namespace) -> int:
     """Handler of ``manifold-defense break-anatomy``: prints the per-threat table; writes ``--json`` when given."""
     from manifold_defense.devices import resolve_device
 
-    if isinstance(args.draws, bool) or args.draws < 1:
-        raise ValueError(f"expected --draws as an int >= 1, got {args.draws!r}")
+    for flag, value in (("--draws", args.draws), ("--batch", args.batch)):
+        if isinstance(value, bool) or value < 1:
+            raise ValueError(f"expected {flag} as an int >= 1, got {value!r}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -440,7 +460,8 @@ def main(args: argparse.Namespace) -> int:
         for d in purifiers:
             for threat in results["threat_models"]:
                 broken = broken_examples(state, d.name, threat, settings["attacks"])
-                points = anatomy(d, x, y, broken, judges, threat=threat, draws=args.draws, seed=settings["seed"])
+                points = anatomy(d, x, y, broken, judges, threat=threat, draws=args.draws, seed=settings["seed"],
+                                 batch=args.batch)  # fmt: skip
                 label, threat_label = _labels(results, d.name, threat)
                 rows.append({"run": str(run_dir), "run_command": results["command"],
                              "run_results_sha256": json.loads((run_dir / "results.json").read_text()).get("sha256"),
@@ -448,7 +469,7 @@ def main(args: argparse.Namespace) -> int:
                              "judges": list(judges),
                              "defense_label": label, "threat": threat, "threat_label": threat_label, "n": settings["n"],
                              "summary": summary(points), "points": [dataclasses.asdict(p) for p in points]})  # fmt: skip
-    record = {"schema": SCHEMA, "command": command_line(args), "draws": args.draws,
+    record = {"schema": SCHEMA, "command": command_line(args), "draws": args.draws, "batch": args.batch,
               "device": str(device), "rows": rows}  # fmt: skip
     print(markdown_summary(record))
     if args.json_out is not None:

@@ -225,3 +225,15 @@ def test_a_folder_that_is_no_harness_run_is_one_line_exit_2(tmp_path: Path, caps
     assert len(err.splitlines()) == 1 and "expected a harness run folder holding results.json" in err
     assert run(["break-anatomy", str(tmp_path), "--draws", "0"]) == 2
     assert "--draws as an int >= 1" in capsys.readouterr().err
+
+
+def test_batches_give_the_same_points_on_a_deterministic_purifier() -> None:
+    x, y = torch.zeros(5, 1, 2, 2), torch.zeros(5, dtype=torch.long)
+    d = purifier_defense("proto", MeanRule(), NearestPrototype(), randomized=False)
+    broken = [(i, "pgd", torch.full((1, 2, 2), 0.4 + 0.05 * i)) for i in range(5)]
+    judges = {"j": MeanRule(scale=2.0)}
+    whole = anatomy(d, x, y, broken, judges, threat="l2-2", draws=1)
+    assert anatomy(d, x, y, broken, judges, threat="l2-2", draws=1, batch=2) == whole
+    assert [p.category for p in whole] == ["not reproduced"] * 3 + ["steered"] * 2
+    with pytest.raises(ValueError, match="batch as an int >= 1"):
+        anatomy(d, x, y, broken, judges, threat="l2-2", batch=0)
