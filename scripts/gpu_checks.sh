@@ -17,6 +17,12 @@
 #                  reverse process at 10 / 50 / 200 steps, EOT 4, worst of 3 draws, first 20 test images, three threats
 #   diffpure       DiffPure and its fixed-noise variant through the full harness cascade (convergence check,
 #                  final round EOT 20, majority vote beside the worst case; curves included), first 100 test images
+#   lb-dgan, lb-fast-l2, lb-diffpure-pgd-at   the leaderboard cells a CPU session cannot finish (issue 35), each the
+#                  row's command (eval/leaderboard_rows.py) with --batch 100 on the device: Defense-GAN's row on
+#                  today's cascade (its committed run predates the convergence check), the fast projection +
+#                  mnist-classifier at L2 2 and 4 (likewise), DiffPure + mnist-pgd-at at the three threats. Copy each
+#                  results.json to the path the leaderboard's sources table names, then `manifold-defense leaderboard
+#                  --collect`:  JOBS=lb-dgan,lb-fast-l2,lb-diffpure-pgd-at BUDGET=540 bash scripts/gpu_checks.sh
 # Measured on an H200 (2026-11-30): bench, verbatim and surrogate (docs/robustness.md, "Reference defense");
 # not yet run on a GPU: verbatim-full, fast, cuda-tests.
 # A data warm-up runs first and stops the script at once if the device, the imports or MNIST are missing.
@@ -76,6 +82,13 @@ job diffpure-exact $PY -m eval diffpure-exact --out "$OUTDIR/diffpure-exact" --t
 job diffpure $PY -m eval robustness --out "$OUTDIR/robustness-diffpure" --defenses diffpure,diffpure-fixed \
   --diffpure-t-star "$TSTAR" --n 100 --final-eot 20 --majority --batch 100 --device "$DEVICE" --threads "$THREADS" \
   --no-progress
+job lb-dgan $PY -m eval robustness --out "$OUTDIR/lb-dgan-classifier" --defenses projection-defense-gan --dgan-n 100 \
+  --n 100 --batch 100 --device "$DEVICE" --threads "$THREADS" --no-progress
+job lb-fast-l2 $PY -m eval robustness --out "$OUTDIR/lb-fast-classifier-l2" --defenses projection-fast --n 100 \
+  --batch 100 --threats l2-2,l2-4 --device "$DEVICE" --threads "$THREADS" --no-progress
+job lb-diffpure-pgd-at $PY -m eval robustness --out "$OUTDIR/lb-diffpure-pgd-at" --defenses diffpure --classifier \
+  mnist-pgd-at --diffpure-t-star "$TSTAR" --final-eot 20 --majority --no-curves --n 100 --batch 100 \
+  --device "$DEVICE" --threads "$THREADS" --no-progress
 if [ -n "$PACK" ]; then  # pack every minute too, so a run cut short still leaves its outputs
   ( while sleep 60; do tar czf "$PACK.part" "$OUTDIR" 2> /dev/null && mv "$PACK.part" "$PACK"; done ) > /dev/null 2>&1 &
   PACKER=$!
