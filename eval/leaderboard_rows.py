@@ -176,6 +176,7 @@ ROWS: tuple[RowSpec, ...] = (
         name="fast-pgd-at", label="fast projection + `mnist-pgd-at`", defense="projection-fast",
         classifier="mnist-pgd-at", args=("--defenses", "projection-fast", "--classifier", "mnist-pgd-at", *COMMON),
         sources=(Source(f"{LB}/fast-pgd-at_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
+                 Source(f"{LB}/fast-pgd-at_l2-2_n{N_TARGET}.json", ("l2-2",)),
                  Source(f"{LB}/fast-pgd-at_l2-4_n{N_TARGET}.json", ("l2-4",))),
         purifier="projection-fast", prior="mnist-gan", weights=("mnist-pgd-at", "mnist-gan", "mnist-encoder"),
     ),

@@ -233,10 +233,13 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         _parse("--collect", "--out", str(tmp_path))  # one mode at a time
     assert lb.main(_parse("--out", str(tmp_path), "--rows", "fast-pgd-at", "--dry-run")) == 0
+    assert capsys.readouterr().out.strip() == ""  # every threat of the row is committed: nothing to run
+    assert lb.main(_parse("--out", str(tmp_path), "--rows", "diffpure-pgd-at", "--dry-run")) == 0
     assert capsys.readouterr().out.strip() == (
-        f"manifold-defense robustness --out {tmp_path}/fast-pgd-at --defenses projection-fast --classifier "
-        "mnist-pgd-at --n 100 --threads 1 --no-progress --threats l2-2")  # Linf 0.3 and L2 4 are committed
-    assert not (tmp_path / "fast-pgd-at").exists()
+        f"manifold-defense robustness --out {tmp_path}/diffpure-pgd-at --defenses diffpure --classifier mnist-pgd-at "
+        "--diffpure-t-star 150 --final-eot 20 --majority --no-curves --n 100 --threads 1 --no-progress "
+        "--threats linf-0.3,l2-2")  # L2 4 is committed
+    assert not (tmp_path / "fast-pgd-at").exists() and not (tmp_path / "diffpure-pgd-at").exists()
 
 
 def test_run_missing_skips_what_is_measured(tmp_path: Path) -> None:
