@@ -198,7 +198,8 @@ ROWS: tuple[RowSpec, ...] = (
         name="diffpure-pgd-at", label=f"DiffPure (t* {DIFFPURE_T_STAR}) + `mnist-pgd-at`", defense="diffpure",
         classifier="mnist-pgd-at",
         args=("--defenses", "diffpure", "--classifier", "mnist-pgd-at", *_DIFFPURE, *COMMON),
-        sources=(Source(f"{LB}/diffpure-pgd-at_l2-4_n{N_TARGET}.json", ("l2-4",)),),
+        sources=(Source(f"{LB}/diffpure-pgd-at_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
+                 Source(f"{LB}/diffpure-pgd-at_l2-4_n{N_TARGET}.json", ("l2-4",))),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-pgd-at", "mnist-ddpm"),
     ),
 )

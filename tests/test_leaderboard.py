@@ -238,7 +238,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().out.strip() == (
         f"manifold-defense robustness --out {tmp_path}/diffpure-pgd-at --defenses diffpure --classifier mnist-pgd-at "
         "--diffpure-t-star 150 --final-eot 20 --majority --no-curves --n 100 --threads 1 --no-progress "
-        "--threats linf-0.3,l2-2")  # L2 4 is committed
+        "--threats l2-2")  # Linf 0.3 and L2 4 are committed
     assert not (tmp_path / "fast-pgd-at").exists() and not (tmp_path / "diffpure-pgd-at").exists()
 
 
