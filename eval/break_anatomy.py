@@ -346,7 +346,7 @@ def rebuild_run(run_dir: Path, device: torch.device) -> tuple[dict[str, Any], di
     ``state.pt``, and its defenses and points rebuilt from the recorded command.
 
     Raises:
-        ValueError: no results or state, a command other than ``robustness`` / ``defense``, or rebuilt data or
+        ValueError: no results or state, a command other than ``robustness``, or rebuilt data or
             defenses whose hashes differ from the state's fingerprint (the models or data changed since the run).
     """
     from eval.cli import build_parser
@@ -362,11 +362,10 @@ def rebuild_run(run_dir: Path, device: torch.device) -> tuple[dict[str, Any], di
     state = load_checked(state_path, what="robustness harness state", recover=st.RECOVER)
     command = results.get("command")
     words = shlex.split(command) if isinstance(command, str) else []
-    if words[:3] != ["python", "-m", "eval"] or len(words) < 4 or words[3] not in ("robustness", "defense"):
-        raise ValueError(f"{results_path}: expected a recorded 'python -m eval robustness|defense ...' command, got {command!r}")
+    if words[:4] != ["python", "-m", "eval", "robustness"]:
+        raise ValueError(f"{results_path}: expected a recorded 'python -m eval robustness ...' command (runs of other "
+                         f"commands, 'defense' included, are not read), got {command!r}")  # fmt: skip
     args = build_parser().parse_args(words[3:])
-    if words[3] == "defense":
-        raise ValueError(f"{results_path}: runs of the 'defense' command are not supported yet; rerun with 'robustness'")
     settings = settings_from_args(args)
     request = evaluation_from_args(args, settings, args.defenses, run_dir, "robustness")
     x, y, _ = load_data(request.data, settings.n, device)
@@ -411,9 +410,11 @@ def add_parsers(sub: Any) -> None:
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
-    pa, pb = list(a.parameters()), list(b.parameters())
-    return [p.shape for p in pa] == [p.shape for p in pb] and all(
-        torch.equal(u, v.to(u.device)) for u, v in zip(pa, pb, strict=True)
+    """Whether two modules hold the same tensors (parameters and buffers); ``False`` when neither holds any (two
+    modules without state cannot be told apart by their weights, and a judge is never refused on that ground)."""
+    sa, sb = list(a.state_dict().values()), list(b.state_dict().values())
+    return bool(sa) and [t.shape for t in sa] == [t.shape for t in sb] and all(
+        torch.equal(u, v.to(u.device)) for u, v in zip(sa, sb, strict=True)
     )
 
 
