@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from eval.cli import command_line
 from eval.harness import state as st
 from eval.harness.defenses import Defense
+from eval.harness.registry import ladder_keys
 from eval.leaderboard_rows import load_checked_json
 from manifold_defense.integrity import atomic_write_text, checked_json, load_checked
 
@@ -121,7 +122,8 @@ def categorize(label: int, defended: int, judges: Mapping[str, int]) -> str:
 
 def broken_examples(state: Mapping[str, Any], defense: str, threat: str, attacks: Sequence[str]) -> list[tuple[int, str, Tensor]]:
     """``(index, stage, x_adv)`` of every point of ``defense`` broken at ``threat`` (a threat key, ``linf-0.3``),
-    with the example of the first stage (in ``attacks`` order, then the convergence rerun) that broke it, by index.
+    with the example of the first stage (in ``attacks`` order, then the reruns of the convergence ladder) that broke it,
+    by index.
 
     Raises ``ValueError`` when the state holds no stage of that defense and threat."""
     stages = state.get("stages")
@@ -129,7 +131,8 @@ def broken_examples(state: Mapping[str, Any], defense: str, threat: str, attacks
         raise ValueError(f"expected a robustness state with 'stages', got {type(stages).__name__}")
     found: dict[int, tuple[str, Tensor]] = {}
     seen_any = False
-    for attack in (*attacks, "convergence"):
+    ladder = [k.attack for k in ladder_keys(stages, defense, threat)]
+    for attack in (*attacks, *ladder):
         rec = stages.get(f"{defense}|{threat}|{attack}")
         if not isinstance(rec, Mapping):
             continue

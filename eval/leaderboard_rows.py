@@ -302,8 +302,14 @@ def converged_verdict(d: Mapping[str, Any], tk: str, version: int) -> tuple[str,
     if entry is None or entry.get("status") != "ran":
         return "unchecked", "no convergence rerun: " + (entry or {}).get("reason", "not run")
     fired = any(f["flag"] == "not-converged" and f["where"] == tk for f in d.get("flags", []))
-    detail = (f"{entry['rerun_of']} rerun with twice its steps on {entry['attacked']} survivors broke "
-              f"{entry['broken']}: {entry['figure_before']:.4g} -> {entry['accuracy']:.4g}")  # fmt: skip
+    ladder = entry.get("ladder") or []
+    if len(ladder) > 1:
+        steps = ", ".join(f"x{2 ** r['round']}: {r['broken']}" for r in ladder)
+        detail = (f"{entry['rerun_of']} rerun as a ladder of {len(ladder)} on {entry['attacked']} survivors, newly "
+                  f"broken by steps factor {steps}: {entry['figure_before']:.4g} -> {entry['accuracy']:.4g}")  # fmt: skip
+    else:
+        detail = (f"{entry['rerun_of']} rerun with twice its steps on {entry['attacked']} survivors broke "
+                  f"{entry['broken']}: {entry['figure_before']:.4g} -> {entry['accuracy']:.4g}")  # fmt: skip
     return ("no" if fired else "yes"), detail
 
 

@@ -229,6 +229,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-convergence", action="store_true",
                    help="skip the convergence rerun of the strongest white-box stage (with --quick only; the report "
                    "says so)")  # fmt: skip
+    p.add_argument("--convergence-rounds", type=int, default=None, metavar="K",
+                   help="the convergence ladder: while a rerun newly breaks more than one point of the figure, rerun "
+                   "the same stage with twice the steps again, up to K reruns (default 1); a finished run resumed "
+                   "with a larger K adds the missing reruns")  # fmt: skip
     p.add_argument("--report-partial", action="store_true",
                    help="run nothing: write the report of a stopped run from its saved state (stages not reached "
                    "are listed as not run; flag incomplete); the same command without it resumes")  # fmt: skip
@@ -301,6 +305,8 @@ def settings_from_args(args: argparse.Namespace) -> RobustnessSettings:
         changes["majority"] = True
     if getattr(args, "lean", False):
         changes = {**LEAN_CHANGES, **changes}
+    if args.convergence_rounds is not None:
+        changes["convergence_rounds"] = args.convergence_rounds
     if args.no_convergence:
         if not args.quick:
             raise ValueError(
@@ -349,7 +355,9 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     for name, d in record["defenses"].items():
         for tk, e in d["attacks"].get("convergence", {}).items():
             if e["status"] == "ran":
-                lines.append(f"convergence {name} {tk}: {e['rerun_of']} with twice its steps on {e['attacked']} "
+                rounds = len(e.get("ladder") or [None])
+                how = "twice its steps" if rounds == 1 else f"a ladder of {rounds} reruns (x{2 ** rounds} steps last)"
+                lines.append(f"convergence {name} {tk}: {e['rerun_of']} with {how} on {e['attacked']} "
                              f"survivors broke {e['broken']} more ({100 * e['figure_before']:.1f}% -> "
                              f"{100 * e['accuracy']:.1f}%)")  # fmt: skip
             else:

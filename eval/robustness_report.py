@@ -13,8 +13,9 @@ that wrote it)::
                      accuracy after this attack of the cascade (cumulative worst case), "attacked": points,
                      "broken": newly broken points, "broken_alone": points this attack broke among those it
                      attacked, "seconds": ..., "settings": {...}}},
-                     "convergence": {"<threat>": {... as above, "rerun_of": stage, "original_settings": {...},
-                     "figure_before": accuracy before the rerun}}},
+                     "convergence": {"<threat>": {... as above over the whole ladder, "rerun_of": stage,
+                     "original_settings": {...}, "figure_before": accuracy before it, "ladder": [{"round": k,
+                     "settings", "attacked", "broken", "accuracy", "seconds"} per rerun], "last_broken": n}}},
          "worst_case": {"<threat>": final robust accuracy (worst case per point over the cascade and the rerun)},
          "robust_points": {"<threat>": [indices of the points robust in the worst case (0-based, evaluation order)]},
          "majority_vote": null, or on a randomized defense run with the majority setting {"draws": k, "clean":
@@ -145,24 +146,26 @@ def _setup_lines(record: Mapping[str, Any]) -> list[str]:
 
 
 def _convergence_lines(record: Mapping[str, Any]) -> list[str]:
-    """Per defense and threat: the stage rerun, its settings before and after, and the change of the figure."""
+    """Per defense, threat and rerun of the ladder: the stage rerun, its settings before and after, and the change
+    of the figure (``not-converged`` on the last rerun when it fired)."""
     rows = []
     for name, d in record["defenses"].items():
+        tol = record["settings"]["thresholds"]["not_converged"] * d["n"] + 1e-9
         for tk, e in d["attacks"].get("convergence", {}).items():
             if e.get("status") != "ran":
-                rows.append(f"| {name} | {tk} | - | - | - | - | {e.get('reason', 'skipped')} |")
+                rows.append(f"| {name} | {tk} | - | - | - | - | - | {e.get('reason', 'skipped')} |")
                 continue
-            before, after = e["original_settings"], e["settings"]
-            change = ", ".join(
-                f"{k} {before[k]} -> {after[k]}"
-                for k in ("steps", "eot_samples")
-                if k in after and before.get(k) != after[k]
-            )
-            fired = e["broken"] > (record["settings"]["thresholds"]["not_converged"]) * d["n"] + 1e-9
-            rows.append(
-                f"| {name} | {tk} | {e['rerun_of']} | {change} | {e['attacked']} | {e['broken']} | "
-                f"{_fmt(e['figure_before'])} -> {_fmt(e['accuracy'])}{' **not-converged**' if fired else ''} |"
-            )
+            before, rungs, figure = e["original_settings"], e["ladder"], e["figure_before"]
+            for r in rungs:
+                new = r["settings"]
+                change = ", ".join(f"{k} {before[k]} -> {new[k]}" for k in ("steps", "eot_samples")
+                                   if k in new and before.get(k) != new[k])  # fmt: skip
+                fired = r is rungs[-1] and r["broken"] > tol
+                rows.append(
+                    f"| {name} | {tk} | {r['round']} | {e['rerun_of']} | {change} | {r['attacked']} | "
+                    f"{r['broken']} | {_fmt(figure)} -> {_fmt(r['accuracy'])}{' **not-converged**' if fired else ''} |"
+                )
+                figure = r["accuracy"]
     if not rows:
         return []
     return [
@@ -171,10 +174,11 @@ def _convergence_lines(record: Mapping[str, Any]) -> list[str]:
         "After the cascade, the strongest white-box stage of each threat (the gradient stage that broke the most",
         "points) ran again on the points still robust, with twice its steps (and twice its EOT samples on a",
         "randomized defense). What it broke counts in the worst case above; more than one percentage point of the",
-        "figure raises `not-converged`: the attacks had not converged, and a stronger one may break more.",
+        "figure raises `not-converged`: the attacks had not converged, and a stronger one may break more. A ladder",
+        "(`convergence_rounds` K > 1) reruns while that happens, round k with 2^k times the steps, up to K rounds.",
         "",
-        "| defense | threat | rerun of | settings | survivors attacked | newly broken | figure |",
-        "|---|---|---|---|---|---|---|",
+        "| defense | threat | round | rerun of | settings | survivors attacked | newly broken | figure |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -302,6 +302,8 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("robustness-norm", lambda p: ["robustness", "--threats", "l1-0.3", "--out", str(p / "r")],
      r"with NORM in \['linf', 'l2'\]"),
     ("robustness-defenses", lambda p: ["robustness", "--defenses", "magic"], r"argument --defenses"),
+    ("robustness-ladder", lambda p: ["robustness", "--convergence-rounds", "0", "--out", str(p / "r")],
+     r"expected convergence_rounds to be an int >= 1, got 0"),
     ("defense-n", lambda p: ["defense", "--n", "0", "--out", str(p / "d")], r"expected n to be an int >= 1, got 0"),
     ("defense-schedule", lambda p: ["defense", "--schedule", "slow"], r"argument --schedule: invalid choice"),
     ("crosscheck-device", lambda p: ["crosscheck", "--device", "tpu", "--out", str(p / "c")],

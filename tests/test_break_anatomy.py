@@ -142,17 +142,22 @@ def test_bad_arguments_are_refused() -> None:
 def test_the_first_stage_that_broke_a_point_gives_its_example() -> None:
     a, b = torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 0.2)
     state: dict[str, Any] = {"stages": {
-        "p|l2-1|pgd": {"status": "ran", "indices": torch.tensor([0, 1, 2]), "robust": torch.tensor([True, False, True]),
-                       "broken_x_adv": a.unsqueeze(0)},
-        "p|l2-1|bpda-pgd": {"status": "ran", "indices": torch.tensor([0, 2]), "robust": torch.tensor([False, True]),
-                            "broken_x_adv": b.unsqueeze(0)},
+        "p|l2-1|pgd": {"status": "ran", "indices": torch.tensor([0, 1, 2, 3]),
+                       "robust": torch.tensor([True, False, True, True]), "broken_x_adv": a.unsqueeze(0)},
+        "p|l2-1|bpda-pgd": {"status": "ran", "indices": torch.tensor([0, 2, 3]),
+                            "robust": torch.tensor([False, True, True]), "broken_x_adv": b.unsqueeze(0)},
         "p|l2-1|square": {"status": "skipped"},
-        "p|l2-1|convergence": {"status": "ran", "indices": torch.tensor([2]), "robust": torch.tensor([False]),
+        "p|l2-1|convergence": {"status": "ran", "indices": torch.tensor([2, 3]), "robust": torch.tensor([False, True]),
                                "broken_x_adv": a.unsqueeze(0)},
+        # the second rerun of a convergence ladder (convergence_rounds > 1) counts too
+        "p|l2-1|convergence-2": {"status": "ran", "indices": torch.tensor([3]), "robust": torch.tensor([False]),
+                                 "broken_x_adv": b.unsqueeze(0)},
+        "p|l2-1|convergence-4": {"status": "ran", "indices": torch.tensor([4]), "robust": torch.tensor([False]),
+                                 "broken_x_adv": b.unsqueeze(0)},  # no rerun 3: not part of the ladder
     }}  # fmt: skip
     found = broken_examples(state, "p", "l2-1", ["clean", "pgd", "bpda-pgd", "square"])
-    assert [(i, s) for i, s, _ in found] == [(0, "bpda-pgd"), (1, "pgd"), (2, "convergence")]
-    assert torch.equal(found[0][2], b) and torch.equal(found[1][2], a)
+    assert [(i, s) for i, s, _ in found] == [(0, "bpda-pgd"), (1, "pgd"), (2, "convergence"), (3, "convergence-2")]
+    assert torch.equal(found[0][2], b) and torch.equal(found[1][2], a) and torch.equal(found[3][2], b)
     with pytest.raises(ValueError, match="no stage of defense 'q'"):
         broken_examples(state, "q", "l2-1", ["pgd"])
 

@@ -58,7 +58,8 @@ FLAGS: dict[str, str] = {
     "audit-failed": "an adversarial example outside its threat model, outside [0, 1], or with NaN values",
     "not-converged": "the strongest white-box stage of the threat, rerun on the survivors with twice its steps "
     "(and EOT samples on a randomized defense), newly broke more than `thresholds.not_converged` n of the points "
-    "(default 0.01: one percentage point of the figure): the attacks had not converged",
+    "(default 0.01: one percentage point of the figure): the attacks had not converged (with a convergence ladder, "
+    "`convergence_rounds` > 1: its last rerun did)",
 }
 
 
@@ -223,10 +224,21 @@ def real_bpda_eot_broke(where: str, newly: int, n: int, tol: float, inner: str |
 
 
 def not_converged(where: str, entry: Mapping[str, Any] | None, n: int, tol: float) -> dict[str, Any]:
-    """``not-converged`` from the convergence entry of a threat (``None`` or skipped: n/a)."""
+    """``not-converged`` from the convergence entry of a threat (``None`` or skipped: n/a): what its rerun (the last
+    rerun of a ladder of several, :func:`eval.harness.record.defense_record`) newly broke."""
     if entry is None or entry.get("status") != "ran":
         reason = "not run" if entry is None else entry.get("reason", "skipped")
         return check("not-converged", None, where, f"no convergence rerun: {reason}")
+    ladder = entry.get("ladder") or []
+    if len(ladder) > 1:
+        last = ladder[-1]
+        newly = int(last["broken"])
+        detail = (
+            f"the convergence ladder reran {entry['rerun_of']} {len(ladder)} times (x{2 ** len(ladder)} its steps "
+            f"last, on {last['attacked']} survivors); the last rerun newly broke {newly} of {n} points: "
+            f"{entry['figure_before']:.4g} -> {entry['accuracy']:.4g} over the ladder (tolerance {tol:g} n)"
+        )
+        return check("not-converged", newly > tol * n + 1e-9, where, detail)
     newly, before, after = int(entry["broken"]), entry["figure_before"], entry["accuracy"]
     detail = (
         f"{entry['rerun_of']} rerun with twice its steps on the {entry['attacked']} survivors newly broke {newly} "

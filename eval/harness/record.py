@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from eval.harness import flags
-from eval.harness.registry import StageKey, StageView, stage, stage_keys
+from eval.harness.registry import StageKey, StageView, ladder_keys, stage, stage_keys
 from eval.harness.settings import RobustnessSettings, jsonable, parse_threat
 
 __all__ = ["CONVERGENCE", "defense_record", "transfer_counts"]
@@ -24,7 +24,9 @@ CONVERGENCE = "convergence"
 CONVERGENCE_DOC = (
     "the strongest white-box stage of the threat (the gradient stage that broke the most points) rerun on the "
     "points still robust with twice its steps (and twice its EOT samples on a randomized defense); what it breaks "
-    "counts in the worst case, and more than one point of the figure raises not-converged"
+    "counts in the worst case, and more than one point of the figure raises not-converged. With convergence_rounds "
+    "K > 1 a ladder: while a rerun newly breaks more than one point of the figure, the next doubles the steps "
+    "again (up to K reruns; the flag reads the last)"
 )
 
 
@@ -164,20 +166,47 @@ def _threat(
                           "broken": int((~clean).sum())}  # fmt: skip
     for attack in settings.attacks[1:]:
         t.entries[attack] = t.add(attack, stages[StageKey(name, tk, attack).text])
-    rerun = stages.get(StageKey(name, tk, CONVERGENCE).text)
-    if rerun is not None:
-        before = round(float(t.robust.float().mean()), 4)
-        entry = t.add(rerun.get("rerun_of", ""), rerun, checked=False)
-        if rerun["status"] == "ran":
-            entry |= {"rerun_of": rerun["rerun_of"], "original_settings": jsonable(rerun["original"]),
-                      "figure_before": before}  # fmt: skip
-        t.entries[CONVERGENCE] = entry
+    ladder = ladder_keys(stages, name, tk)
+    if ladder:
+        t.entries[CONVERGENCE] = _ladder(t, [stages[k.text] for k in ladder])
     thr = settings.thresholds
     t.checks.append(flags.audit_failed(tk, parse_threat(tk), t.max_d, t.nan, t.lo, t.hi))
     t.checks.append(flags.black_box_stronger(tk, t.entries.get("square"), t.n, thr.blackbox))
     t.checks.append(flags.bpda_unrolled_gap(tk, t.entries.get("unrolled-pgd", {}).get("compare"), thr.gap))
     t.checks.append(flags.not_converged(tk, t.entries.get(CONVERGENCE), t.n, thr.not_converged))
     return t
+
+
+def _ladder(t: _Threat, recs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``convergence`` entry of a threat from the saved reruns of its ladder (folded into ``t`` in order).
+
+    The first rerun's fields as before the ladder existed (``accuracy``, ``broken``, ``attacked``, ``settings``,
+    ``rerun_of``, ``original_settings``, ``figure_before``), except that ``accuracy`` is the figure after the last
+    rerun, ``broken`` counts what every rerun newly broke and ``seconds`` sums them; ``ladder`` lists each rerun
+    (``round``, ``settings``, ``attacked``, ``broken``: newly, ``accuracy`` after it, ``seconds``) and
+    ``last_broken`` is what the last one newly broke (the ``not-converged`` flag reads it)."""
+    before = round(float(t.robust.float().mean()), 4)
+    first = recs[0]
+    entry = t.add(first.get("rerun_of", ""), first, checked=False)
+    if first["status"] != "ran":
+        return entry
+    entry |= {"rerun_of": first["rerun_of"], "original_settings": jsonable(first["original"]),
+              "figure_before": before}  # fmt: skip
+    rungs = [entry]
+    for rec in recs[1:]:
+        if rec["status"] != "ran":
+            break
+        rungs.append(t.add(rec["rerun_of"], rec, checked=False))
+    entry["ladder"] = [
+        {"round": k, "settings": r["settings"], "attacked": r["attacked"], "broken": r["broken"],
+         "accuracy": r["accuracy"], "seconds": r["seconds"]}
+        for k, r in enumerate(rungs, start=1)
+    ]  # fmt: skip
+    entry["last_broken"] = rungs[-1]["broken"]
+    entry["accuracy"] = rungs[-1]["accuracy"]
+    entry["broken"] = sum(r["broken"] for r in rungs)
+    entry["seconds"] = round(sum(r["seconds"] for r in rungs), 2)
+    return entry
 
 
 def _curves(
@@ -285,8 +314,9 @@ def _majority(
     out["clean"] = round(float(clean.float().mean()), 4)
     for tk in settings.threats:
         mask = clean.clone()
-        for attack in (*settings.attacks[1:], CONVERGENCE):
-            fold(mask, stages.get(StageKey(name, tk, attack).text))
+        keys = [StageKey(name, tk, a) for a in settings.attacks[1:]] + ladder_keys(stages, name, tk)
+        for key in keys:
+            fold(mask, stages.get(key.text))
         out["accuracy"][tk] = round(float(mask.float().mean()), 4)
     return out
 
@@ -323,7 +353,9 @@ def _cost(settings: RobustnessSettings, stages: Mapping[str, Any], name: str) ->
     rows: dict[str, Any] = {}
     total: dict[str, Any] = {"process_seconds": 0.0, "real_passes": 0.0}
     projection = StageKey(name, None, "projection").text in stages
-    for key in stage_keys(settings, name, projection):
+    keys = stage_keys(settings, name, projection)
+    keys += [k for t in settings.threats for k in ladder_keys(stages, name, t)[1:]]  # reruns 2, 3, ... of ladders
+    for key in keys:
         rec = stages.get(key.text)
         if not isinstance(rec, Mapping) or rec.get("status") != "ran" or "seconds" not in rec:
             continue

@@ -45,7 +45,9 @@ __all__ = [
     "StageEnv",
     "StageKey",
     "StageView",
+    "convergence_key",
     "curve_threats",
+    "ladder_keys",
     "register_stage",
     "registered_stages",
     "stage",
@@ -252,8 +254,13 @@ def register_stage(cls: S, *, after: str | None = None) -> S:
         raise TypeError(f"expected a Stage subclass, got {cls!r}")
     name = cls.name
     reserved = ("clean", "convergence", "curve", "examples", "info", "projection")
-    if not isinstance(name, str) or not name or "|" in name or name in reserved:
-        raise ValueError(f"expected a stage name without '|', not one of {list(reserved)}, got {name!r}")
+    if (
+        not isinstance(name, str) or not name or "|" in name or name in reserved
+        or name.startswith("convergence-")
+    ):  # fmt: skip
+        raise ValueError(
+            f"expected a stage name without '|', not one of {list(reserved)} nor 'convergence-K', got {name!r}"
+        )
     if name in _REGISTRY:
         raise ValueError(f"a stage named {name!r} is registered already ({type(_REGISTRY[name]).__name__})")
     if after is not None and after not in _REGISTRY:
@@ -295,6 +302,23 @@ def stage_keys(settings: RobustnessSettings, defense: str, projection: bool) -> 
     keys += [StageKey(defense, tk, "curve") for tk in curve_threats(settings)]
     keys += [StageKey(defense, t, "examples") for t in settings.threats]
     return keys + [StageKey(defense, t, "convergence") for t in settings.threats]
+
+
+def convergence_key(defense: str, threat: str, round_: int) -> StageKey:
+    """The key of rerun ``round_`` (1, 2, ...) of the convergence ladder of ``defense`` under ``threat``:
+    ``convergence`` for the first (the single rerun of every run), ``convergence-K`` for rerun ``K >= 2``."""
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
+        raise ValueError(f"expected the ladder's round as an int >= 1, got {round_!r}")
+    return StageKey(defense, threat, "convergence" if round_ == 1 else f"convergence-{round_}")
+
+
+def ladder_keys(stages: Mapping[str, Any], defense: str, threat: str) -> list[StageKey]:
+    """The keys of the convergence ladder's reruns that ``stages`` (saved records by :attr:`StageKey.text`) holds,
+    in order: ``convergence``, ``convergence-2``, ... up to the first missing one."""
+    keys: list[StageKey] = []
+    while (key := convergence_key(defense, threat, len(keys) + 1)).text in stages:
+        keys.append(key)
+    return keys
 
 
 def curve_threats(settings: RobustnessSettings) -> list[str]:

@@ -11,11 +11,14 @@ Convergence: after the cascade, the strongest white-box stage of each threat (th
 defense that broke the most points; ties: the later one; the naive ``pgd`` of a preprocessing defense transfers
 from the bare classifier and is no candidate) runs again on the points still robust, with twice its steps (and twice its EOT
 samples on a randomized defense), through the same chunk runner; what it breaks counts in the worst case
-(:func:`strongest_stage`; the ``not-converged`` flag: :mod:`eval.harness.flags`).
+(:func:`strongest_stage`; the ``not-converged`` flag: :mod:`eval.harness.flags`). With ``convergence_rounds`` K > 1
+this is a ladder: while a rerun newly breaks more than the tolerance, the next runs the same stage with twice the
+steps again (``2**k`` times the original's at rerun ``k``, stage ``convergence-k``) on what is left, up to K reruns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +32,15 @@ from attacks import ThreatModel, per_sample_norm
 from eval.harness import state as st
 from eval.harness.cascade import PGD_STAGE
 from eval.harness.defenses import Defense
-from eval.harness.registry import ChunkFn, Stage, StageEnv, StageKey, stage, stage_keys
+from eval.harness.registry import (
+    ChunkFn,
+    Stage,
+    StageEnv,
+    StageKey,
+    convergence_key,
+    stage,
+    stage_keys,
+)
 from eval.harness.sections import SectionStages
 from eval.harness.settings import RobustnessSettings, parse_threat, threat_key
 from manifold_defense import evaluation
@@ -258,33 +269,54 @@ class Runner(SectionStages):
         self._finish(key, record)
 
     def _convergence(self, d: Defense, tk: str) -> None:
-        """Rerun the strongest white-box stage of ``tk`` on its survivors with twice its steps (module docs)."""
-        key = StageKey(d.name, tk, "convergence")
-        if key.text in self.state["stages"]:
-            return
-        if not self.s.convergence:
+        """The convergence ladder of ``tk`` (module docs): rerun ``k`` of the strongest white-box stage with
+        ``2**k`` times its steps on the points every earlier stage and rerun left, until a rerun newly breaks at
+        most ``thresholds.not_converged`` of the points or ``convergence_rounds`` reruns ran. Reruns the state
+        already holds are read back (also beyond ``convergence_rounds``: they ran, and count)."""
+        first = convergence_key(d.name, tk, 1)
+        if first.text not in self.state["stages"] and not self.s.convergence:
             self._finish(
-                key, {"status": "skipped", "reason": "turned off (quick protocol: convergence=False)"}
+                first, {"status": "skipped", "reason": "turned off (quick protocol: convergence=False)"}
             )
             return
-        env = self.after[(d.name, tk)].rerun()
-        choice = strongest_stage(
-            self.s.attacks[1:], lambda a: self.state["stages"].get(StageKey(d.name, tk, a).text), env
-        )
-        if choice is None:
-            self._finish(key, {"status": "skipped", "reason": "no white-box gradient stage ran"})
-            return
-        stg = stage(choice)
-        original = stg.config(env)
-        config = stg.stronger(env, original)
-        self._attack(
-            key,
-            stg,
-            env,
-            config,
-            stg.points(env),
-            {"rerun_of": choice, "original": stg.describe(env, original)},
-        )
+        env = self.after[(d.name, tk)]
+        robust = env.survivors.clone()
+        n = int(self.state["stages"][StageKey(d.name, None, "info").text]["n"])
+        tol = self.s.thresholds.not_converged * n + 1e-9
+        choice: str | None = None
+        k = 1
+        while True:
+            key = convergence_key(d.name, tk, k)
+            if key.text not in self.state["stages"]:
+                if k > self.s.convergence_rounds:
+                    return
+                rung = dataclasses.replace(env, survivors=robust.clone()).rerun()
+                if k == 1:
+                    choice = strongest_stage(
+                        self.s.attacks[1:],
+                        lambda a: self.state["stages"].get(StageKey(d.name, tk, a).text),
+                        rung,
+                    )
+                if choice is None:
+                    self._finish(key, {"status": "skipped", "reason": "no white-box gradient stage ran"})
+                    return
+                stg = stage(choice)
+                original = stg.config(rung)
+                config = original
+                for _ in range(k):
+                    config = stg.stronger(rung, config)
+                extra = {"rerun_of": choice, "round": k, "original": stg.describe(rung, original)}
+                self._attack(key, stg, rung, config, stg.points(rung), extra)
+            rec = self.state["stages"][key.text]
+            if rec["status"] != "ran":
+                return
+            choice = str(rec["rerun_of"])
+            before = robust.clone()
+            if len(rec["indices"]):
+                robust[rec["indices"]] &= rec["robust"].to(robust.device)
+            if int((before & ~robust).sum()) <= tol:
+                return
+            k += 1
 
     def _stage_record(self, idx: Tensor, parts: dict[str, Tensor], start: float) -> dict[str, Any]:
         rec: dict[str, Any] = {

@@ -168,6 +168,12 @@ class RobustnessSettings:
         thresholds: :class:`eval.harness.FlagThresholds` of the red flags.
         convergence: rerun the strongest white-box stage of each threat with twice its steps (the convergence
             check); ``False`` only in a quick protocol (the report says it was off).
+        convergence_rounds: the most reruns of the convergence ladder per threat (default 1: the single rerun).
+            Rerun ``k`` runs the same stage with ``2**k`` times its steps (and EOT samples on a randomized
+            defense) on the points every earlier stage and rerun left; the ladder stops at the first rerun that
+            newly breaks at most ``thresholds.not_converged`` of the points (converged) or after this many reruns
+            (``not-converged`` then reads the last). Not part of a run's fingerprint: each rerun is a stage of its
+            own, so raising it on a finished run adds the missing reruns to its ladder (they can only lower a figure).
         majority: on a randomized defense, every verdict passes all ``draws`` fresh purifications (also for points
             the first pass already misclassified) and records how many classified correctly, so the report gives
             the majority-vote figure beside the worst case (a few more forward passes per broken point).
@@ -211,12 +217,13 @@ class RobustnessSettings:
     grid_examples: int = 6
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
     convergence: bool = True
+    convergence_rounds: int = 1
     majority: bool = False
     quick: bool = False
     lean: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("n", "batch_size", "draws", "unrolled_batch"):
+        for name in ("n", "batch_size", "draws", "unrolled_batch", "convergence_rounds"):
             check_int(self, name, 1)
         check_int(self, "unrolled_n", 1, optional=True)
         for name in ("seed", "grad_check_n", "grid_examples"):
@@ -324,9 +331,12 @@ class RobustnessSettings:
         return cls().updated({**LEAN_CHANGES, **dict(changes or {}), **fields})
 
     def reductions(self) -> dict[str, dict[str, Any]]:
-        """Settings that differ from the full protocol: ``{field or config.field: {"this_run": v, "full": v}}``."""
+        """Settings that differ from the full protocol: ``{field or config.field: {"this_run": v, "full": v}}``
+        (a longer convergence ladder strengthens the protocol and is not listed)."""
         out: dict[str, dict[str, Any]] = {}
         for key, (mine, theirs) in _leaves(self, RobustnessSettings()).items():
+            if key == "convergence_rounds" and mine >= theirs:
+                continue
             if key not in ("quick", "lean") and mine != theirs:
                 out[key] = {"this_run": jsonable(mine), "full": jsonable(theirs)}
         return out

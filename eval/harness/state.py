@@ -58,12 +58,20 @@ def _hash_tensor(h: Any, t: Tensor) -> None:
     h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
 
 
+#: Settings that a resumed run may change (left out of its fingerprint): they only add stages.
+LADDER_SETTINGS = ("convergence_rounds",)
+
+
 def fingerprint(
     settings: RobustnessSettings, defenses: Sequence[Defense], x: Tensor, y: Tensor, extra: Any
 ) -> dict[str, Any]:
     """What identifies a run: harness schema and package version, settings, data hash, each defense's name and
     parameter hash (its surrogates' and query stand-in's names, parameters and configuration included), extra
-    settings."""
+    settings.
+
+    The settings leave out :data:`LADDER_SETTINGS` (``convergence_rounds``): every rerun of the convergence ladder is
+    a stage of its own that records its configuration, so a finished run resumed with more rounds extends its
+    ladder instead of being refused."""
     h = hashlib.sha256()
     _hash_tensor(h, x)
     _hash_tensor(h, y)
@@ -93,7 +101,7 @@ def fingerprint(
     return {
         "schema": SCHEMA,
         "version": __version__,
-        "settings": settings.to_json(),
+        "settings": {k: v for k, v in settings.to_json().items() if k not in LADDER_SETTINGS},
         "data": h.hexdigest()[:16],
         "defenses": models,
         "extra": jsonable(extra),
