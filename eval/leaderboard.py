@@ -244,6 +244,26 @@ def autoattack_table(board: Mapping[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
+def ladder_table(board: Mapping[str, Any] | None = None) -> str:
+    """Per measured cell with a convergence rerun: the stage rerun and, per rerun of its ladder, the steps factor,
+    the survivors it attacked, what it newly broke and the figure after it (an attack-strength curve)."""
+    board = board or load()
+    header = ["defense", "threat", "rerun of", "figure before", "reruns: steps x -> newly broken of attacked (figure)",
+              "converged"]  # fmt: skip
+    lines = [_row(header), _row(["---"] * len(header))]
+    for r in board["rows"]:
+        for t in THREATS:
+            c = r["threats"][t]
+            lad = c.get("ladder") if c["status"] == "measured" else None
+            if not lad or not lad["rungs"][0]["attacked"]:
+                continue
+            steps = "; ".join(f"x{g['factor']} -> {g['broken']} of {g['attacked']} ({_acc(g['accuracy'])})"
+                              for g in lad["rungs"])  # fmt: skip
+            lines.append(_row([r["label"], _SHORT[t], lad["rerun_of"], _acc(lad["figure_before"]), steps,
+                               c["converged"]]))  # fmt: skip
+    return "\n".join(lines)
+
+
 def _rel(path: str) -> str:
     """A link from ``docs/leaderboard.md`` to a committed file."""
     return path[len("docs/") :] if path.startswith("docs/") else f"../{path}"
@@ -252,6 +272,7 @@ def _rel(path: str) -> str:
 TABLES: dict[str, Callable[[Mapping[str, Any] | None], str]] = {
     "leaderboard": readme_table, "leaderboard-figures": figures_table, "leaderboard-stages": stages_table,
     "leaderboard-cost": cost_table, "leaderboard-sources": sources_table, "leaderboard-autoattack": autoattack_table,
+    "leaderboard-ladders": ladder_table,
 }  # fmt: skip
 """The leaderboard tables, each a function of a record (``None``: the committed one)."""
 RENDERERS: dict[str, Callable[[], str]] = {name: partial(f, None) for name, f in TABLES.items()}

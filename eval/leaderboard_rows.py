@@ -313,6 +313,19 @@ def converged_verdict(d: Mapping[str, Any], tk: str, version: int) -> tuple[str,
     return ("no" if fired else "yes"), detail
 
 
+def ladder_of(d: Mapping[str, Any], tk: str) -> dict[str, Any] | None:
+    """The convergence rerun (or ladder of reruns) of threat ``tk`` as an attack-strength curve: ``rerun_of``,
+    ``figure_before`` and per rerun ``factor`` (steps times the original's), ``attacked``, ``broken`` (newly) and
+    ``accuracy`` after it; ``None`` when none ran. A results file written before the ladder existed has one rerun."""
+    e = d["attacks"].get("convergence", {}).get(tk)
+    if e is None or e.get("status") != "ran":
+        return None
+    rungs = e.get("ladder") or [{"round": 1, "attacked": e["attacked"], "broken": e["broken"], "accuracy": e["accuracy"]}]
+    return {"rerun_of": e["rerun_of"], "figure_before": e["figure_before"],
+            "rungs": [{"factor": 2 ** r["round"], "attacked": r["attacked"], "broken": r["broken"],
+                       "accuracy": r["accuracy"]} for r in rungs]}  # fmt: skip
+
+
 def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: str) -> dict[str, Any]:
     d = rec["defenses"][src.defense or spec.defense]
     if tk not in rec["threat_models"] or tk not in d["worst_case"]:
@@ -325,7 +338,7 @@ def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: 
     majority = (d.get("majority_vote") or {}).get("accuracy", {}).get(tk)
     return {
         "status": "measured", "accuracy": p, "n": n, "se": round(standard_error(p, n), 4),
-        "converged": converged, "convergence": detail,
+        "converged": converged, "convergence": detail, "ladder": ladder_of(d, tk) if version >= 2 else None,
         "flags": sorted({f["flag"] for f in d.get("flags", []) if f["where"] == tk} - INFORMATIONAL),
         "stages": {a: per[tk].get("accuracy") for a, per in d["attacks"].items() if tk in per},
         "majority_vote": majority, "real_passes_per_point": round(passes / n, 1) if stages else None,

@@ -135,3 +135,21 @@ def test_the_flag_reads_the_last_rerun_of_a_ladder() -> None:
     assert flags.not_converged("l2-2", entry, 100, 0.01)["status"] == "ok"  # 10 newly broken, 1 by the last rerun
     entry["ladder"][-1]["broken"] = 2  # the last rerun broke two of a hundred: more than one point
     assert flags.not_converged("l2-2", entry, 100, 0.01)["status"] == "flag"
+
+
+def test_the_leaderboard_reads_a_ladder_as_an_attack_strength_curve(tmp_path: Path) -> None:
+    from eval.leaderboard_rows import converged_verdict, ladder_of
+
+    d = _run(tmp_path, convergence_rounds=6)["defenses"]["undefended"]
+    curve = ladder_of(d, "l2-1")
+    assert curve is not None and curve["rerun_of"] == "pgd" and curve["figure_before"] == 0.5
+    assert [(g["factor"], g["attacked"], g["broken"]) for g in curve["rungs"]] == [(2, 6, 1), (4, 5, 1), (8, 4, 1),
+                                                                                   (16, 3, 0)]  # fmt: skip
+    verdict, detail = converged_verdict(d, "l2-1", 2)
+    assert verdict == "yes" and "ladder of 4" in detail and "x16: 0" in detail
+    # a results file written before the ladder existed: its single rerun
+    old = {"attacks": {"convergence": {"l2-2": {"status": "ran", "rerun_of": "apgd", "figure_before": 0.3,
+                                                "attacked": 30, "broken": 2, "accuracy": 0.28}}}}  # fmt: skip
+    assert ladder_of(old, "l2-2") == {"rerun_of": "apgd", "figure_before": 0.3,
+                                      "rungs": [{"factor": 2, "attacked": 30, "broken": 2, "accuracy": 0.28}]}  # fmt: skip
+    assert ladder_of(old, "linf-0.3") is None
