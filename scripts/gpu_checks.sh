@@ -20,7 +20,8 @@
 #   lb-dgan, lb-fast-l2, lb-diffpure-pgd-at   the leaderboard cells a CPU session cannot finish (issue 35), each the
 #                  row's command (eval/leaderboard_rows.py) with --batch 100 on the device: Defense-GAN's row on
 #                  today's cascade (its committed run predates the convergence check), the fast projection +
-#                  mnist-classifier at L2 2 and 4 (likewise), DiffPure + mnist-pgd-at at the three threats. Copy each
+#                  mnist-classifier at L2 2 and 4 (likewise), DiffPure + mnist-pgd-at at the three threats; each with
+#                  a convergence ladder of up to 4 reruns (cheap on the device: an upper bound becomes a curve). Copy each
 #                  results.json to the path the leaderboard's sources table names, then `manifold-defense leaderboard
 #                  --collect`:  JOBS=lb-dgan,lb-fast-l2,lb-diffpure-pgd-at BUDGET=540 bash scripts/gpu_checks.sh
 # Measured on an H200 (2026-11-30): bench, verbatim and surrogate (docs/robustness.md, "Reference defense");
@@ -83,12 +84,12 @@ job diffpure $PY -m eval robustness --out "$OUTDIR/robustness-diffpure" --defens
   --diffpure-t-star "$TSTAR" --n 100 --final-eot 20 --majority --batch 100 --device "$DEVICE" --threads "$THREADS" \
   --no-progress
 job lb-dgan $PY -m eval robustness --out "$OUTDIR/lb-dgan-classifier" --defenses projection-defense-gan --dgan-n 100 \
-  --n 100 --batch 100 --device "$DEVICE" --threads "$THREADS" --no-progress
+  --n 100 --batch 100 --convergence-rounds 4 --device "$DEVICE" --threads "$THREADS" --no-progress
 job lb-fast-l2 $PY -m eval robustness --out "$OUTDIR/lb-fast-classifier-l2" --defenses projection-fast --n 100 \
-  --batch 100 --threats l2-2,l2-4 --device "$DEVICE" --threads "$THREADS" --no-progress
+  --batch 100 --threats l2-2,l2-4 --convergence-rounds 4 --device "$DEVICE" --threads "$THREADS" --no-progress
 job lb-diffpure-pgd-at $PY -m eval robustness --out "$OUTDIR/lb-diffpure-pgd-at" --defenses diffpure --classifier \
   mnist-pgd-at --diffpure-t-star "$TSTAR" --final-eot 20 --majority --no-curves --n 100 --batch 100 \
-  --device "$DEVICE" --threads "$THREADS" --no-progress
+  --convergence-rounds 4 --device "$DEVICE" --threads "$THREADS" --no-progress
 if [ -n "$PACK" ]; then  # pack every minute too, so a run cut short still leaves its outputs
   ( while sleep 60; do tar czf "$PACK.part" "$OUTDIR" 2> /dev/null && mv "$PACK.part" "$PACK"; done ) > /dev/null 2>&1 &
   PACKER=$!
