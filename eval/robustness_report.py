@@ -155,7 +155,8 @@ def _convergence_lines(record: Mapping[str, Any]) -> list[str]:
             if e.get("status") != "ran":
                 rows.append(f"| {name} | {tk} | - | - | - | - | - | {e.get('reason', 'skipped')} |")
                 continue
-            before, rungs, figure = e["original_settings"], e["ladder"], e["figure_before"]
+            before, figure = e["original_settings"], e["figure_before"]
+            rungs = e.get("ladder") or [{**e, "round": 1}]  # a record of a run before the ladder: one rerun
             for r in rungs:
                 new = r["settings"]
                 change = ", ".join(f"{k} {before[k]} -> {new[k]}" for k in ("steps", "eot_samples")
@@ -188,8 +189,7 @@ def _curve_lines(record: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Accuracy vs eps",
         "",
-        "Independent runs of the curve attack (BPDA PGD through a preprocessing defense, "
-        "else PGD) at each budget; eps 0 is clean accuracy. Plot: `accuracy_vs_eps.png`.",
+        "Independent runs of the curve attack (BPDA PGD through a preprocessing defense, else PGD) at each budget; eps 0 is clean accuracy. Plot: `accuracy_vs_eps.png`.",
         "",
     ]
     for name, d in record["defenses"].items():

@@ -153,3 +153,15 @@ def test_the_leaderboard_reads_a_ladder_as_an_attack_strength_curve(tmp_path: Pa
     assert ladder_of(old, "l2-2") == {"rerun_of": "apgd", "figure_before": 0.3,
                                       "rungs": [{"factor": 2, "attacked": 30, "broken": 2, "accuracy": 0.28}]}  # fmt: skip
     assert ladder_of(old, "linf-0.3") is None
+
+
+def test_the_report_reads_a_record_written_before_the_ladder() -> None:
+    from eval.robustness_report import _convergence_lines
+
+    entry = {"status": "ran", "rerun_of": "apgd", "figure_before": 0.3, "attacked": 30, "broken": 2,
+             "accuracy": 0.28, "settings": {"steps": 20}, "original_settings": {"steps": 10}}  # fmt: skip
+    record = {"settings": {"thresholds": {"not_converged": 0.01}},
+              "defenses": {"p": {"n": 100, "attacks": {"convergence": {"l2-2": entry}}}}}  # fmt: skip
+    assert "| p | l2-2 | 1 | apgd | steps 10 -> 20 | 30 | 2 | 30.0% -> 28.0% **not-converged** |" in _convergence_lines(
+        record
+    )
