@@ -234,6 +234,9 @@ def test_cascade_end_to_end_and_schema(tmp_path: Path) -> None:
     assert proj["randomized"] and proj["draws"] == 2
     assert proj["attacks"]["bpda-eot-pgd"]["linf-0.3"]["status"] == "ran"
     assert proj["worst_case"]["linf-0.3"] <= proj["attacks"]["pgd"]["linf-0.3"]["accuracy"]
+    # the unrolled stage runs after others in this process: its record names no leftover seed of theirs
+    through = proj["attacks"]["unrolled-pgd"]["l2-1"]["settings"]["through"]
+    assert "seed=per chunk" in through and "seed=0" not in through
     assert proj["curves"]["linf"]["eps"] == [0.0, 0.1, 0.3, 1.0]
     for name in ("report.md", "accuracy_vs_eps.png", "grid_projection-tiny_linf-0.3.png", "state.pt"):
         assert (tmp_path / name).is_file()

@@ -13,6 +13,7 @@ in :mod:`eval.harness.autoattack_stages`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -230,6 +231,8 @@ class UnrolledPGD(Stage):
         s, model = env.settings, env.defense.unrolled_model
         assert model is not None
         schedule = next((m.extra_repr() for m in model.modules() if isinstance(m, LatentProjector)), None)
+        if schedule is not None:  # the chunk runner reseeds the projector per chunk: its current seed is a leftover
+            schedule = re.sub(r"seed=\d+", "seed=per chunk", schedule)
         return {"steps": config.steps, "points": "all" if s.unrolled_n is None else s.unrolled_n,
                 "chunk": s.unrolled_batch, "step_size": _step(config),
                 "through": f"unrolled model ({schedule or type(model).__name__})"}  # fmt: skip
