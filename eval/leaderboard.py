@@ -337,19 +337,43 @@ def write(board: Mapping[str, Any], json_path: Path, plot_path: Path, pages: Seq
             atomic_write_text(page, new)
 
 
-def run_missing(specs: Sequence[RowSpec], out: Path, root: Path = ROOT, dry_run: bool = False) -> list[list[str]]:
+def _short_ladders(path: Path, spec: RowSpec, rounds: int) -> tuple[str, ...] | None:
+    """The threats of the finished run ``path`` whose figure is not converged after fewer than ``rounds`` reruns of
+    its convergence ladder (``None``: none; ``()`` stands for every threat the run holds)."""
+    rec = read_record(path)
+    d = rec["defenses"][spec.defense]
+    short = [t for t in rec["threat_models"]
+             if any(f["flag"] == "not-converged" and f["where"] == t for f in d.get("flags", []))
+             and len(d["attacks"]["convergence"][t].get("ladder") or [None]) < rounds]  # fmt: skip
+    if not short:
+        return None
+    threats = tuple(rec["threat_models"])
+    return () if threats == THREATS else threats
+
+
+def run_missing(
+    specs: Sequence[RowSpec], out: Path, root: Path = ROOT, dry_run: bool = False, rounds: int = 1
+) -> list[list[str]]:
     """Run, one at a time, the harness command of every row (and the AutoAttack cross-check of every threat)
     that no committed file and no finished run in ``out`` holds; the argument lists (of ``python -m eval``) run,
-    in order. ``dry_run``: only list them."""
+    in order. ``dry_run``: only list them. ``rounds`` > 1: every run gets a convergence ladder of up to ``rounds``
+    reruns (``--convergence-rounds``), and a finished run in ``out`` with a figure not converged after fewer
+    reruns is resumed with it (its stages are read back; only the missing reruns run)."""
     done: list[list[str]] = []
     _run: Callable[[list[str]], list[str]] = list if dry_run else _execute
+    ladder = ("--convergence-rounds", str(rounds)) if rounds > 1 else ()
     for spec in specs:
         row = collect_row(spec, root)
         missing = tuple(t for t in THREATS if row["threats"][t]["status"] != "measured")
         folder = out / spec.folder
         if missing and not (folder / "results.json").is_file():
             extra = () if missing == THREATS else ("--threats", ",".join(missing))
-            done.append(_run(["robustness", "--out", str(folder), *spec.args, *extra]))
+            done.append(_run(["robustness", "--out", str(folder), *spec.args, *extra, *ladder]))
+        elif ladder and (folder / "results.json").is_file():
+            threats = _short_ladders(folder / "results.json", spec, rounds)
+            if threats is not None:
+                extra = ("--threats", ",".join(threats)) if threats else ()
+                done.append(_run(["robustness", "--out", str(folder), *spec.args, *extra, *ladder]))
         for t in THREATS:
             aa = row["threats"][t].get("autoattack")
             target = out / spec.autoattack_folder(t)
@@ -376,26 +400,34 @@ def add_parsers(sub: Any) -> None:
     mode.add_argument("--out", type=Path, help="run every missing row into DIR/<row>, then write the table in DIR")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(s.name for s in ROWS)}")
     p.add_argument("--dry-run", action="store_true", help="with --out: print the commands that would run")
+    p.add_argument("--convergence-rounds", type=int, default=1, metavar="K",
+                   help="with --out: run each row with a convergence ladder of up to K reruns, and resume a finished "
+                   "run in DIR whose figure is not converged after fewer (only the missing reruns run)")  # fmt: skip
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Handler of ``python -m eval leaderboard``."""
     specs = select(None if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()])
+    if args.convergence_rounds < 1:
+        raise ValueError(f"expected --convergence-rounds >= 1, got {args.convergence_rounds}")
     if args.collect:
         if args.rows is not None:
             raise ValueError("--collect writes the whole leaderboard: --rows goes with --out only")
+        if args.convergence_rounds != 1:
+            raise ValueError("--collect runs no attack: --convergence-rounds goes with --out only")
         board = collect(specs)
         write(board, JSON_PATH, PLOT_PATH, PAGES)
         where = JSON_PATH.parent
     else:
         out = Path(args.out)
+        rounds = args.convergence_rounds
         if args.dry_run:
-            for argv in run_missing(specs, out, dry_run=True):
+            for argv in run_missing(specs, out, dry_run=True, rounds=rounds):
                 print(" ".join(["manifold-defense", *argv]))
             return 0
         out.mkdir(parents=True, exist_ok=True)
-        run_missing(specs, out)
+        run_missing(specs, out, rounds=rounds)
         board = collect(specs, extra=out)
         write(board, out / "leaderboard.json", out / "leaderboard.png")
         atomic_write_text(out / "leaderboard.md", "\n\n".join(f(board) for f in TABLES.values()) + "\n")

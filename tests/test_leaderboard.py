@@ -257,6 +257,27 @@ def test_run_missing_skips_what_is_measured(tmp_path: Path) -> None:
     assert row["status"] == "measured" and row["threats"]["l2-4"]["source"] == str(out / "row" / "results.json")
 
 
+def test_run_missing_with_a_convergence_ladder(tmp_path: Path) -> None:
+    _write(tmp_path, "res.json", _results())
+    out, spec = tmp_path / "out", _spec()
+    base = ["robustness", "--out", str(out / "row"), "--defenses", "undefended", "--n", "100"]
+    assert lb.run_missing([spec], out, root=tmp_path, dry_run=True, rounds=3) == [
+        [*base, "--threats", "l2-4", "--convergence-rounds", "3"]]  # fmt: skip
+    # a finished run in --out whose L2 2 figure is not converged after one rerun: resumed with the ladder only
+    _write(out, "row/results.json", _results())
+    assert lb.run_missing([spec], out, root=tmp_path, dry_run=True, rounds=3) == [[*base, "--convergence-rounds", "3"]]
+    assert lb.run_missing([spec], out, root=tmp_path, dry_run=True) == []
+    rec = _results()
+    rec["defenses"]["undefended"]["attacks"]["convergence"]["l2-2"]["ladder"] = [{}, {}, {}]  # three reruns ran
+    _write(out, "row/results.json", rec)
+    assert lb.run_missing([spec], out, root=tmp_path, dry_run=True, rounds=3) == []
+    assert lb.run_missing([spec], out, root=tmp_path, dry_run=True, rounds=4)[0][-1] == "4"
+    with pytest.raises(ValueError, match="--convergence-rounds goes with --out only"):
+        lb.main(_parse("--collect", "--convergence-rounds", "2"))
+    with pytest.raises(ValueError, match="expected --convergence-rounds >= 1, got 0"):
+        lb.main(_parse("--out", str(out), "--convergence-rounds", "0"))
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     _write(tmp_path, "res.json", _results())
     board = {"n_target": 100, "rows": [collect_row(_spec(), root=tmp_path)]}
