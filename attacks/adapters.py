@@ -52,6 +52,8 @@ _TORCHATTACKS_TAKE_NORM = frozenset({"APGD", "APGDT", "FAB", "Square", "AutoAtta
 #: and ``seed`` (default: the adapter's ``seed``), with the fewest classes each accepts: APGD-T's targeted DLR
 #: loss reads the 1st, 3rd and 4th largest logits; FAB needs a class to target; AutoAttack's versions check theirs.
 _TORCHATTACKS_CLASSES = {"APGDT": 4, "FAB": 2, "AutoAttack": 1}
+#: torchattacks attacks with a ``seed`` argument of their own (they reseed torch with it, default 0).
+_TORCHATTACKS_SEEDED = frozenset({"APGD", "APGDT", "FAB", "Square", "AutoAttack"})
 
 FOOLBOX_ATTACKS: dict[str, frozenset[Norm]] = {
     "LinfPGD": frozenset({Norm.LINF}),
@@ -108,8 +110,9 @@ class TorchattacksAttack(Attack):
         name: one of ``"PGD"``, ``"PGDL2"``, ``"EOTPGD"``, ``"APGD"``, ``"APGDT"``, ``"FAB"``, ``"Square"``,
             ``"AutoAttack"`` (:data:`TORCHATTACKS_ATTACKS`); other names raise ``ValueError`` listing the valid ones.
         threat: :class:`ThreatModel`; its norm must be supported by the attack.
-        seed: seed of torch's RNG while the attack runs (default 0); ``None`` leaves it unseeded. APGDT, FAB and
-            AutoAttack also get it as their own ``seed`` argument (they reseed torch with it) unless given.
+        seed: seed of torch's RNG while the attack runs (default 0); ``None`` leaves it unseeded. APGD, APGDT, FAB,
+            Square and AutoAttack also get it as their own ``seed`` argument (they reseed torch with it) unless
+            given.
         **kwargs: the torchattacks constructor's other arguments, e.g. ``alpha=0.01, steps=40,
             random_start=True`` for PGD; ``multi_targeted=True`` for FAB-T. The ``n_classes`` of APGDT (which
             targets the ``n_classes - 1`` most likely other classes in turn), FAB and AutoAttack defaults to the
@@ -152,8 +155,8 @@ class TorchattacksAttack(Attack):
                     f"expected torchattacks.{self.name} on a model of at least {least} classes, got n_classes "
                     f"{classes!r}"
                 )
-            if "seed" not in kwargs and self.seed is not None:
-                kwargs["seed"] = self.seed
+        if "seed" not in kwargs and self.seed is not None and self.name in _TORCHATTACKS_SEEDED:
+            kwargs["seed"] = self.seed  # they reseed torch with their own seed (default 0) when they run
         with _seeded(self.seed, x.device):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):  # torchattacks prints instead of logging

@@ -90,6 +90,11 @@ def test_adapters_are_seeded(clf: tuple[nn.Module, Tensor, Tensor]) -> None:
     b = TorchattacksAttack("PGD", threat, seed=1, alpha=0.03, steps=2)(model, x, y)
     c = TorchattacksAttack("PGD", threat, seed=2, alpha=0.03, steps=2)(model, x, y)
     assert torch.equal(a.x_adv, b.x_adv) and not torch.equal(a.x_adv, c.x_adv)
+    # APGD and Square reseed torch with their own seed argument: the adapter's seed reaches them too
+    # (Square returns the clean input where it fails: a budget at which it breaks some points)
+    for name, t, kw in (("APGD", threat, {"steps": 2}), ("Square", ThreatModel(Norm.LINF, 0.5), {"n_queries": 20})):
+        s1, s1b, s2 = (TorchattacksAttack(name, t, seed=k, **kw)(model, x, y) for k in (1, 1, 2))
+        assert torch.equal(s1.x_adv, s1b.x_adv) and not torch.equal(s1.x_adv, s2.x_adv), name
     f1 = FoolboxAttack("LinfPGD", threat, seed=1, abs_stepsize=0.03, steps=2)(model, x, y)
     f2 = FoolboxAttack("LinfPGD", threat, seed=1, abs_stepsize=0.03, steps=2)(model, x, y)
     assert torch.equal(f1.x_adv, f2.x_adv)

@@ -73,8 +73,8 @@ def adapter_chunks(env: StageEnv, name: str, model: nn.Module, kwargs: dict[str,
     def fn(chunk: Tensor) -> dict[str, Tensor]:
         xb, yb = env.x[chunk], env.y[chunk]
         seed = int(torch.initial_seed() % (2**31))
-        # (torchattacks' APGD / Square reseed torch with their own `seed` argument, default 0; the adapter passes
-        # this seed to APGDT and FAB)
+        # (torchattacks' APGD, APGDT, FAB and Square reseed torch with their own `seed` argument: the adapter passes
+        # them this chunk's seed)
         res = TorchattacksAttack(name, env.threat, seed=seed, **kwargs)(model, xb, yb)
         out = env.judge(chunk, res.x_adv, ~res.success if real else None)
         if not real:
