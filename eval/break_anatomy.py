@@ -407,9 +407,30 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=100, help="examples purified together (default 100)")
     p.add_argument("--json", type=Path, metavar="OUT.json", default=None, dest="json_out",
                    help="write the record (per-point and per-threat) as JSON with its SHA-256")  # fmt: skip
+    p.add_argument("--reuse", type=Path, metavar="PREVIOUS.json", default=None,
+                   help="a record this command wrote: the rows of a run whose results.json is unchanged (same "
+                   "SHA-256), read with the same --judges, --draws, --batch and device, are taken from it instead "
+                   "of purifying again")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=main)
+
+
+def reusable_rows(previous: Mapping[str, Any], judges: str | None, draws: int, batch: int, device: str
+                  ) -> dict[tuple[str, str], list[dict[str, Any]]]:  # fmt: skip
+    """The rows of a previous record by ``(run folder, its results' SHA-256)``, when it was made with the same
+    ``judges`` argument (``None``: the default), ``draws``, ``batch`` and ``device`` (else none: its rows would
+    differ from a fresh reading)."""
+    if previous.get("schema") != SCHEMA:
+        raise ValueError(f"expected a break-anatomy record (schema {SCHEMA!r}) to reuse, got {previous.get('schema')!r}")
+    same = (previous.get("judges_arg"), previous.get("draws"), previous.get("batch"), previous.get("device"))
+    if same != (judges, draws, batch, device):
+        return {}
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in previous.get("rows", []):
+        if row.get("run_results_sha256"):
+            out.setdefault((row["run"], row["run_results_sha256"]), []).append(row)
+    return out
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
@@ -453,9 +474,18 @@ def main(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    previous = {} if args.reuse is None else reusable_rows(
+        load_checked_json(args.reuse), args.judges, args.draws, args.batch, str(device)
+    )
     rows: list[dict[str, Any]] = []
+    reused: list[str] = []
     for run_dir in args.runs:
-        results, state, defenses, x, y = rebuild_run(run_dir, device)
+        results, state, defenses, x, y = rebuild_run(run_dir, device)  # checked even when its rows are reused
+        sha = str(load_checked_json(run_dir / "results.json").get("sha256"))
+        if (str(run_dir), sha) in previous:
+            rows += previous[(str(run_dir), sha)]
+            reused.append(str(run_dir))
+            continue
         purifiers = [d for d in defenses if d.preprocess is not None and d.classifier is not None]
         if not purifiers:
             raise ValueError(f"{run_dir}: the run evaluates no purifier defense: nothing to dissect")
@@ -467,14 +497,13 @@ def main(args: argparse.Namespace) -> int:
                 points = anatomy(d, x, y, broken, judges, threat=threat, draws=args.draws, seed=settings["seed"],
                                  batch=args.batch)  # fmt: skip
                 label, threat_label = _labels(results, d.name, threat)
-                rows.append({"run": str(run_dir), "run_command": results["command"],
-                             "run_results_sha256": json.loads((run_dir / "results.json").read_text()).get("sha256"),
+                rows.append({"run": str(run_dir), "run_command": results["command"], "run_results_sha256": sha,
                              "defense": d.name,
                              "judges": list(judges),
                              "defense_label": label, "threat": threat, "threat_label": threat_label, "n": settings["n"],
                              "summary": summary(points), "points": [dataclasses.asdict(p) for p in points]})  # fmt: skip
     record = {"schema": SCHEMA, "command": command_line(args), "draws": args.draws, "batch": args.batch,
-              "device": str(device), "rows": rows}  # fmt: skip
+              "device": str(device), "judges_arg": args.judges, "reused": reused, "rows": rows}  # fmt: skip
     print(markdown_summary(record))
     if args.json_out is not None:
         atomic_write_text(args.json_out, json.dumps(checked_json(record), indent=1) + "\n")

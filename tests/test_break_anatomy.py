@@ -215,6 +215,17 @@ def test_the_command_rebuilds_the_run_checks_it_and_writes_its_record(
     assert row["summary"]["broken"] == len(row["points"]) == broken > 0
     assert sum(row["summary"]["categories"].values()) == broken
     assert "| projection-defense-gan + `" in capsys.readouterr().out and "| L2 8 |" in markdown_summary(record)
+    # --reuse: the unchanged run's rows come from the previous record; other draws read it again
+    again = tmp_path / "again.json"
+    argv = ["break-anatomy", str(out), "--judges", judge, "--draws", "2", "--json", str(again), "--reuse"]
+    assert main([*argv, str(record_path)]) == 0
+    second = json.loads(again.read_text())
+    assert second["rows"] == record["rows"] and second["reused"] == [str(out)]
+    assert main([*argv[:5], "3", *argv[6:], str(record_path)]) == 0
+    third = json.loads(again.read_text())
+    assert third["reused"] == [] and third["draws"] == 3 and len(third["rows"][0]["points"]) == broken
+    with pytest.raises(ValueError, match="expected a break-anatomy record"):
+        main([*argv, str(out / "results.json")])
     # the classifier's weights changed since the run: refused, naming the defense
     torch.manual_seed(0)
     from safetensors.torch import save_file
