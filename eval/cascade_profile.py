@@ -205,6 +205,19 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return rec
 
 
+def _stage_entry(attacks: Mapping[str, Any], stage: str, tk: str) -> Mapping[str, Any] | None:
+    """The record entry of ``stage`` under ``tk``; the convergence ladder's rerun ``k`` (``convergence`` for the
+    first, ``convergence-k``) is read from ``attacks.convergence[tk].ladder`` (its own points and newly broken)."""
+    if stage != "convergence" and not stage.startswith("convergence-"):
+        return attacks.get(stage, {}).get(tk)
+    e = attacks.get("convergence", {}).get(tk)
+    k = 1 if stage == "convergence" else int(stage.rpartition("-")[2])
+    ladder = (e or {}).get("ladder")
+    if not ladder:
+        return e if k == 1 else None
+    return {**ladder[k - 1], "status": "ran"} if k <= len(ladder) else None
+
+
 def profile(results: Mapping[str, Any]) -> list[ProfileRow]:
     """One :class:`ProfileRow` per stage that ran, per defense, in the run order ``cost.stages`` stores.
 
@@ -219,6 +232,8 @@ def profile(results: Mapping[str, Any]) -> list[ProfileRow]:
         total = float(d["cost"]["total"]["process_seconds"])
         ran = {f"{tk}|{a}" for a, per in attacks.items() if a != "clean"
                for tk, e in per.items() if e.get("status") == "ran"}  # fmt: skip
+        ran |= {f"{tk}|convergence-{k}" for tk, e in attacks.get("convergence", {}).items()
+                for k in range(2, len(e.get("ladder") or []) + 1)}  # fmt: skip
         if ran - set(stages):
             raise ValueError(f"defense {name!r}: stages {sorted(ran - set(stages))} ran but have no cost entry")
         for key, c in stages.items():
@@ -227,7 +242,7 @@ def profile(results: Mapping[str, Any]) -> list[ProfileRow]:
             points: int | None
             broken: int | None
             if tk in threats:
-                entry = attacks.get(stage, {}).get(tk)
+                entry = _stage_entry(attacks, stage, tk)
                 if key not in ran or entry is None:
                     raise ValueError(f"defense {name!r}: cost entry {key!r} has no stage that ran under attacks")
                 threat = tk

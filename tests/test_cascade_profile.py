@@ -80,6 +80,21 @@ def test_profile_rows_in_stored_order_with_exact_shares() -> None:
     assert lines[-1] == "| proj |  | **total** |  |  | 20 |  |  | 1110 |"
 
 
+def test_profile_reads_each_rerun_of_a_convergence_ladder() -> None:
+    rec = _record(proj=_defense(FULL_POINTS))
+    d = rec["defenses"]["proj"]
+    d["attacks"]["convergence"]["l2-2"] |= {"broken": 3, "accuracy": 0.5, "ladder": [
+        {"round": 1, "attacked": 7, "broken": 2, "accuracy": 0.5}, {"round": 2, "attacked": 5, "broken": 1,
+                                                                   "accuracy": 0.4}]}  # fmt: skip
+    d["cost"]["stages"]["l2-2|convergence-2"] = _cost(5, 3.0, 20)
+    d["cost"]["total"]["process_seconds"] += 3.0
+    rows = profile(rec)
+    assert [(r.stage, r.points, r.broken) for r in rows[-2:]] == [("convergence", 7, 2), ("convergence-2", 5, 1)]
+    d["cost"]["stages"]["l2-2|convergence-3"] = _cost(4, 3.0, 20)  # a rerun the ladder does not hold
+    with pytest.raises(ValueError, match=r"cost entry 'l2-2\|convergence-3' has no stage that ran"):
+        profile(rec)
+
+
 def test_profile_refuses_a_stage_that_ran_without_cost_and_v1_records() -> None:
     rec = _record(proj=_defense(FULL_POINTS))
     del rec["defenses"]["proj"]["cost"]["stages"]["l2-2|square"]
