@@ -124,7 +124,7 @@ def readme_table(board: Mapping[str, Any] | None = None) -> str:
         label += " ([notes](docs/leaderboard.md#sources-commands-weights))" if _noted(r) else ""
         lines.append(_row([label, clean, *(_cell(c) + _below(c) for c in cells), conv, _seconds(r["cost"])]))
     lines += ["", f"n = {board['n_target']} unless a row says otherwise; ± one standard error; converged: the "
-              "convergence rerun (unchecked: run before the check; an upper bound); AA: AutoAttack on the same "
+              "convergence rerun or ladder (unchecked: run before the check; an upper bound); AA: AutoAttack on the same "
               "images, where more than a point below; maj.: majority vote of the draws (an upper bound)."]  # fmt: skip
     return "\n".join(lines)
 
