@@ -199,6 +199,7 @@ ROWS: tuple[RowSpec, ...] = (
         classifier="mnist-pgd-at",
         args=("--defenses", "diffpure", "--classifier", "mnist-pgd-at", *_DIFFPURE, *COMMON),
         sources=(Source(f"{LB}/diffpure-pgd-at_linf-0.3_n{N_TARGET}.json", ("linf-0.3",)),
+                 Source(f"{LB}/diffpure-pgd-at_l2-2_n{N_TARGET}.json", ("l2-2",)),
                  Source(f"{LB}/diffpure-pgd-at_l2-4_n{N_TARGET}.json", ("l2-4",))),
         purifier="diffpure", prior="mnist-ddpm", weights=("mnist-pgd-at", "mnist-ddpm"),
     ),

@@ -235,11 +235,16 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert lb.main(_parse("--out", str(tmp_path), "--rows", "fast-pgd-at", "--dry-run")) == 0
     assert capsys.readouterr().out.strip() == ""  # every threat of the row is committed: nothing to run
     assert lb.main(_parse("--out", str(tmp_path), "--rows", "diffpure-pgd-at", "--dry-run")) == 0
+    assert capsys.readouterr().out.strip() == ""  # every threat committed
+    # a finished run of the row in --out whose L2 2 figure is not converged: --convergence-rounds resumes it
+    _write(tmp_path, "diffpure-pgd-at/results.json", _results(defense="diffpure"))
+    assert lb.main(_parse("--out", str(tmp_path), "--rows", "diffpure-pgd-at", "--dry-run",
+                          "--convergence-rounds", "3")) == 0  # fmt: skip
     assert capsys.readouterr().out.strip() == (
         f"manifold-defense robustness --out {tmp_path}/diffpure-pgd-at --defenses diffpure --classifier mnist-pgd-at "
         "--diffpure-t-star 150 --final-eot 20 --majority --no-curves --n 100 --threads 1 --no-progress "
-        "--threats l2-2")  # Linf 0.3 and L2 4 are committed
-    assert not (tmp_path / "fast-pgd-at").exists() and not (tmp_path / "diffpure-pgd-at").exists()
+        "--convergence-rounds 3")
+    assert not (tmp_path / "fast-pgd-at").exists()
 
 
 def test_run_missing_skips_what_is_measured(tmp_path: Path) -> None:
