@@ -481,7 +481,7 @@ def main(args: argparse.Namespace) -> int:
     reused: list[str] = []
     for run_dir in args.runs:
         results, state, defenses, x, y = rebuild_run(run_dir, device)  # checked even when its rows are reused
-        sha = str(load_checked_json(run_dir / "results.json").get("sha256"))
+        sha = str(results.get("sha256"))
         if (str(run_dir), sha) in previous:
             rows += previous[(str(run_dir), sha)]
             reused.append(str(run_dir))

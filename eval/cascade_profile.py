@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.cli import command_line, console_spelling
+from eval.harness.record import ladder_rungs
 from eval.leaderboard_rows import converged_verdict, load_checked_json
 from manifold_defense.integrity import atomic_write_text, checked_json
 
@@ -212,10 +213,10 @@ def _stage_entry(attacks: Mapping[str, Any], stage: str, tk: str) -> Mapping[str
         return attacks.get(stage, {}).get(tk)
     e = attacks.get("convergence", {}).get(tk)
     k = 1 if stage == "convergence" else int(stage.rpartition("-")[2])
-    ladder = (e or {}).get("ladder")
-    if not ladder:
+    if e is None or e.get("status") != "ran":
         return e if k == 1 else None
-    return {**ladder[k - 1], "status": "ran"} if k <= len(ladder) else None
+    rungs = ladder_rungs(e)
+    return {**rungs[k - 1], "status": "ran"} if k <= len(rungs) else None
 
 
 def profile(results: Mapping[str, Any]) -> list[ProfileRow]:
@@ -233,7 +234,7 @@ def profile(results: Mapping[str, Any]) -> list[ProfileRow]:
         ran = {f"{tk}|{a}" for a, per in attacks.items() if a != "clean"
                for tk, e in per.items() if e.get("status") == "ran"}  # fmt: skip
         ran |= {f"{tk}|convergence-{k}" for tk, e in attacks.get("convergence", {}).items()
-                for k in range(2, len(e.get("ladder") or []) + 1)}  # fmt: skip
+                for k in range(2, len(ladder_rungs(e)) + 1)}  # fmt: skip
         if ran - set(stages):
             raise ValueError(f"defense {name!r}: stages {sorted(ran - set(stages))} ran but have no cost entry")
         for key, c in stages.items():

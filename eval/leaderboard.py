@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.cli import console_spelling
+from eval.harness.record import ladder_rungs
 from eval.leaderboard_rows import N_TARGET, ROOT, ROWS, THREATS, RowSpec, collect_row, row_spec
 from eval.run_folder import read_record, write_record
 from manifold_defense.integrity import atomic_write_text
@@ -344,7 +345,7 @@ def _short_ladders(path: Path, spec: RowSpec, rounds: int) -> tuple[str, ...] | 
     d = rec["defenses"][spec.defense]
     short = [t for t in rec["threat_models"]
              if any(f["flag"] == "not-converged" and f["where"] == t for f in d.get("flags", []))
-             and len(d["attacks"]["convergence"][t].get("ladder") or [None]) < rounds]  # fmt: skip
+             and len(ladder_rungs(d["attacks"]["convergence"][t])) < rounds]  # fmt: skip
     if not short:
         return None
     threats = tuple(rec["threat_models"])

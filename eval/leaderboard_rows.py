@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.autoattack import budget_of
+from eval.harness.record import ladder_rungs
 from eval.run_folder import read_record
 from manifold_defense import zoo
 
@@ -321,10 +322,9 @@ def ladder_of(d: Mapping[str, Any], tk: str) -> dict[str, Any] | None:
     e = d["attacks"].get("convergence", {}).get(tk)
     if e is None or e.get("status") != "ran":
         return None
-    rungs = e.get("ladder") or [{"round": 1, "attacked": e["attacked"], "broken": e["broken"], "accuracy": e["accuracy"]}]
     return {"rerun_of": e["rerun_of"], "figure_before": e["figure_before"],
             "rungs": [{"factor": 2 ** r["round"], "attacked": r["attacked"], "broken": r["broken"],
-                       "accuracy": r["accuracy"]} for r in rungs]}  # fmt: skip
+                       "accuracy": r["accuracy"]} for r in ladder_rungs(e)]}  # fmt: skip
 
 
 def _cell(spec: RowSpec, src: Source, rec: Mapping[str, Any], version: int, tk: str) -> dict[str, Any]:

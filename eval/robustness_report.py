@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.harness.plots import plot_curves, plot_examples, plot_onmanifold
+from eval.harness.record import ladder_rungs
 from eval.run_folder import write_record
 from manifold_defense.integrity import atomic_write_text
 
@@ -155,8 +156,7 @@ def _convergence_lines(record: Mapping[str, Any]) -> list[str]:
             if e.get("status") != "ran":
                 rows.append(f"| {name} | {tk} | - | - | - | - | - | {e.get('reason', 'skipped')} |")
                 continue
-            before, figure = e["original_settings"], e["figure_before"]
-            rungs = e.get("ladder") or [{**e, "round": 1}]  # a record of a run before the ladder: one rerun
+            before, figure, rungs = e["original_settings"], e["figure_before"], ladder_rungs(e)
             for r in rungs:
                 new = r["settings"]
                 change = ", ".join(f"{k} {before[k]} -> {new[k]}" for k in ("steps", "eot_samples")

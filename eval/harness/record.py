@@ -16,7 +16,7 @@ from eval.harness import flags
 from eval.harness.registry import StageKey, StageView, ladder_keys, stage, stage_keys
 from eval.harness.settings import RobustnessSettings, jsonable, parse_threat
 
-__all__ = ["CONVERGENCE", "defense_record", "transfer_counts"]
+__all__ = ["CONVERGENCE", "defense_record", "ladder_rungs", "transfer_counts"]
 
 #: The stage name of the convergence rerun (a column of the report after the cascade).
 CONVERGENCE = "convergence"
@@ -28,6 +28,18 @@ CONVERGENCE_DOC = (
     "K > 1 a ladder: while a rerun newly breaks more than one point of the figure, the next doubles the steps "
     "again (up to K reruns; the flag reads the last)"
 )
+
+
+def ladder_rungs(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The reruns of a threat's ``convergence`` entry in order (its ``ladder``: ``round``, ``settings``,
+    ``attacked``, ``broken``, ``accuracy``, ``seconds``); an entry written before the ladder existed is a ladder of
+    one (its own fields); an entry that did not run has none."""
+    if entry.get("status", "ran") != "ran":
+        return []
+    if entry.get("ladder"):
+        return [dict(r) for r in entry["ladder"]]
+    fields = ("settings", "attacked", "broken", "accuracy", "seconds")
+    return [{"round": 1, **{k: entry[k] for k in fields if k in entry}}]
 
 
 def transfer_counts(rec: Mapping[str, Any]) -> dict[str, int] | None:
